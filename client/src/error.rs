@@ -1,0 +1,92 @@
+//! The one error type of the client library.
+//!
+//! Every variant says which side is at fault: the gateway (it refused the
+//! upgrade, closed the connection, or sent bytes that break the protocol),
+//! the network (I/O, timeouts) or the caller's own configuration.
+
+use devgate_proto::frame::FrameError;
+use devgate_proto::ws::WsError;
+
+/// What went wrong while talking to a devgate gateway.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The socket failed (connection refused or reset, the gateway closed the
+    /// TCP connection without a WebSocket Close, …).
+    #[error("I/O error talking to the gateway: {0}")]
+    Io(#[from] std::io::Error),
+    /// TLS failed: the handshake (certificate not trusted, name mismatch,
+    /// version or cipher suite not shared) or a fatal alert later on, such as
+    /// the gateway rejecting this client's certificate. The string names the
+    /// gateway and the rustls reason.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The gateway answered the WebSocket upgrade with a non-101 status. The
+    /// body (at most 4 KiB, lossily decoded as UTF-8) usually says why.
+    #[error("gateway refused the WebSocket upgrade with HTTP {status}: {body}")]
+    Refused {
+        /// The HTTP status code.
+        status: u16,
+        /// The start of the response body.
+        body: String,
+    },
+    /// The gateway's HTTP response to the upgrade is malformed (wrong
+    /// `Sec-WebSocket-Accept`, head too large, connection closed early, …).
+    #[error("bad upgrade response from the gateway: {0}")]
+    BadHandshake(String),
+    /// The gateway sent bytes that are not valid RFC 6455 framing (or a
+    /// message larger than `ConnectOptions::max_message`).
+    #[error("gateway sent an invalid WebSocket frame: {0}")]
+    Ws(#[from] WsError),
+    /// The gateway sent a binary message that is not a valid devgate frame.
+    #[error("gateway sent an undecodable devgate frame: {0}")]
+    Frame(#[from] FrameError),
+    /// The gateway sent something the devgate protocol does not allow on a
+    /// frame channel, such as a text message.
+    #[error("gateway violated the devgate protocol: {0}")]
+    Protocol(String),
+    /// The gateway closed the WebSocket (its Close has already been answered
+    /// and reported once as [`Incoming::Closed`](crate::Incoming::Closed));
+    /// nothing more can be sent or received.
+    #[error("WebSocket closed by the gateway with {}: {reason}", fmt_code(*.code))]
+    Closed {
+        /// The close code the gateway sent, if any.
+        code: Option<u16>,
+        /// The reason text the gateway sent.
+        reason: String,
+    },
+    /// This side already sent a WebSocket Close, so it may send no more
+    /// messages.
+    #[error("WebSocket already closed by this client (code {code})")]
+    ClosedLocally {
+        /// The code this side sent.
+        code: u16,
+    },
+    /// An operation did not finish in time; the string names the phase.
+    #[error("timed out during {0}")]
+    Timeout(&'static str),
+    /// The caller's configuration is unusable (bad certificate or key,
+    /// invalid server name, protocol versions without cipher suites, …).
+    #[error("client configuration: {0}")]
+    Config(String),
+}
+
+fn fmt_code(code: Option<u16>) -> String {
+    match code {
+        Some(c) => format!("code {c}"),
+        None => "no code".to_owned(),
+    }
+}
+
+/// Turns an I/O error from the TLS stream into the error that names its real
+/// cause: rustls reports fatal alerts and certificate failures as `io::Error`
+/// wrapping a `rustls::Error`, and those are TLS failures, not network ones.
+pub(crate) fn from_io(e: std::io::Error, context: &str) -> ClientError {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => ClientError::Tls(format!("{context}: {tls}")),
+        None => ClientError::Io(e),
+    }
+}

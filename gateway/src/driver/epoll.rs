@@ -1,0 +1,246 @@
+//! The epoll driver: one thread per worker, each with its own `SO_REUSEPORT` listener so
+//! that the kernel spreads new connections over the cores, and a mio `Poll`.
+
+use std::io::{self, Read};
+use std::net::TcpListener as StdListener;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use tracing::{debug, warn};
+
+use crate::shared::Wake;
+use crate::worker::{Flush, Worker};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONN: usize = 2;
+/// Bytes read from one socket per loop turn before others get their turn.
+const READ_BUDGET: usize = 1024 * 1024;
+/// Connections accepted per loop turn.
+const ACCEPT_BUDGET: usize = 512;
+
+struct MioWake(Waker);
+
+impl Wake for MioWake {
+    fn wake(&self) {
+        if let Err(e) = self.0.wake() {
+            warn!("cannot wake worker: {e}");
+        }
+    }
+}
+
+fn token(slot: u32) -> Token {
+    Token(slot as usize + FIRST_CONN)
+}
+
+struct Socket {
+    stream: TcpStream,
+    /// WRITABLE interest is registered (a write would have blocked).
+    write_interest: bool,
+}
+
+/// Runs `worker` on the calling thread until shutdown completes.
+pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
+    let shared = worker.shared().clone();
+    let id = usize::from(worker.id());
+    let mut poll = Poll::new()?;
+    let waker = Waker::new(poll.registry(), WAKER)?;
+    shared.inboxes[id].set_waker(Box::new(MioWake(waker)));
+    listener.set_nonblocking(true)?;
+    let mut listener = TcpListener::from_std(listener);
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    let mut listening = true;
+
+    let mut sockets: Vec<Option<Socket>> = Vec::new();
+    let mut events = Events::with_capacity(1024);
+    let mut read_buf = vec![0u8; 64 * 1024];
+    let mut dirty = Vec::new();
+    let mut released = Vec::new();
+    let mut read_again: Vec<u32> = Vec::new();
+    let mut accept_again = false;
+    shared.workers_ready.fetch_add(1, Ordering::AcqRel);
+
+    loop {
+        let now = Instant::now();
+        let next_tick = worker.tick(now);
+        let mut timeout = next_tick.saturating_duration_since(now);
+        if !read_again.is_empty() || accept_again || !shared.inboxes[id].prepare_sleep() {
+            timeout = Duration::ZERO;
+        }
+        match poll.poll(&mut events, Some(timeout)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        shared.inboxes[id].woke();
+        let now = Instant::now();
+
+        if shared.shutting_down.load(Ordering::Relaxed) && listening {
+            let _ = poll.registry().deregister(&mut listener);
+            listening = false;
+        }
+
+        let mut to_read = std::mem::take(&mut read_again);
+        let mut writable: Vec<u32> = Vec::new();
+        let mut accept_now = std::mem::take(&mut accept_again);
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => accept_now = true,
+                WAKER => {}
+                Token(t) => {
+                    let Some(slot) = t.checked_sub(FIRST_CONN).and_then(|s| u32::try_from(s).ok()) else {
+                        continue;
+                    };
+                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        to_read.push(slot);
+                    }
+                    if ev.is_writable() {
+                        writable.push(slot);
+                    }
+                }
+            }
+        }
+
+        if accept_now && listening {
+            accept_again = accept_batch(&mut worker, &listener, &poll, &mut sockets, now);
+        }
+        for slot in to_read {
+            let Some(Some(sock)) = sockets.get_mut(slot as usize) else { continue };
+            if read_socket(&mut worker, slot, &mut sock.stream, &mut read_buf, now) {
+                read_again.push(slot);
+            }
+        }
+        worker.poll_inbox(now);
+
+        worker.take_dirty(&mut dirty);
+        dirty.extend_from_slice(&writable);
+        for &slot in &dirty {
+            let Some(Some(sock)) = sockets.get_mut(slot as usize) else { continue };
+            flush(&mut worker, slot, sock, &poll, now);
+        }
+        worker.poll_inbox(now);
+
+        worker.take_released(&mut released);
+        for &slot in &released {
+            if let Some(mut sock) = sockets.get_mut(slot as usize).and_then(Option::take) {
+                // Last words (a close frame, an HTTP response, a TLS alert), best effort.
+                let _ = worker.flush_to(slot, &mut sock.stream);
+                let _ = poll.registry().deregister(&mut sock.stream);
+            }
+            worker.release(slot);
+        }
+        if worker.finished() {
+            debug!(worker = id, "worker stopped");
+            return Ok(());
+        }
+    }
+}
+
+/// Accepts pending connections; returns true if more may be waiting.
+fn accept_batch(
+    worker: &mut Worker,
+    listener: &TcpListener,
+    poll: &Poll,
+    sockets: &mut Vec<Option<Socket>>,
+    now: Instant,
+) -> bool {
+    for _ in 0..ACCEPT_BUDGET {
+        match listener.accept() {
+            Ok((mut stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let Some(slot) = worker.accept(peer, now) else {
+                    continue; // dropping the stream closes it
+                };
+                if let Err(e) = poll
+                    .registry()
+                    .register(&mut stream, token(slot), Interest::READABLE)
+                {
+                    warn!(%peer, "cannot register connection: {e}");
+                    worker.on_error(slot, &e, now);
+                    continue;
+                }
+                let idx = slot as usize;
+                if sockets.len() <= idx {
+                    sockets.resize_with(idx + 1, || None);
+                }
+                sockets[idx] = Some(Socket {
+                    stream,
+                    write_interest: false,
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS: back off until the next turn rather than spin.
+                warn!("accept failed: {e}");
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Reads until the socket would block or the budget is spent; returns true if the
+/// budget ran out (edge-triggered readiness: the driver must come back by itself).
+fn read_socket(
+    worker: &mut Worker,
+    slot: u32,
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    now: Instant,
+) -> bool {
+    let mut total = 0;
+    while worker.is_active(slot) {
+        match stream.read(buf) {
+            Ok(0) => {
+                worker.on_eof(slot, now);
+                return false;
+            }
+            Ok(n) => {
+                worker.on_received(slot, &buf[..n], now);
+                total += n;
+                if total >= READ_BUDGET {
+                    return worker.is_active(slot);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                worker.on_error(slot, &e, now);
+                return false;
+            }
+        }
+    }
+    false
+}
+
+fn flush(worker: &mut Worker, slot: u32, sock: &mut Socket, poll: &Poll, now: Instant) {
+    let blocked = match worker.flush_to(slot, &mut sock.stream) {
+        Ok(Flush::Done) => false,
+        Ok(Flush::Blocked) => true,
+        Err(e) => {
+            worker.on_error(slot, &e, now);
+            return;
+        }
+    };
+    if blocked == sock.write_interest {
+        return;
+    }
+    // Readiness is edge-triggered: WRITABLE is reported once space frees up after a
+    // blocked write, and dropped again when the queue is drained to save wake-ups.
+    let interest = if blocked {
+        Interest::READABLE | Interest::WRITABLE
+    } else {
+        Interest::READABLE
+    };
+    match poll
+        .registry()
+        .reregister(&mut sock.stream, token(slot), interest)
+    {
+        Ok(()) => sock.write_interest = blocked,
+        Err(e) => worker.on_error(slot, &e, now),
+    }
+}

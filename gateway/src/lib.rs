@@ -1,0 +1,29 @@
+//! devgate: a rendezvous gateway. Managers and devices both dial out to it over TLS
+//! WebSocket; it authenticates both with client certificates and routes devgate frames
+//! between them.
+//!
+//! How the pieces fit, from the socket inwards:
+//!
+//! - [`driver`] — thin I/O loops (epoll via mio) that move bytes between sockets and a
+//!   worker; one thread per core, each with its own `SO_REUSEPORT` listener.
+//! - [`worker`] — the sans-IO core of one core's connections: TLS (rustls, fed bytes),
+//!   the HTTP upgrade, WebSocket framing and devgate frames (from `devgate-proto`), keep-
+//!   alives, and the router. It never touches a socket or reads the clock itself.
+//! - [`conn`] — what the worker keeps per connection, sized for tens of thousands idle.
+//! - [`shared`] — the session map (unit ID → connection), the manager list, the per-worker
+//!   inboxes through which workers hand each other [`msg`]s, limits and counters.
+//! - [`tls`] — rustls configuration and the certificate facts status reports.
+//! - [`admin`] — the control plane's admin listener: `/v1/status` and `/metrics`.
+//! - [`server`] — start-up (listeners, workers, admin) and graceful shutdown.
+//! - [`config`] — the TOML configuration and its defaults.
+
+pub mod admin;
+pub mod config;
+pub mod conn;
+pub mod driver;
+pub mod msg;
+pub mod server;
+pub mod shared;
+pub mod stats;
+pub mod tls;
+pub mod worker;

@@ -1,0 +1,147 @@
+//! `devgate serve`: loads the TLS material, binds the listeners, starts one data-path
+//! worker per core and the control plane (admin listener, signals), and waits for
+//! shutdown.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::shared::Shared;
+use crate::worker::Worker;
+
+/// Listen backlog; large so that a reconnect storm queues in the kernel, not in SYN drops.
+const BACKLOG: i32 = 4096;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the resulting soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Binds one `SO_REUSEPORT` listener per worker on the same address (the first one
+/// resolves port 0, so tests can ask for any free port).
+pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>> {
+    let mut listeners = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .context("creating the listening socket")?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        if addr.is_ipv6() {
+            let _ = socket.set_only_v6(false);
+        }
+        socket.bind(&addr.into()).with_context(|| {
+            format!("cannot listen on {addr} (in use, or a port below 1024 without CAP_NET_BIND_SERVICE?)")
+        })?;
+        socket
+            .listen(BACKLOG)
+            .with_context(|| format!("listen on {addr}"))?;
+        let listener: TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Runs the gateway until SIGTERM/SIGINT.
+pub fn serve(config: Config) -> Result<()> {
+    let nofile = raise_nofile_limit();
+    let tls = crate::tls::load(&config.data_dir)?;
+    if !tls.server_cert_valid_now() {
+        warn!("the server certificate is outside its validity dates: check-status reports err until it is renewed");
+    }
+    let workers = config.worker_count();
+    // Leave headroom for the listeners, the admin listener and files.
+    let max_connections = match config.limits.max_connections {
+        0 => usize::try_from(nofile.saturating_sub(64)).unwrap_or(usize::MAX).max(64),
+        n => usize::try_from(n).unwrap_or(usize::MAX),
+    };
+    let listeners = bind_listeners(config.listen, workers)?;
+    let public = listeners
+        .first()
+        .map(TcpListener::local_addr)
+        .transpose()?
+        .context("no listener")?;
+    let admin = std::net::TcpListener::bind(config.admin).with_context(|| {
+        format!("cannot bind the admin listener on {}", config.admin)
+    })?;
+    let admin_addr = admin.local_addr()?;
+
+    let shared = Arc::new(Shared::new(config, tls, workers, max_connections));
+    let now = Instant::now();
+    let mut threads = Vec::with_capacity(workers);
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let id = u16::try_from(id).context("too many workers")?;
+        let worker = Worker::new(id, shared.clone(), now);
+        let thread = std::thread::Builder::new()
+            .name(format!("devgate-w{id}"))
+            .spawn(move || {
+                if let Err(e) = crate::driver::epoll::run(worker, listener) {
+                    tracing::error!(worker = id, "data-path worker failed: {e}");
+                }
+            })
+            .context("starting a worker thread")?;
+        threads.push(thread);
+    }
+    crate::admin::start(shared.clone(), admin)?;
+    info!(
+        listen = %public,
+        admin = %admin_addr,
+        workers,
+        max_connections,
+        data_path = "epoll",
+        "devgate {} serving",
+        env!("CARGO_PKG_VERSION")
+    );
+    for t in threads {
+        let _ = t.join();
+    }
+    info!(
+        "stopped after {:.1} s",
+        shared.started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Starts a graceful shutdown: workers stop accepting, close every session with
+/// "going away" (devices reconnect with backoff, possibly to another instance), and exit.
+pub fn begin_shutdown(shared: &Shared) {
+    if shared.shutting_down.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    info!("shutting down: closing sessions");
+    for inbox in shared.inboxes.iter() {
+        inbox.wake_now();
+    }
+    // A worker stuck behind a peer that never reads must not hold the process forever.
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(10));
+        warn!("shutdown took longer than 10 s; exiting anyway");
+        std::process::exit(0);
+    });
+}

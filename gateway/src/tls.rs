@@ -1,0 +1,134 @@
+//! TLS configuration: rustls with TLS 1.2 and 1.3 only, AEAD suites only, and client
+//! certificates verified against devgate's device CA and manager CA.
+//!
+//! Client certificates are optional at the TLS layer (`allow_unauthenticated`) because
+//! `/usg/check-status` must answer monitoring probes that have none; the HTTP layer then
+//! refuses every other path without the right role. Which role a verified certificate has
+//! is decided by its issuer ([`devgate_pki::PeerClassifier`]).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use devgate_pki::{CertSummary, PeerClassifier, PkiPaths};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+/// Everything loaded from the PKI directory that the data path needs.
+#[derive(Debug)]
+pub struct TlsMaterial {
+    /// The rustls server configuration handed to every new connection.
+    pub server_config: Arc<ServerConfig>,
+    /// Maps a verified client certificate to a device or manager.
+    pub classifier: PeerClassifier,
+    /// Subject and expiry of the certificates, for status.
+    pub certificates: Vec<(String, CertSummary)>,
+    /// Validity window of the server certificate (unix seconds).
+    pub server_not_before: i64,
+    /// Expiry of the server certificate (unix seconds).
+    pub server_not_after: i64,
+}
+
+impl TlsMaterial {
+    /// Whether the server certificate is within its validity dates now.
+    pub fn server_cert_valid_now(&self) -> bool {
+        let now = unix_now();
+        self.server_not_before <= now && now < self.server_not_after
+    }
+}
+
+/// Current time in unix seconds.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Loads the server chain, its key and the client CAs from `<data_dir>/pki`.
+pub fn load(data_dir: &Path) -> Result<TlsMaterial> {
+    let paths = PkiPaths::new(data_dir);
+    if !paths.server_cert().exists() {
+        bail!(
+            "no server certificate at {}: run `devgate init --data-dir {} --name <host>` first",
+            paths.server_cert().display(),
+            data_dir.display()
+        );
+    }
+    let chain = devgate_pki::load_certs(&paths.server_cert())?;
+    let key = devgate_pki::load_key(&paths.server_key())?;
+    let device_ca = first_cert(&paths.device_ca_cert())?;
+    let manager_ca = first_cert(&paths.manager_ca_cert())?;
+
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(device_ca.clone())
+        .with_context(|| format!("device CA {}", paths.device_ca_cert().display()))?;
+    roots
+        .add(manager_ca.clone())
+        .with_context(|| format!("manager CA {}", paths.manager_ca_cert().display()))?;
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()
+        .context("building the client certificate verifier")?;
+
+    let server_cert = chain
+        .first()
+        .cloned()
+        .with_context(|| format!("{} holds no certificate", paths.server_cert().display()))?;
+    let (server_not_before, server_not_after) = validity(&server_cert)
+        .with_context(|| format!("server certificate {}", paths.server_cert().display()))?;
+
+    let mut config = ServerConfig::builder_with_protocol_versions(&[
+        &rustls::version::TLS13,
+        &rustls::version::TLS12,
+    ])
+    .with_client_cert_verifier(verifier)
+    .with_single_cert(chain.clone(), key)
+    .with_context(|| {
+        format!(
+            "server certificate {} and key {} do not match or are unusable",
+            paths.server_cert().display(),
+            paths.server_key().display()
+        )
+    })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // One ticket is enough for a device's next reconnect; each costs a write and a seal.
+    config.send_tls13_tickets = 1;
+    config.ticketer =
+        rustls::crypto::aws_lc_rs::Ticketer::new().context("creating the TLS session ticketer")?;
+
+    let mut certificates = Vec::new();
+    for (what, cert) in [
+        ("server", &server_cert),
+        ("device_ca", &device_ca),
+        ("manager_ca", &manager_ca),
+    ] {
+        certificates.push((what.to_owned(), devgate_pki::summarize(cert)?));
+    }
+    if let Ok(root) = first_cert(&paths.root_cert()) {
+        certificates.push(("root".to_owned(), devgate_pki::summarize(&root)?));
+    }
+
+    Ok(TlsMaterial {
+        server_config: Arc::new(config),
+        classifier: PeerClassifier::new(&device_ca, &manager_ca)?,
+        certificates,
+        server_not_before,
+        server_not_after,
+    })
+}
+
+fn first_cert(path: &Path) -> Result<rustls_pki_types::CertificateDer<'static>> {
+    devgate_pki::load_certs(path)?
+        .into_iter()
+        .next()
+        .with_context(|| format!("{} holds no certificate", path.display()))
+}
+
+fn validity(cert: &rustls_pki_types::CertificateDer<'_>) -> Result<(i64, i64)> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| anyhow::anyhow!("cannot parse certificate: {e}"))?;
+    let v = parsed.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}

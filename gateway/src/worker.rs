@@ -1,0 +1,1475 @@
+//! A data-path worker: owns a set of connections and runs the protocol core and the router
+//! for them. It never touches a socket, a thread or the clock: the I/O driver hands it
+//! received bytes and the current time, and asks it for bytes to send. The epoll driver
+//! and the io_uring driver run the same `Worker`.
+//!
+//! Routing: a frame for a connection this worker owns is handled through a local queue
+//! (no atomics, no wake-up); one for another worker's connection goes into that worker's
+//! [`Inbox`](crate::shared::Inbox) as a [`Msg`].
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::mapref::entry::Entry;
+use devgate_pki::PeerRole;
+use devgate_proto::frame::{self, Body, ErrorCode, Frame, PresenceReason};
+use devgate_proto::http::{self, Parsed};
+use devgate_proto::ws::{self, Decoded, Message, Opcode};
+use tracing::{debug, info, warn};
+
+use crate::conn::{
+    Conn, DeviceSession, DeviceStream, ManagerSession, ManagerStream, OutQueue, Pending, Phase,
+    QueueRefusal, Role, Session,
+};
+use crate::msg::{CloseReason, Msg, MsgKind, Priority};
+use crate::shared::{ConnHandle, Shared};
+use crate::stats::WorkerStats;
+
+/// Largest plaintext chunk handed to rustls at once (one TLS record).
+const RECORD_PLAINTEXT: usize = 16 * 1024;
+/// Messages taken from the inbox per call, so that sockets are served in between.
+const INBOX_BATCH: usize = 4096;
+/// WebSocket close code for "a newer connection with your unit ID replaced you".
+const CLOSE_REPLACED: u16 = 4001;
+/// Most streams one manager connection may hold open.
+const MAX_STREAMS_PER_MANAGER: usize = 4096;
+
+/// What a driver should do with a connection after a write attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// Everything queued went out.
+    Done,
+    /// The socket would block; wait for writability.
+    Blocked,
+}
+
+struct Slot {
+    generation: u32,
+    conn: Option<Conn>,
+}
+
+/// A data-path worker (see the module docs).
+pub struct Worker {
+    id: u16,
+    shared: Arc<Shared>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    live: usize,
+    /// Plaintext read from rustls; complete frames are handled straight from here.
+    read_buf: Vec<u8>,
+    /// Plaintext gathered from a queue for one TLS record.
+    record_buf: Vec<u8>,
+    local: VecDeque<Msg>,
+    dirty: Vec<u32>,
+    to_release: Vec<u32>,
+    deferred_close: Vec<(u32, Ending)>,
+    next_sweep: Instant,
+    refusing_devices: bool,
+    shutdown_started: bool,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.id)
+            .field("live", &self.live)
+            .finish_non_exhaustive()
+    }
+}
+
+fn encode_ws_frame(frame: &Frame<'_>) -> Bytes {
+    let mut out = Vec::with_capacity(frame.encoded_len() + ws::MAX_HEADER_LEN);
+    frame::encode_ws(&mut out, frame, None);
+    Bytes::from(out)
+}
+
+fn control_frame(opcode: Opcode, payload: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(payload.len() + 2);
+    ws::encode_frame(&mut out, opcode, payload, None);
+    Bytes::from(out)
+}
+
+fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut out = Vec::with_capacity(reason.len() + 4);
+    ws::encode_close(&mut out, code, reason, None);
+    Bytes::from(out)
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Worker {
+    /// A worker with id `id` (its index in `shared.inboxes`).
+    pub fn new(id: u16, shared: Arc<Shared>, now: Instant) -> Self {
+        Self {
+            id,
+            shared,
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            read_buf: vec![0; 64 * 1024],
+            record_buf: Vec::with_capacity(RECORD_PLAINTEXT),
+            local: VecDeque::new(),
+            dirty: Vec::new(),
+            to_release: Vec::new(),
+            deferred_close: Vec::new(),
+            next_sweep: now,
+            refusing_devices: false,
+            shutdown_started: false,
+        }
+    }
+
+    /// This worker's id.
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// The shared state.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn stats(&self) -> &WorkerStats {
+        &self.shared.stats[usize::from(self.id)]
+    }
+
+    /// Connections this worker holds.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    // ----- driver interface -------------------------------------------------------------
+
+    /// Takes a freshly accepted TCP connection; returns its slot, or `None` if the
+    /// gateway is at `max_connections` or shutting down (the driver closes the socket).
+    pub fn accept(&mut self, peer: SocketAddr, now: Instant) -> Option<u32> {
+        bump(&self.stats().accepted);
+        if self.shared.shutting_down.load(Ordering::Relaxed) {
+            return None;
+        }
+        let open = self.shared.connection_count.fetch_add(1, Ordering::AcqRel);
+        if open >= self.shared.max_connections {
+            self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
+            bump(&self.stats().refused_max_connections);
+            return None;
+        }
+        let tls_config = self.shared.tls.load().server_config.clone();
+        let tls = match rustls::ServerConnection::new(tls_config) {
+            Ok(tls) => tls,
+            Err(e) => {
+                warn!(%peer, "cannot start TLS session: {e}");
+                self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
+                return None;
+            }
+        };
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                let s = u32::try_from(self.slots.len()).ok()?;
+                self.slots.push(Slot {
+                    generation: 0,
+                    conn: None,
+                });
+                s
+            }
+        };
+        let entry = &mut self.slots[slot as usize];
+        let handle = ConnHandle {
+            worker: self.id,
+            slot,
+            generation: entry.generation,
+        };
+        let handshake = Duration::from_millis(self.shared.config.limits.handshake_timeout_ms);
+        entry.conn = Some(Conn {
+            handle,
+            peer,
+            tls: Box::new(tls),
+            inbuf: Vec::new(),
+            out: OutQueue::default(),
+            phase: Phase::Handshake,
+            last_rx: now,
+            ping_sent: None,
+            handshake_deadline: now + handshake,
+            dirty: false,
+            notify_on_drain: false,
+        });
+        self.live += 1;
+        Some(slot)
+    }
+
+    /// Bytes received from the socket of `slot`.
+    pub fn on_received(&mut self, slot: u32, data: &[u8], now: Instant) {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let Some(conn) = self.conn_mut(slot) else {
+                return;
+            };
+            if matches!(conn.phase, Phase::Closing) {
+                return;
+            }
+            conn.last_rx = now;
+            conn.ping_sent = None;
+            if let Err(e) = conn.tls.read_tls(&mut rest) {
+                debug!(peer = %conn.peer, "TLS read: {e}");
+                self.close(slot, now, Ending::Lost);
+                return;
+            }
+            let was_handshaking = conn.tls.is_handshaking();
+            let state = match conn.tls.process_new_packets() {
+                Ok(state) => state,
+                Err(e) => {
+                    let peer = conn.peer;
+                    if was_handshaking {
+                        bump(&self.stats().handshakes_failed_tls);
+                    }
+                    debug!(%peer, "TLS error: {e}");
+                    // rustls queued an alert; let it go out before the socket closes.
+                    self.mark_dirty(slot);
+                    self.close(slot, now, Ending::Lost);
+                    return;
+                }
+            };
+            let handshake_done = was_handshaking && !conn.tls.is_handshaking();
+            let wants_write = conn.tls.wants_write();
+            if handshake_done {
+                bump(&self.stats().handshakes_ok);
+            }
+            if wants_write {
+                self.mark_dirty(slot);
+            }
+            if state.peer_has_closed() && state.plaintext_bytes_to_read() == 0 {
+                self.close(slot, now, Ending::PeerClosed);
+                return;
+            }
+            if state.plaintext_bytes_to_read() > 0 {
+                self.read_plaintext(slot, now);
+            }
+        }
+        self.run_local(now);
+    }
+
+    /// The peer closed its side of the TCP connection.
+    pub fn on_eof(&mut self, slot: u32, now: Instant) {
+        self.close(slot, now, Ending::PeerClosed);
+        self.run_local(now);
+    }
+
+    /// The socket failed.
+    pub fn on_error(&mut self, slot: u32, err: &io::Error, now: Instant) {
+        if let Some(conn) = self.conn_mut(slot) {
+            debug!(peer = %conn.peer, "socket error: {err}");
+        }
+        self.close(slot, now, Ending::Lost);
+        self.run_local(now);
+    }
+
+    /// Handles queued messages from other workers; returns how many.
+    pub fn poll_inbox(&mut self, now: Instant) -> usize {
+        let shared = self.shared.clone();
+        let inbox = &shared.inboxes[usize::from(self.id)];
+        let mut n = 0;
+        while n < INBOX_BATCH {
+            let Some(msg) = inbox.pop() else { break };
+            self.handle_msg(msg, now);
+            n += 1;
+        }
+        self.run_local(now);
+        n
+    }
+
+    /// Timers: handshake timeouts, keep-alives, dead peers, request timeouts, the
+    /// no-manager grace period and shutdown. Returns when it wants to be called next.
+    pub fn tick(&mut self, now: Instant) -> Instant {
+        if now < self.next_sweep {
+            return self.next_sweep;
+        }
+        let interval = Duration::from_millis(self.shared.config.keepalive.ping_interval_ms);
+        self.next_sweep = now + (interval / 4).clamp(Duration::from_millis(25), Duration::from_secs(1));
+
+        if self.shared.shutting_down.load(Ordering::Relaxed) && !self.shutdown_started {
+            self.shutdown_started = true;
+            for slot in self.occupied_slots() {
+                self.close(slot, now, Ending::Gateway(CloseReason::Shutdown));
+            }
+        }
+
+        let refuse = self.shared.devices_refused(now);
+        if refuse && !self.refusing_devices {
+            let devices: Vec<u32> = self
+                .occupied_slots()
+                .into_iter()
+                .filter(|s| {
+                    self.conn_ref(*s)
+                        .is_some_and(|c| matches!(c.phase.name(), "device"))
+                })
+                .collect();
+            if !devices.is_empty() {
+                warn!(
+                    worker = self.id,
+                    devices = devices.len(),
+                    "no manager connected for the grace period: disconnecting devices"
+                );
+            }
+            for slot in devices {
+                bump(&self.stats().rejected_no_manager);
+                self.close(slot, now, Ending::Gateway(CloseReason::NoManager));
+            }
+        }
+        self.refusing_devices = refuse;
+
+        for slot in self.occupied_slots() {
+            self.sweep_conn(slot, now, interval);
+        }
+        self.run_local(now);
+        self.next_sweep
+    }
+
+    /// Slots with bytes to send since the last call.
+    pub fn take_dirty(&mut self, into: &mut Vec<u32>) {
+        into.clear();
+        std::mem::swap(into, &mut self.dirty);
+        for slot in into.iter() {
+            if let Some(c) = self.slots.get_mut(*slot as usize).and_then(|s| s.conn.as_mut()) {
+                c.dirty = false;
+            }
+        }
+    }
+
+    /// Encrypts queued frames and writes them to `sink` until done or it would block.
+    pub fn flush_to<W: Write>(&mut self, slot: u32, sink: &mut W) -> io::Result<Flush> {
+        let mut plain = std::mem::take(&mut self.record_buf);
+        let result = self.flush_inner(slot, sink, &mut plain);
+        plain.clear();
+        self.record_buf = plain;
+        result
+    }
+
+    fn flush_inner<W: Write>(
+        &mut self,
+        slot: u32,
+        sink: &mut W,
+        plain: &mut Vec<u8>,
+    ) -> io::Result<Flush> {
+        let Some(conn) = self.conn_mut(slot) else {
+            return Ok(Flush::Done);
+        };
+        loop {
+            if !conn.tls.wants_write() && !conn.out.is_empty() && !conn.tls.is_handshaking() {
+                plain.clear();
+                conn.out.drain_into(plain, RECORD_PLAINTEXT);
+                conn.tls.writer().write_all(plain)?;
+            }
+            if conn.out.is_empty() && conn.notify_on_drain {
+                conn.notify_on_drain = false;
+                conn.tls.send_close_notify();
+            }
+            if !conn.tls.wants_write() {
+                return Ok(Flush::Done);
+            }
+            match conn.tls.write_tls(sink) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Slots whose sockets the driver should close now (after a last flush).
+    pub fn take_released(&mut self, into: &mut Vec<u32>) {
+        into.clear();
+        std::mem::swap(into, &mut self.to_release);
+    }
+
+    /// The driver closed the socket of `slot`; the slot may be reused.
+    pub fn release(&mut self, slot: u32) {
+        if let Some(entry) = self.slots.get_mut(slot as usize) {
+            if entry.conn.take().is_some() {
+                entry.generation = entry.generation.wrapping_add(1);
+                self.free.push(slot);
+                self.live -= 1;
+                self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Whether `slot` holds a connection that still reads (not closing).
+    pub fn is_active(&self, slot: u32) -> bool {
+        self.conn_ref(slot)
+            .is_some_and(|c| !matches!(c.phase, Phase::Closing))
+    }
+
+    /// True when shutdown is under way and every connection is gone.
+    pub fn finished(&self) -> bool {
+        self.shutdown_started && self.live == 0
+    }
+
+    // ----- internals --------------------------------------------------------------------
+
+    fn conn_mut(&mut self, slot: u32) -> Option<&mut Conn> {
+        self.slots.get_mut(slot as usize)?.conn.as_mut()
+    }
+
+    fn conn_ref(&self, slot: u32) -> Option<&Conn> {
+        self.slots.get(slot as usize)?.conn.as_ref()
+    }
+
+    /// The live (not closing) connection behind `handle`, if it still exists here.
+    fn lookup(&mut self, handle: ConnHandle) -> Option<&mut Conn> {
+        let entry = self.slots.get_mut(handle.slot as usize)?;
+        if entry.generation != handle.generation {
+            return None;
+        }
+        entry
+            .conn
+            .as_mut()
+            .filter(|c| !matches!(c.phase, Phase::Closing))
+    }
+
+    fn occupied_slots(&self) -> Vec<u32> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.conn.is_some())
+            .filter_map(|(i, _)| u32::try_from(i).ok())
+            .collect()
+    }
+
+    fn mark_dirty(&mut self, slot: u32) {
+        if let Some(conn) = self.conn_mut(slot) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(slot);
+            }
+        }
+    }
+
+    /// Sends `msg` to its connection: through the local queue if it is ours, else
+    /// through the owner's inbox.
+    fn deliver(&mut self, msg: Msg) {
+        if msg.to.worker == self.id {
+            self.local.push_back(msg);
+            return;
+        }
+        let Some(inbox) = self.shared.inboxes.get(usize::from(msg.to.worker)) else {
+            return;
+        };
+        if let Err(msg) = inbox.push(msg) {
+            bump(&self.stats().inbox_full);
+            if let Some(bounce) = msg.bounce(ErrorCode::QueueFull, "the gateway is overloaded; retry later") {
+                // A bounce is an Error, which never bounces again: this recursion ends.
+                self.deliver(bounce);
+            }
+        }
+    }
+
+    fn run_local(&mut self, now: Instant) {
+        loop {
+            while let Some(msg) = self.local.pop_front() {
+                self.handle_msg(msg, now);
+            }
+            if self.deferred_close.is_empty() {
+                return;
+            }
+            for (slot, ending) in std::mem::take(&mut self.deferred_close) {
+                self.close(slot, now, ending);
+            }
+        }
+    }
+
+    /// Queues an encoded frame to `slot`'s peer; on overflow disconnects it as too slow.
+    fn queue(&mut self, slot: u32, frame: Bytes, priority: Priority, now: Instant) -> Result<(), QueueRefusal> {
+        let limits = &self.shared.config.limits;
+        let (soft, hard) = (limits.queue_bytes, limits.queue_hard_bytes);
+        let Some(conn) = self.conn_mut(slot) else {
+            return Err(QueueRefusal::Full);
+        };
+        let len = frame.len();
+        let is_device = matches!(conn.phase.name(), "device");
+        match conn.out.push(frame, priority, soft, hard) {
+            Ok(()) => {
+                let stats = &self.shared.stats[usize::from(self.id)];
+                stats.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+                if is_device {
+                    bump(&stats.frames_to_devices);
+                } else {
+                    bump(&stats.frames_to_managers);
+                }
+                self.mark_dirty(slot);
+                Ok(())
+            }
+            Err(QueueRefusal::Full) => {
+                bump(&self.stats().queue_full);
+                Err(QueueRefusal::Full)
+            }
+            Err(QueueRefusal::Overflow) => {
+                let peer = conn.peer;
+                bump(&self.stats().slow_consumers);
+                warn!(%peer, "peer reads too slowly: {hard} bytes queued, disconnecting it");
+                let _ = now;
+                self.deferred_close.push((slot, Ending::Protocol(1008, "too slow: outbound queue overflow")));
+                Err(QueueRefusal::Overflow)
+            }
+        }
+    }
+
+    fn send_error(&mut self, slot: u32, code: ErrorCode, id: u32, unit: &str, message: &str, now: Instant) {
+        bump(&self.stats().error_frames);
+        let frame = encode_ws_frame(&Frame::error(unit, id, code, message));
+        let _ = self.queue(slot, frame, Priority::Essential, now);
+    }
+
+    // ----- reading ----------------------------------------------------------------------
+
+    fn read_plaintext(&mut self, slot: u32, now: Instant) {
+        let mut buf = std::mem::take(&mut self.read_buf);
+        loop {
+            let Some(conn) = self.conn_mut(slot) else { break };
+            // Partial frames accumulate in the connection's own buffer; complete ones are
+            // handled straight from the worker's scratch buffer.
+            let n = if conn.inbuf.is_empty() {
+                match conn.tls.reader().read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => break,
+                }
+            } else {
+                let mut inbuf = std::mem::take(&mut conn.inbuf);
+                let start = inbuf.len();
+                inbuf.resize(start + 16 * 1024, 0);
+                let n = match conn.tls.reader().read(&mut inbuf[start..]) {
+                    Ok(n) => n,
+                    Err(_) => 0,
+                };
+                inbuf.truncate(start + n);
+                if n == 0 {
+                    conn.inbuf = inbuf;
+                    break;
+                }
+                let used = self.consume(slot, &mut inbuf, now);
+                if let Some(conn) = self.conn_mut(slot) {
+                    inbuf.drain(..used.min(inbuf.len()));
+                    if inbuf.is_empty() {
+                        inbuf = Vec::new();
+                    }
+                    conn.inbuf = inbuf;
+                }
+                continue;
+            };
+            if n == 0 {
+                break;
+            }
+            let used = self.consume(slot, &mut buf[..n], now);
+            if used < n {
+                if let Some(conn) = self.conn_mut(slot) {
+                    if !matches!(conn.phase, Phase::Closing) {
+                        conn.inbuf.extend_from_slice(&buf[used..n]);
+                    }
+                }
+            }
+        }
+        self.read_buf = buf;
+    }
+
+    /// Consumes complete units (HTTP head, WebSocket frames) from `buf`; returns bytes used.
+    fn consume(&mut self, slot: u32, buf: &mut [u8], now: Instant) -> usize {
+        let mut used = 0;
+        loop {
+            let Some(conn) = self.conn_mut(slot) else {
+                return buf.len();
+            };
+            match conn.phase {
+                Phase::Closing => return buf.len(),
+                Phase::Handshake => match self.on_http(slot, &buf[used..], now) {
+                    Some(n) if n > 0 => used += n,
+                    _ => return used,
+                },
+                Phase::Session(_) => {
+                    return used + self.on_websocket(slot, &mut buf[used..], now);
+                }
+            }
+        }
+    }
+
+    // ----- HTTP -------------------------------------------------------------------------
+
+    /// Handles the request head; returns bytes consumed (0 while incomplete).
+    fn on_http(&mut self, slot: u32, buf: &[u8], now: Instant) -> Option<usize> {
+        let max = self.shared.config.limits.max_header_bytes;
+        let parsed = match http::parse_request(buf, max) {
+            Ok(p) => p,
+            Err(e) => {
+                let status = if matches!(e, http::HttpError::HeadersTooLarge { .. }) {
+                    (431, "Request Header Fields Too Large")
+                } else {
+                    (400, "Bad Request")
+                };
+                self.refuse(slot, status.0, status.1, &format!("{e}\n"), now);
+                return None;
+            }
+        };
+        let (request, header_len) = match parsed {
+            Parsed::Incomplete => return Some(0),
+            Parsed::Complete {
+                request,
+                header_len,
+            } => (request, header_len),
+        };
+        let path = request.path;
+        match path {
+            "/usg/check-status" if request.method == "GET" => {
+                bump(&self.stats().check_status_requests);
+                let status = self.shared.check_status(now);
+                let body = format!("{{\"status\":\"{}\"}}", status.as_str());
+                let resp = http::response(200, "OK", Some("application/json"), body.as_bytes(), true);
+                self.respond_and_close(slot, resp, now);
+                None
+            }
+            "/v1/device" | "/v1/manager" => {
+                if !request.is_websocket_upgrade() {
+                    self.refuse(slot, 400, "Bad Request", "expected a WebSocket upgrade (GET with Upgrade: websocket, Sec-WebSocket-Version: 13)\n", now);
+                    return None;
+                }
+                if request.content_length.is_some_and(|n| n > 0) {
+                    self.refuse(slot, 400, "Bad Request", "an upgrade request carries no body\n", now);
+                    return None;
+                }
+                let key = request.websocket_key.unwrap_or_default().to_owned();
+                let want_device = path == "/v1/device";
+                self.upgrade(slot, &key, want_device, header_len, now)
+            }
+            _ => {
+                self.refuse(slot, 404, "Not Found", "not found\n", now);
+                None
+            }
+        }
+    }
+
+    fn refuse(&mut self, slot: u32, status: u16, reason: &str, body: &str, now: Instant) {
+        bump(&self.stats().http_refused);
+        if let Some(conn) = self.conn_ref(slot) {
+            debug!(peer = %conn.peer, status, "refused: {}", body.trim_end());
+        }
+        let resp = http::response(status, reason, Some("text/plain"), body.as_bytes(), true);
+        self.respond_and_close(slot, resp, now);
+    }
+
+    fn respond_and_close(&mut self, slot: u32, resp: Vec<u8>, now: Instant) {
+        if let Some(conn) = self.conn_mut(slot) {
+            conn.out.push(Bytes::from(resp), Priority::Essential, usize::MAX, usize::MAX).ok();
+        }
+        self.mark_dirty(slot);
+        self.close(slot, now, Ending::Quiet);
+    }
+
+    fn upgrade(&mut self, slot: u32, key: &str, want_device: bool, header_len: usize, now: Instant) -> Option<usize> {
+        let tls = self.shared.tls.load();
+        let role = self
+            .conn_ref(slot)
+            .and_then(|c| c.tls.peer_certificates().and_then(|certs| certs.first().cloned()))
+            .map(|cert| tls.classifier.classify(&cert));
+        let role = match role {
+            None => {
+                self.refuse(slot, 401, "Unauthorized", "a client certificate issued by this gateway is required\n", now);
+                return None;
+            }
+            Some(None) => {
+                self.refuse(slot, 403, "Forbidden", "the client certificate does not name a device or manager of this gateway\n", now);
+                return None;
+            }
+            Some(Some(role)) => role,
+        };
+        let handle = self.conn_ref(slot)?.handle;
+        let max_message = self.shared.config.limits.max_message_bytes;
+        let session = match (role, want_device) {
+            (PeerRole::Device { unit_id }, true) => {
+                let unit: Arc<str> = Arc::from(unit_id.as_str());
+                if self.shared.shutting_down.load(Ordering::Relaxed) {
+                    self.refuse(slot, 503, "Service Unavailable", "the gateway is shutting down\n", now);
+                    return None;
+                }
+                if self.shared.devices_refused(now) {
+                    bump(&self.stats().rejected_no_manager);
+                    info!("no manager connected: device {unit} rejected");
+                    self.refuse(slot, 503, "Service Unavailable", "no manager connected; retry later\n", now);
+                    return None;
+                }
+                if !self.register_device(&unit, handle, now) {
+                    bump(&self.stats().rejected_device_limit);
+                    warn!("connection limit reached: device {unit} rejected");
+                    self.refuse(slot, 503, "Service Unavailable", "connection limit reached\n", now);
+                    return None;
+                }
+                bump(&self.stats().device_sessions);
+                Role::Device(DeviceSession::new(unit))
+            }
+            (PeerRole::Manager { name }, false) => {
+                info!(manager = %name, peer = %self.conn_ref(slot)?.peer, "manager connected");
+                self.shared.add_manager(handle);
+                bump(&self.stats().manager_sessions);
+                Role::Manager(ManagerSession {
+                    name: name.into_boxed_str(),
+                    streams: std::collections::HashMap::new(),
+                })
+            }
+            _ => {
+                self.refuse(slot, 403, "Forbidden", "this certificate is not valid for this path\n", now);
+                return None;
+            }
+        };
+        let conn = self.conn_mut(slot)?;
+        conn.phase = Phase::Session(Box::new(Session {
+            decoder: ws::Decoder::new(ws::Role::Server, max_message),
+            role: session,
+        }));
+        conn.last_rx = now;
+        let accept = http::switching_protocols(key);
+        conn.out
+            .push(Bytes::from(accept), Priority::Essential, usize::MAX, usize::MAX)
+            .ok();
+        self.mark_dirty(slot);
+        Some(header_len)
+    }
+
+    /// Puts a device into the session map (replacing an older connection with the same
+    /// unit ID) and tells managers it is online. Presence is sent while the map entry is
+    /// locked so that managers see a unit's presence changes in map order.
+    fn register_device(&mut self, unit: &Arc<str>, handle: ConnHandle, now: Instant) -> bool {
+        let shared = self.shared.clone();
+        match shared.devices.entry(unit.clone()) {
+            Entry::Occupied(mut e) => {
+                let old = e.insert(handle);
+                bump(&self.stats().replaced);
+                info!("device {unit} reconnected: replacing its older connection");
+                self.deliver(Msg {
+                    to: old,
+                    kind: MsgKind::Close(CloseReason::Replaced),
+                });
+                self.broadcast_presence(unit, true, PresenceReason::Reconnected, now);
+                true
+            }
+            Entry::Vacant(e) => {
+                if !shared.reserve_device() {
+                    return false;
+                }
+                e.insert(handle);
+                self.broadcast_presence(unit, true, PresenceReason::Connected, now);
+                true
+            }
+        }
+    }
+
+    fn broadcast_presence(&mut self, unit: &str, online: bool, reason: PresenceReason, _now: Instant) {
+        let managers = self.shared.managers.load_full();
+        if managers.is_empty() {
+            return;
+        }
+        let bytes = encode_ws_frame(&Frame::presence(unit, online, reason));
+        for m in managers.iter() {
+            self.deliver(Msg {
+                to: *m,
+                kind: MsgKind::Frame {
+                    bytes: bytes.clone(),
+                    priority: Priority::Essential,
+                    bounce_to: None,
+                    bounce_id: 0,
+                    bounce_unit: None,
+                },
+            });
+        }
+    }
+
+    // ----- WebSocket --------------------------------------------------------------------
+
+    /// Decodes and handles WebSocket frames; returns bytes consumed.
+    fn on_websocket(&mut self, slot: u32, buf: &mut [u8], now: Instant) -> usize {
+        let mut used = 0;
+        while used < buf.len() {
+            let Some(conn) = self.conn_mut(slot) else {
+                return buf.len();
+            };
+            let Phase::Session(session) = &mut conn.phase else {
+                return buf.len();
+            };
+            // The session is taken out for the duration of one frame so that handling it
+            // can reach the rest of the worker; it goes back unless the frame closed us.
+            let mut session = std::mem::replace(session, placeholder_session());
+            let outcome = match session.decoder.decode(&mut buf[used..]) {
+                Ok(Decoded::Incomplete) => Outcome::Incomplete,
+                Ok(Decoded::Frame { consumed, message }) => {
+                    let stats = &self.shared.stats[usize::from(self.id)];
+                    stats.bytes_in.fetch_add(consumed as u64, Ordering::Relaxed);
+                    used += consumed;
+                    match message {
+                        None => Outcome::Continue,
+                        Some(m) => self.on_message(slot, &mut session.role, m, now),
+                    }
+                }
+                Err(e) => {
+                    bump(&self.stats().protocol_errors);
+                    Outcome::Close(Ending::Protocol(e.close_code(), ws_error_text(&e)))
+                }
+            };
+            if let Some(conn) = self.conn_mut(slot) {
+                if let Phase::Session(s) = &mut conn.phase {
+                    *s = session;
+                }
+            }
+            match outcome {
+                Outcome::Continue => {}
+                Outcome::Incomplete => return used,
+                Outcome::Close(ending) => {
+                    self.close(slot, now, ending);
+                    return buf.len();
+                }
+            }
+        }
+        used
+    }
+
+    fn on_message(&mut self, slot: u32, role: &mut Role, msg: Message<'_>, now: Instant) -> Outcome {
+        match msg {
+            Message::Binary(data) => self.on_devgate_frame(slot, role, data, now),
+            Message::Text(_) => Outcome::Close(Ending::Protocol(1003, "binary frames only")),
+            Message::Ping(payload) => {
+                let pong = control_frame(Opcode::Pong, payload);
+                let _ = self.queue(slot, pong, Priority::Essential, now);
+                Outcome::Continue
+            }
+            Message::Pong(_) => Outcome::Continue,
+            Message::Close { code, .. } => Outcome::Close(Ending::CloseReceived(code)),
+        }
+    }
+
+    fn on_devgate_frame(&mut self, slot: u32, role: &mut Role, data: &[u8], now: Instant) -> Outcome {
+        let frame = match Frame::decode(data) {
+            Ok(f) => f,
+            Err(frame::FrameError::UnsupportedVersion(v)) => {
+                let msg = format!("frame version {v} is not supported (this gateway speaks version {})", frame::VERSION);
+                self.send_error(slot, ErrorCode::UnsupportedVersion, 0, "", &msg, now);
+                return Outcome::Close(Ending::Protocol(1002, "unsupported devgate frame version"));
+            }
+            Err(e) => {
+                self.send_error(slot, ErrorCode::MalformedFrame, 0, "", &e.to_string(), now);
+                return Outcome::Continue;
+            }
+        };
+        match role {
+            Role::Device(dev) => {
+                bump(&self.stats().frames_from_devices);
+                self.on_device_frame(slot, dev, frame, now);
+            }
+            Role::Manager(mgr) => {
+                bump(&self.stats().frames_from_managers);
+                self.on_manager_frame(slot, mgr, frame, now);
+            }
+        }
+        Outcome::Continue
+    }
+
+    // ----- router: frames from devices ---------------------------------------------------
+
+    fn on_device_frame(&mut self, slot: u32, dev: &mut DeviceSession, frame: Frame<'_>, now: Instant) {
+        let Some(me) = self.conn_ref(slot).map(|c| c.handle) else { return };
+        if !frame.unit.is_empty() {
+            self.send_error(slot, ErrorCode::MalformedFrame, frame.id, "", "frames from a device carry no unit ID (the gateway knows it from the certificate)", now);
+            return;
+        }
+        let unit = dev.unit.clone();
+        match frame.body {
+            Body::Response { payload } => {
+                let Some(p) = dev.pending.remove(&frame.id) else {
+                    self.send_error(slot, ErrorCode::UnknownRequest, frame.id, "", "no outstanding request has this id (answered already, timed out, or never sent)", now);
+                    return;
+                };
+                bump(&self.stats().responses_routed);
+                let bytes = encode_ws_frame(&Frame::response(&unit, p.request_id, payload));
+                self.deliver(Msg {
+                    to: p.manager,
+                    kind: MsgKind::Frame {
+                        bytes,
+                        priority: Priority::Droppable,
+                        bounce_to: Some(me),
+                        bounce_id: frame.id,
+                        bounce_unit: None,
+                    },
+                });
+            }
+            Body::Event { payload } => {
+                let managers = self.shared.managers.load_full();
+                if managers.is_empty() {
+                    return;
+                }
+                let bytes = encode_ws_frame(&Frame::event(&unit, payload));
+                for m in managers.iter() {
+                    self.deliver(Msg {
+                        to: *m,
+                        kind: MsgKind::Frame {
+                            bytes: bytes.clone(),
+                            priority: Priority::Droppable,
+                            bounce_to: Some(me),
+                            bounce_id: frame.id,
+                            bounce_unit: None,
+                        },
+                    });
+                }
+            }
+            Body::StreamData { payload } => {
+                let Some(stream) = dev.streams.get_mut(&frame.id) else {
+                    self.send_error(slot, ErrorCode::UnknownStream, frame.id, "", "no open stream has this id", now);
+                    return;
+                };
+                let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+                if len > stream.credit_to_manager {
+                    let stream = stream.clone();
+                    self.end_device_stream(slot, dev, frame.id, &stream, u16::from(ErrorCode::FlowControl), "flow control violated: data beyond the granted window", true, now);
+                    return;
+                }
+                stream.credit_to_manager -= len;
+                let bytes = encode_ws_frame(&Frame::stream_data(&unit, stream.manager_stream_id, payload));
+                let (to, stream_id) = (stream.manager, stream.manager_stream_id);
+                self.deliver(Msg { to, kind: MsgKind::StreamDataToManager { stream_id, bytes } });
+            }
+            Body::StreamWindow { increment } => {
+                let Some(stream) = dev.streams.get(&frame.id) else {
+                    self.send_error(slot, ErrorCode::UnknownStream, frame.id, "", "no open stream has this id", now);
+                    return;
+                };
+                let (to, stream_id) = (stream.manager, stream.manager_stream_id);
+                self.deliver(Msg { to, kind: MsgKind::StreamWindowToManager { stream_id, increment } });
+            }
+            Body::StreamClose { code, reason } => {
+                let Some(stream) = dev.streams.remove(&frame.id) else {
+                    return; // closing an unknown stream is harmless: both ends may close at once
+                };
+                dev.streams_by_manager.remove(&(stream.manager, stream.manager_stream_id));
+                self.deliver(Msg {
+                    to: stream.manager,
+                    kind: MsgKind::StreamClosedToManager {
+                        stream_id: stream.manager_stream_id,
+                        code,
+                        reason: Bytes::copy_from_slice(reason.as_bytes()),
+                        unit,
+                    },
+                });
+            }
+            Body::Command { .. } | Body::Presence { .. } | Body::Error { .. } | Body::Control { .. } | Body::StreamOpen { .. } => {
+                self.send_error(slot, ErrorCode::NotPermitted, frame.id, "", "devices may send only response, event and stream data/window/close frames", now);
+            }
+        }
+    }
+
+    /// Ends a stream at the device side and tells both ends.
+    #[allow(clippy::too_many_arguments)]
+    fn end_device_stream(&mut self, slot: u32, dev: &mut DeviceSession, device_stream_id: u32, stream: &DeviceStream, code: u16, reason: &'static str, tell_device: bool, now: Instant) {
+        dev.streams.remove(&device_stream_id);
+        dev.streams_by_manager.remove(&(stream.manager, stream.manager_stream_id));
+        self.deliver(Msg {
+            to: stream.manager,
+            kind: MsgKind::StreamClosedToManager {
+                stream_id: stream.manager_stream_id,
+                code,
+                reason: Bytes::from_static(reason.as_bytes()),
+                unit: dev.unit.clone(),
+            },
+        });
+        if tell_device {
+            let bytes = encode_ws_frame(&Frame::stream_close("", device_stream_id, code, reason));
+            let _ = self.queue(slot, bytes, Priority::Essential, now);
+        }
+    }
+
+    // ----- router: frames from managers --------------------------------------------------
+
+    fn on_manager_frame(&mut self, slot: u32, mgr: &mut ManagerSession, frame: Frame<'_>, now: Instant) {
+        let Some(me) = self.conn_ref(slot).map(|c| c.handle) else { return };
+        match frame.body {
+            Body::Command { payload } => {
+                let Some((unit, device)) = self.find_device(frame.unit) else {
+                    self.send_error(slot, ErrorCode::DeviceNotConnected, frame.id, frame.unit, "the device is not connected", now);
+                    return;
+                };
+                self.deliver(Msg {
+                    to: device,
+                    kind: MsgKind::Command { from: me, unit, request_id: frame.id, payload: Bytes::copy_from_slice(payload) },
+                });
+            }
+            Body::Control { payload } => {
+                let reply = self.control(payload);
+                match reply {
+                    Ok(json) => {
+                        let bytes = encode_ws_frame(&Frame::control(frame.id, json.as_bytes()));
+                        let _ = self.queue(slot, bytes, Priority::Essential, now);
+                    }
+                    Err(msg) => self.send_error(slot, ErrorCode::ControlFailed, frame.id, "", &msg, now),
+                }
+            }
+            Body::StreamOpen { window, payload } => {
+                if mgr.streams.contains_key(&frame.id) {
+                    self.send_error(slot, ErrorCode::MalformedFrame, frame.id, frame.unit, "this stream id is already open", now);
+                    return;
+                }
+                if mgr.streams.len() >= MAX_STREAMS_PER_MANAGER {
+                    self.send_error(slot, ErrorCode::TooManyStreams, frame.id, frame.unit, "too many streams open on this manager connection", now);
+                    return;
+                }
+                let Some((unit, device)) = self.find_device(frame.unit) else {
+                    self.send_error(slot, ErrorCode::DeviceNotConnected, frame.id, frame.unit, "the device is not connected", now);
+                    return;
+                };
+                mgr.streams.insert(frame.id, ManagerStream { device, unit: unit.clone(), credit_to_device: 0 });
+                self.deliver(Msg {
+                    to: device,
+                    kind: MsgKind::StreamOpen { from: me, unit, stream_id: frame.id, window, payload: Bytes::copy_from_slice(payload) },
+                });
+            }
+            Body::StreamData { payload } => {
+                let Some(stream) = mgr.streams.get_mut(&frame.id) else {
+                    self.send_error(slot, ErrorCode::UnknownStream, frame.id, frame.unit, "no open stream has this id", now);
+                    return;
+                };
+                let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+                if len > stream.credit_to_device {
+                    let stream = stream.clone();
+                    mgr.streams.remove(&frame.id);
+                    let code = u16::from(ErrorCode::FlowControl);
+                    let reason = "flow control violated: data beyond the granted window";
+                    self.deliver(Msg {
+                        to: stream.device,
+                        kind: MsgKind::StreamCloseToDevice { from: me, stream_id: frame.id, code, reason: Bytes::from_static(reason.as_bytes()) },
+                    });
+                    let bytes = encode_ws_frame(&Frame::stream_close(&stream.unit, frame.id, code, reason));
+                    let _ = self.queue(slot, bytes, Priority::Essential, now);
+                    return;
+                }
+                stream.credit_to_device -= len;
+                let device = stream.device;
+                self.deliver(Msg {
+                    to: device,
+                    kind: MsgKind::StreamDataToDevice { from: me, stream_id: frame.id, payload: Bytes::copy_from_slice(payload) },
+                });
+            }
+            Body::StreamWindow { increment } => {
+                let Some(stream) = mgr.streams.get(&frame.id) else {
+                    self.send_error(slot, ErrorCode::UnknownStream, frame.id, frame.unit, "no open stream has this id", now);
+                    return;
+                };
+                let device = stream.device;
+                self.deliver(Msg { to: device, kind: MsgKind::StreamWindowToDevice { from: me, stream_id: frame.id, increment } });
+            }
+            Body::StreamClose { code, reason } => {
+                let Some(stream) = mgr.streams.remove(&frame.id) else { return };
+                self.deliver(Msg {
+                    to: stream.device,
+                    kind: MsgKind::StreamCloseToDevice { from: me, stream_id: frame.id, code, reason: Bytes::copy_from_slice(reason.as_bytes()) },
+                });
+            }
+            Body::Response { .. } | Body::Event { .. } | Body::Presence { .. } | Body::Error { .. } => {
+                self.send_error(slot, ErrorCode::NotPermitted, frame.id, frame.unit, "managers may send only command, control and stream frames", now);
+            }
+        }
+    }
+
+    fn find_device(&self, unit: &str) -> Option<(Arc<str>, ConnHandle)> {
+        if unit.is_empty() {
+            return None;
+        }
+        self.shared
+            .devices
+            .get(unit)
+            .map(|e| (e.key().clone(), *e.value()))
+    }
+
+    /// Runs a manager's control request (a JSON object) and returns the JSON reply.
+    fn control(&self, payload: &[u8]) -> Result<String, String> {
+        let req: serde_json::Value = serde_json::from_slice(payload)
+            .map_err(|e| format!("control payload is not JSON: {e}"))?;
+        let op = req
+            .get("op")
+            .and_then(serde_json::Value::as_str)
+            .ok_or("control request needs a string field \"op\"")?;
+        let shared = &self.shared;
+        match op {
+            "set_device_limit" => {
+                let limit = req
+                    .get("limit")
+                    .and_then(serde_json::Value::as_u64)
+                    .ok_or("set_device_limit needs a non-negative integer \"limit\" (0 = unlimited)")?;
+                shared.device_limit.store(limit, Ordering::Relaxed);
+                info!(limit, "device limit changed by a manager");
+                Ok(serde_json::json!({"ok": true, "device_limit": limit}).to_string())
+            }
+            "get_status" => Ok(serde_json::json!({
+                "ok": true,
+                "devices": shared.device_count.load(Ordering::Relaxed),
+                "managers": shared.manager_count(),
+                "device_limit": shared.device_limit.load(Ordering::Relaxed),
+            })
+            .to_string()),
+            "list_devices" => {
+                let offset = req.get("offset").and_then(serde_json::Value::as_u64).unwrap_or(0);
+                let limit = req
+                    .get("limit")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(1000)
+                    .min(10_000);
+                let units: Vec<String> = shared
+                    .devices
+                    .iter()
+                    .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+                    .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                    .map(|e| e.key().to_string())
+                    .collect();
+                Ok(serde_json::json!({"ok": true, "total": shared.device_count.load(Ordering::Relaxed), "devices": units}).to_string())
+            }
+            other => Err(format!("unknown control op \"{other}\" (known: set_device_limit, get_status, list_devices)")),
+        }
+    }
+
+    // ----- messages ---------------------------------------------------------------------
+
+    fn handle_msg(&mut self, msg: Msg, now: Instant) {
+        let to = msg.to;
+        if self.lookup(to).is_none() {
+            let gone = msg.bounce(ErrorCode::DeviceNotConnected, "the device is not connected");
+            if let Some(b) = gone {
+                self.deliver(b);
+            }
+            return;
+        }
+        let slot = to.slot;
+        match msg.kind {
+            MsgKind::Frame { bytes, priority, bounce_to, bounce_id, bounce_unit } => {
+                if self.queue(slot, bytes, priority, now) == Err(QueueRefusal::Full) {
+                    if let Some(to) = bounce_to {
+                        self.deliver(Msg {
+                            to,
+                            kind: MsgKind::Error { code: ErrorCode::QueueFull, id: bounce_id, unit: bounce_unit, message: "the receiver's queue is full; retry later" },
+                        });
+                    }
+                }
+            }
+            MsgKind::Error { code, id, unit, message } => {
+                let unit = unit.as_deref().unwrap_or("");
+                self.send_error(slot, code, id, unit, message, now);
+            }
+            MsgKind::Close(reason) => self.close(slot, now, Ending::Gateway(reason)),
+            MsgKind::Command { from, unit, request_id, payload } => self.command_to_device(slot, from, unit, request_id, payload, now),
+            MsgKind::StreamOpen { from, unit, stream_id, window, payload } => {
+                self.with_device(slot, |w, dev| {
+                    if dev.streams.len() >= w.shared.config.limits.max_streams_per_device {
+                        w.deliver(Msg { to: from, kind: MsgKind::StreamClosedToManager { stream_id, code: u16::from(ErrorCode::TooManyStreams), reason: Bytes::from_static(b"too many streams open at this device"), unit } });
+                        return;
+                    }
+                    let cap = w.shared.config.limits.stream_window_cap;
+                    let id = DeviceSession::allocate_id(&mut dev.next_stream_id, &dev.streams);
+                    let window = window.min(cap);
+                    dev.streams.insert(id, DeviceStream { manager: from, manager_stream_id: stream_id, credit_to_manager: window });
+                    dev.streams_by_manager.insert((from, stream_id), id);
+                    let bytes = encode_ws_frame(&Frame::stream_open("", id, window, &payload));
+                    let _ = w.queue(slot, bytes, Priority::Essential, now);
+                });
+            }
+            MsgKind::StreamDataToDevice { from, stream_id, payload } => {
+                self.with_device(slot, |w, dev| {
+                    let Some(id) = dev.streams_by_manager.get(&(from, stream_id)).copied() else { return };
+                    let bytes = encode_ws_frame(&Frame::stream_data("", id, &payload));
+                    let _ = w.queue(slot, bytes, Priority::Essential, now);
+                });
+            }
+            MsgKind::StreamWindowToDevice { from, stream_id, increment } => {
+                self.with_device(slot, |w, dev| {
+                    let cap = w.shared.config.limits.stream_window_cap;
+                    let Some(id) = dev.streams_by_manager.get(&(from, stream_id)).copied() else { return };
+                    let Some(stream) = dev.streams.get_mut(&id) else { return };
+                    let granted = increment.min(cap.saturating_sub(stream.credit_to_manager));
+                    if granted == 0 {
+                        return;
+                    }
+                    stream.credit_to_manager += granted;
+                    let bytes = encode_ws_frame(&Frame::stream_window("", id, granted));
+                    let _ = w.queue(slot, bytes, Priority::Essential, now);
+                });
+            }
+            MsgKind::StreamCloseToDevice { from, stream_id, code, reason } => {
+                self.with_device(slot, |w, dev| {
+                    let Some(id) = dev.streams_by_manager.remove(&(from, stream_id)) else { return };
+                    dev.streams.remove(&id);
+                    let reason = std::str::from_utf8(&reason).unwrap_or("");
+                    let bytes = encode_ws_frame(&Frame::stream_close("", id, code, reason));
+                    let _ = w.queue(slot, bytes, Priority::Essential, now);
+                });
+            }
+            MsgKind::StreamWindowToManager { stream_id, increment } => {
+                self.with_manager(slot, |w, mgr| {
+                    let cap = w.shared.config.limits.stream_window_cap;
+                    let Some(stream) = mgr.streams.get_mut(&stream_id) else { return };
+                    let granted = increment.min(cap.saturating_sub(stream.credit_to_device));
+                    if granted == 0 {
+                        return;
+                    }
+                    stream.credit_to_device += granted;
+                    let bytes = encode_ws_frame(&Frame::stream_window(&stream.unit, stream_id, granted));
+                    let _ = w.queue(slot, bytes, Priority::Essential, now);
+                });
+            }
+            MsgKind::StreamDataToManager { stream_id, bytes } => {
+                self.with_manager(slot, |w, mgr| {
+                    if mgr.streams.contains_key(&stream_id) {
+                        let _ = w.queue(slot, bytes, Priority::Essential, now);
+                    }
+                });
+            }
+            MsgKind::StreamClosedToManager { stream_id, code, reason, unit } => {
+                self.with_manager(slot, |w, mgr| {
+                    if mgr.streams.remove(&stream_id).is_none() {
+                        return;
+                    }
+                    let reason = std::str::from_utf8(&reason).unwrap_or("");
+                    let bytes = encode_ws_frame(&Frame::stream_close(&unit, stream_id, code, reason));
+                    let _ = w.queue(slot, bytes, Priority::Essential, now);
+                });
+            }
+        }
+    }
+
+    fn command_to_device(&mut self, slot: u32, from: ConnHandle, unit: Arc<str>, request_id: u32, payload: Bytes, now: Instant) {
+        let limits = &self.shared.config.limits;
+        let (max_pending, timeout) = (limits.max_pending_requests, Duration::from_millis(limits.request_timeout_ms));
+        self.with_device(slot, |w, dev| {
+            if dev.pending.len() >= max_pending {
+                w.deliver(Msg { to: from, kind: MsgKind::Error { code: ErrorCode::TooManyRequests, id: request_id, unit: Some(unit), message: "too many requests outstanding at this device" } });
+                return;
+            }
+            let id = DeviceSession::allocate_id(&mut dev.next_request_id, &dev.pending);
+            let bytes = encode_ws_frame(&Frame::command("", id, &payload));
+            match w.queue(slot, bytes, Priority::Droppable, now) {
+                Ok(()) => {
+                    dev.pending.insert(id, Pending { manager: from, request_id, deadline: now + timeout });
+                }
+                Err(_) => {
+                    w.deliver(Msg { to: from, kind: MsgKind::Error { code: ErrorCode::QueueFull, id: request_id, unit: Some(unit), message: "the device's queue is full; retry later" } });
+                }
+            }
+        });
+    }
+
+    /// Runs `f` on the device session of `slot` (taken out of the connection meanwhile).
+    fn with_device(&mut self, slot: u32, f: impl FnOnce(&mut Self, &mut DeviceSession)) {
+        self.with_role(slot, |w, role| {
+            if let Role::Device(dev) = role {
+                f(w, dev);
+            }
+        });
+    }
+
+    fn with_manager(&mut self, slot: u32, f: impl FnOnce(&mut Self, &mut ManagerSession)) {
+        self.with_role(slot, |w, role| {
+            if let Role::Manager(mgr) = role {
+                f(w, mgr);
+            }
+        });
+    }
+
+    fn with_role(&mut self, slot: u32, f: impl FnOnce(&mut Self, &mut Role)) {
+        let Some(conn) = self.conn_mut(slot) else { return };
+        let Phase::Session(session) = &mut conn.phase else { return };
+        // Taken out so that `f` can use the whole worker. Nothing in `f` can close this
+        // connection (closes are deferred to `run_local`), so the session always goes back.
+        let mut taken = std::mem::replace(session, placeholder_session());
+        f(self, &mut taken.role);
+        if let Some(conn) = self.conn_mut(slot) {
+            if let Phase::Session(s) = &mut conn.phase {
+                *s = taken;
+            }
+        }
+    }
+
+    // ----- timers -----------------------------------------------------------------------
+
+    fn sweep_conn(&mut self, slot: u32, now: Instant, interval: Duration) {
+        let id = usize::from(self.id);
+        let Some(conn) = self.slots.get_mut(slot as usize).and_then(|s| s.conn.as_mut()) else {
+            return;
+        };
+        let session = match &mut conn.phase {
+            Phase::Closing => return,
+            Phase::Handshake => {
+                if now >= conn.handshake_deadline {
+                    debug!(peer = %conn.peer, "handshake timeout");
+                    bump(&self.shared.stats[id].handshakes_failed_timeout);
+                    self.close(slot, now, Ending::Lost);
+                }
+                return;
+            }
+            Phase::Session(session) => session,
+        };
+        let idle = now.saturating_duration_since(conn.last_rx);
+        if idle >= interval * 2 {
+            let what = match session.role {
+                Role::Device(_) => "device",
+                Role::Manager(_) => "manager",
+            };
+            info!(peer = %conn.peer, "{what} missed its keep-alives for {} ms: declaring it dead", idle.as_millis());
+            bump(&self.shared.stats[id].dead_peers);
+            self.close(slot, now, Ending::Dead);
+            return;
+        }
+        let mut expired = Vec::new();
+        if let Role::Device(dev) = &mut session.role {
+            if !dev.pending.is_empty() {
+                dev.pending.retain(|_, p| {
+                    let keep = p.deadline > now;
+                    if !keep {
+                        expired.push((p.clone(), dev.unit.clone()));
+                    }
+                    keep
+                });
+            }
+        }
+        let ping_due = idle >= interval
+            && conn
+                .ping_sent
+                .is_none_or(|t| now.saturating_duration_since(t) >= interval);
+        if ping_due {
+            conn.ping_sent = Some(now);
+            let _ = self.queue(slot, control_frame(Opcode::Ping, b""), Priority::Essential, now);
+        }
+        for (p, unit) in expired {
+            bump(&self.shared.stats[id].request_timeouts);
+            self.deliver(Msg {
+                to: p.manager,
+                kind: MsgKind::Error {
+                    code: ErrorCode::RequestTimeout,
+                    id: p.request_id,
+                    unit: Some(unit),
+                    message: "the device did not answer within the request timeout",
+                },
+            });
+        }
+    }
+
+    // ----- closing ----------------------------------------------------------------------
+
+    /// Ends a connection: routing state is cleaned up at once (map, presence, pending
+    /// requests, streams); a last frame may still be flushed before the socket closes.
+    fn close(&mut self, slot: u32, now: Instant, ending: Ending) {
+        let Some(conn) = self.conn_mut(slot) else { return };
+        let phase = std::mem::replace(&mut conn.phase, Phase::Closing);
+        let handle = conn.handle;
+        match &phase {
+            Phase::Closing => return,
+            Phase::Handshake => {}
+            Phase::Session(_) => {
+                if let Some((code, reason)) = ending.close_frame() {
+                    // The close frame and close_notify go out ahead of anything still queued.
+                    conn.out = OutQueue::default();
+                    conn.out.push(close_frame(code, reason), Priority::Essential, usize::MAX, usize::MAX).ok();
+                }
+            }
+        }
+        conn.inbuf = Vec::new();
+        // close_notify must follow the last queued bytes: `flush_inner` sends it once the
+        // queue is empty (rustls drops data written after it).
+        conn.notify_on_drain = !matches!(ending, Ending::Dead | Ending::Lost);
+        self.mark_dirty(slot);
+        self.to_release.push(slot);
+        if let Phase::Session(session) = phase {
+            let presence_reason = match ending {
+                Ending::Dead => PresenceReason::Dead,
+                Ending::Gateway(_) => PresenceReason::ClosedByGateway,
+                _ => PresenceReason::Disconnected,
+            };
+            self.cleanup_role_with(session.role, handle, presence_reason, now);
+        }
+    }
+
+    fn cleanup_role_with(&mut self, role: Role, handle: ConnHandle, reason: PresenceReason, now: Instant) {
+        match role {
+            Role::Device(dev) => {
+                let shared = self.shared.clone();
+                // Only the connection the map points at may take the unit offline: a
+                // replaced connection leaves quietly (the newer one already said online).
+                if let Entry::Occupied(e) = shared.devices.entry(dev.unit.clone()) {
+                    if *e.get() == handle {
+                        e.remove();
+                        shared.release_device();
+                        self.broadcast_presence(&dev.unit, false, reason, now);
+                    }
+                }
+                for (_, p) in dev.pending {
+                    self.deliver(Msg { to: p.manager, kind: MsgKind::Error { code: ErrorCode::DeviceDisconnected, id: p.request_id, unit: Some(dev.unit.clone()), message: "the device disconnected before answering" } });
+                }
+                for (_, s) in dev.streams {
+                    self.deliver(Msg { to: s.manager, kind: MsgKind::StreamClosedToManager { stream_id: s.manager_stream_id, code: u16::from(ErrorCode::DeviceDisconnected), reason: Bytes::from_static(b"the device disconnected"), unit: dev.unit.clone() } });
+                }
+            }
+            Role::Manager(mgr) => {
+                info!(manager = %mgr.name, "manager disconnected");
+                self.shared.remove_manager(handle, now);
+                for (stream_id, s) in mgr.streams {
+                    self.deliver(Msg { to: s.device, kind: MsgKind::StreamCloseToDevice { from: handle, stream_id, code: u16::from(ErrorCode::ShuttingDown), reason: Bytes::from_static(b"the manager disconnected") } });
+                }
+            }
+        }
+    }
+}
+
+/// How a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The peer closed (TCP FIN, TLS close_notify).
+    PeerClosed,
+    /// The peer sent a WebSocket close frame (echoed back).
+    CloseReceived(Option<u16>),
+    /// The connection broke.
+    Lost,
+    /// Missed keep-alives.
+    Dead,
+    /// Protocol violation: close code and reason.
+    Protocol(u16, &'static str),
+    /// The gateway ends it.
+    Gateway(CloseReason),
+    /// After an HTTP response: no WebSocket close.
+    Quiet,
+}
+
+impl Ending {
+    fn close_frame(self) -> Option<(u16, &'static str)> {
+        match self {
+            Self::CloseReceived(code) => Some((code.filter(|c| *c != 1005).unwrap_or(1000), "")),
+            Self::Protocol(code, reason) => Some((code, reason)),
+            Self::Gateway(CloseReason::Replaced) => Some((CLOSE_REPLACED, "replaced by a newer connection")),
+            Self::Gateway(CloseReason::NoManager) => Some((1001, "no manager connected")),
+            Self::Gateway(CloseReason::Shutdown) => Some((1001, "gateway shutting down")),
+            Self::PeerClosed | Self::Lost | Self::Dead | Self::Quiet => None,
+        }
+    }
+}
+
+enum Outcome {
+    Continue,
+    Incomplete,
+    Close(Ending),
+}
+
+fn placeholder_session() -> Box<Session> {
+    Box::new(Session {
+        decoder: ws::Decoder::new(ws::Role::Server, 0),
+        role: Role::Manager(ManagerSession { name: Box::from(""), streams: std::collections::HashMap::new() }),
+    })
+}
+
+fn ws_error_text(e: &ws::WsError) -> &'static str {
+    match e.close_code() {
+        1009 => "message too big",
+        1007 => "invalid payload data",
+        _ => "WebSocket protocol error",
+    }
+}

@@ -1,0 +1,118 @@
+//! The root fingerprint in the form people compare on a device screen.
+
+use std::path::Path;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::{PkiError, load_certs};
+
+/// SHA-256 of the certificate DER as 64 UPPERCASE hex digits in four groups of 16 separated by
+/// single spaces, e.g. `0123456789ABCDEF 0123456789ABCDEF 0123456789ABCDEF 0123456789ABCDEF`.
+///
+/// This is the digest `openssl x509 -fingerprint -sha256` prints, regrouped.
+pub fn fingerprint(cert_der: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let digest = Sha256::digest(cert_der);
+    let mut out = String::with_capacity(64 + 3);
+    for (i, b) in digest.iter().enumerate() {
+        if i > 0 && i % 8 == 0 {
+            out.push(' ');
+        }
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+/// Fingerprint of the first certificate in a PEM file.
+pub fn fingerprint_file(pem_path: &Path) -> Result<String, PkiError> {
+    let certs = load_certs(pem_path)?;
+    // load_certs never returns an empty list, but an empty slice must not panic here either.
+    let first = certs.first().ok_or_else(|| PkiError::Pem {
+        path: pem_path.to_owned(),
+        why: "no certificate found".into(),
+    })?;
+    Ok(fingerprint(first))
+}
+
+/// The device-side first-contact check: the person is shown three of the four groups and types
+/// the missing one. `candidate` is the full fingerprint string with exactly one group replaced
+/// by the user's input; compare case-insensitively, ignoring surrounding whitespace.
+///
+/// Fails closed: false if `expected` is not a well-formed fingerprint, if the candidate does
+/// not have exactly four groups (e.g. the person typed a space inside the group) or if any group
+/// differs.
+pub fn fingerprint_matches(expected: &str, candidate: &str) -> bool {
+    let Some(expected) = groups(expected) else {
+        return false;
+    };
+    // Splitting on whitespace ignores whitespace around the typed group and around the whole
+    // string; spaces inside a group produce a fifth group and fail the check.
+    let mut typed = candidate.split_whitespace();
+    let all_equal = expected.iter().all(|want| {
+        typed
+            .next()
+            .is_some_and(|got| got.eq_ignore_ascii_case(want))
+    });
+    all_equal && typed.next().is_none()
+}
+
+fn groups(fp: &str) -> Option<[&str; 4]> {
+    let mut it = fp.split_whitespace();
+    let mut out = [""; 4];
+    for slot in &mut out {
+        let g = it.next()?;
+        if g.len() != 16 || !g.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        *slot = g;
+    }
+    it.next().is_none().then_some(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format() {
+        let fp = fingerprint(b"abc");
+        // SHA-256("abc"), FIPS 180-2 test vector.
+        assert_eq!(
+            fp,
+            "BA7816BF8F01CFEA 414140DE5DAE2223 B00361A396177A9C B410FF61F20015AD"
+        );
+    }
+
+    #[test]
+    fn typed_group_in_any_position() {
+        let fp = fingerprint(b"abc");
+        let parts: Vec<&str> = fp.split(' ').collect();
+        for i in 0..4 {
+            let mut shown: Vec<String> = parts.iter().map(|s| s.to_string()).collect();
+            shown[i] = format!("  {}\t", parts[i].to_ascii_lowercase());
+            let candidate = shown.join(" ");
+            assert!(
+                fingerprint_matches(&fp, &candidate),
+                "group {i}: {candidate:?}"
+            );
+
+            let mut wrong = parts.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            wrong[i] = "0000000000000000".into();
+            assert!(!fingerprint_matches(&fp, &wrong.join(" ")), "group {i}");
+
+            let mut short = parts.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            short[i].pop();
+            assert!(!fingerprint_matches(&fp, &short.join(" ")), "group {i}");
+
+            let mut split = parts.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            split[i].insert(8, ' ');
+            assert!(!fingerprint_matches(&fp, &split.join(" ")), "group {i}");
+        }
+        assert!(fingerprint_matches(&fp, &format!(" {fp}\n")));
+        assert!(!fingerprint_matches(&fp, ""));
+        assert!(!fingerprint_matches(&fp, &format!("{fp} 00")));
+        assert!(!fingerprint_matches("garbage", "garbage"));
+    }
+}

@@ -1,0 +1,210 @@
+//! Streams: 64 MiB from a manager to a device and back through a real gateway, with slow
+//! readers on both ends. Flow control must keep the gateway's memory bounded.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use devgate_client::{Body, Frame, Incoming};
+use devgate_tests::Gateway;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, mpsc};
+
+const TOTAL: usize = 64 * 1024 * 1024;
+const CHUNK: usize = 16 * 1024;
+const WINDOW: u32 = 256 * 1024;
+/// Receivers return credit in steps of this many bytes, sleeping between steps.
+const GRANT: usize = 64 * 1024;
+const SLOW: Duration = Duration::from_millis(2);
+
+fn pattern(offset: usize) -> Vec<u8> {
+    (0..CHUNK).map(|i| ((offset + i) as u64 * 2_654_435_761 % 251) as u8).collect()
+}
+
+fn expected_digest() -> Vec<u8> {
+    let mut h = Sha256::new();
+    for off in (0..TOTAL).step_by(CHUNK) {
+        h.update(pattern(off));
+    }
+    h.finalize().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_carries_64_mib_each_way_with_slow_readers_and_bounded_gateway_memory() -> Result<()> {
+    let gw = Gateway::start("")?;
+    let mgr = gw.manager().await?;
+    let dev = gw.device("stream-dev").await?;
+    let (mtx, mut mrx) = mgr.split();
+    let (dtx, mut drx) = dev.split();
+    let baseline = gw.rss_kib()?;
+    let peak = Arc::new(AtomicU64::new(baseline));
+    let sampler = {
+        let peak = peak.clone();
+        let pid = gw.pid();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(rss) = devgate_tests::rss_kib(pid) {
+                    peak.fetch_max(rss, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    // Device: accept the stream, read slowly, echo everything back under the manager's credit.
+    let device = tokio::spawn(async move {
+        let credit = Arc::new(Semaphore::new(0));
+        let (echo_tx, echo_rx) = mpsc::channel::<Vec<u8>>(8);
+        let mut echo_rx = Some(echo_rx);
+        let mut stream_id = 0;
+        let mut got = 0usize;
+        let mut since_grant = 0usize;
+        let mut hasher = Sha256::new();
+        let mut echo_task = None;
+        while got < TOTAL {
+            let r = match drx.recv().await? {
+                Incoming::Frame(r) => r,
+                Incoming::Closed { code, reason } => bail!("device closed: {code:?} {reason}"),
+            };
+            let f = r.frame();
+            match f.body {
+                Body::StreamOpen { window, payload } => {
+                    assert_eq!(payload, b"echo");
+                    stream_id = f.id;
+                    credit.add_permits(window as usize);
+                    dtx.send(&Frame::stream_window("", stream_id, WINDOW)).await?;
+                    let (dtx, credit) = (dtx.clone(), credit.clone());
+                    let Some(mut echo_rx) = echo_rx.take() else { bail!("second StreamOpen") };
+                    echo_task = Some(tokio::spawn(async move {
+                        while let Some(data) = echo_rx.recv().await {
+                            credit.acquire_many(data.len() as u32).await?.forget();
+                            dtx.send(&Frame::stream_data("", stream_id, &data)).await?;
+                        }
+                        anyhow::Ok(())
+                    }));
+                }
+                Body::StreamWindow { increment } => credit.add_permits(increment as usize),
+                Body::StreamData { payload } => {
+                    hasher.update(payload);
+                    got += payload.len();
+                    since_grant += payload.len();
+                    echo_tx.send(payload.to_vec()).await?;
+                    if since_grant >= GRANT {
+                        tokio::time::sleep(SLOW).await;
+                        dtx.send(&Frame::stream_window("", stream_id, since_grant as u32)).await?;
+                        since_grant = 0;
+                    }
+                }
+                other => bail!("device got {other:?}"),
+            }
+        }
+        drop(echo_tx);
+        if let Some(t) = echo_task {
+            t.await??;
+        }
+        // Keep serving credit frames until the manager closes the stream.
+        loop {
+            match drx.recv_timeout(Duration::from_secs(30)).await? {
+                Some(Incoming::Frame(r)) if matches!(r.frame().body, Body::StreamClose { .. }) => break,
+                Some(Incoming::Frame(_)) => {}
+                _ => bail!("device: no stream close"),
+            }
+        }
+        anyhow::Ok(hasher.finalize().to_vec())
+    });
+
+    // Manager: open, send 64 MiB under the device's credit, read the echo slowly.
+    let credit = Arc::new(Semaphore::new(0));
+    let sender = {
+        let (mtx, credit) = (mtx.clone(), credit.clone());
+        tokio::spawn(async move {
+            mtx.send(&Frame::stream_open("stream-dev", 1, WINDOW, b"echo")).await?;
+            for off in (0..TOTAL).step_by(CHUNK) {
+                credit.acquire_many(CHUNK as u32).await?.forget();
+                mtx.send(&Frame::stream_data("stream-dev", 1, &pattern(off))).await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut back = 0usize;
+    let mut since_grant = 0usize;
+    let mut hasher = Sha256::new();
+    while back < TOTAL {
+        let r = match tokio::time::timeout(Duration::from_secs(30), mrx.recv()).await?? {
+            Incoming::Frame(r) => r,
+            Incoming::Closed { code, reason } => bail!("manager closed: {code:?} {reason}"),
+        };
+        let f = r.frame();
+        match f.body {
+            Body::StreamWindow { increment } => credit.add_permits(increment as usize),
+            Body::StreamData { payload } => {
+                assert_eq!(f.unit, "stream-dev");
+                hasher.update(payload);
+                back += payload.len();
+                since_grant += payload.len();
+                if since_grant >= GRANT {
+                    tokio::time::sleep(SLOW).await;
+                    mtx.send(&Frame::stream_window("stream-dev", 1, since_grant as u32)).await?;
+                    since_grant = 0;
+                }
+            }
+            Body::Presence { .. } => {}
+            other => bail!("manager got {other:?}"),
+        }
+    }
+    sender.await??;
+    mtx.send(&Frame::stream_close("stream-dev", 1, 0, "done")).await?;
+    let device_digest = device.await??;
+    sampler.abort();
+    let expected = expected_digest();
+    assert_eq!(device_digest, expected, "manager → device data corrupted");
+    assert_eq!(hasher.finalize().to_vec(), expected, "device → manager data corrupted");
+    let grown_mib = peak.load(Ordering::Relaxed).saturating_sub(baseline) as f64 / 1024.0;
+    eprintln!("gateway RSS: baseline {baseline} KiB, peak growth {grown_mib:.1} MiB while moving 128 MiB");
+    assert!(grown_mib < 24.0, "gateway RSS grew by {grown_mib:.1} MiB: flow control is not bounding memory");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sending_beyond_the_window_closes_the_stream_with_flow_control() -> Result<()> {
+    let gw = Gateway::start("")?;
+    let mut mgr = gw.manager().await?;
+    let mut dev = gw.device("greedy").await?;
+    mgr.send(&Frame::stream_open("greedy", 7, 1024, b"x")).await?;
+    let r = loop {
+        let r = match dev.recv_timeout(Duration::from_secs(10)).await? {
+            Some(Incoming::Frame(r)) => r,
+            other => bail!("device: {other:?}"),
+        };
+        if matches!(r.frame().body, Body::StreamOpen { .. }) {
+            break r;
+        }
+    };
+    let id = r.frame().id;
+    // The device grants 100 bytes; the manager sends 200.
+    dev.send(&Frame::stream_window("", id, 100)).await?;
+    loop {
+        let r = match mgr.recv_timeout(Duration::from_secs(10)).await? {
+            Some(Incoming::Frame(r)) => r,
+            other => bail!("manager: {other:?}"),
+        };
+        if matches!(r.frame().body, Body::StreamWindow { increment: 100 }) {
+            break;
+        }
+    }
+    mgr.send(&Frame::stream_data("greedy", 7, &[0u8; 200])).await?;
+    for conn in [&mut mgr, &mut dev] {
+        loop {
+            let r = match conn.recv_timeout(Duration::from_secs(10)).await? {
+                Some(Incoming::Frame(r)) => r,
+                other => bail!("no stream close: {other:?}"),
+            };
+            if let Body::StreamClose { code, .. } = r.frame().body {
+                assert_eq!(code, 11, "flow_control");
+                break;
+            }
+        }
+    }
+    Ok(())
+}
