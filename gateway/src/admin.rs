@@ -112,7 +112,13 @@ async fn serve_one(shared: Arc<Shared>, mut stream: TcpStream) {
             true,
         ),
         Some(_) => http::response(404, "Not Found", Some("text/plain"), b"not found\n", true),
-        None => http::response(400, "Bad Request", Some("text/plain"), b"bad request\n", true),
+        None => http::response(
+            400,
+            "Bad Request",
+            Some("text/plain"),
+            b"bad request\n",
+            true,
+        ),
     };
     let _ = stream.write_all(&resp).await;
     let _ = stream.shutdown().await;
@@ -177,9 +183,15 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
 pub fn metrics_text(shared: &Shared) -> String {
     let mut out = String::with_capacity(4096);
     let gauge = |out: &mut String, name: &str, help: &str, labels: &str, v: u64| {
-        let _ = writeln!(out, "# HELP devgate_{name} {help}\n# TYPE devgate_{name} gauge\ndevgate_{name}{labels} {v}");
+        let _ = writeln!(
+            out,
+            "# HELP devgate_{name} {help}\n# TYPE devgate_{name} gauge\ndevgate_{name}{labels} {v}"
+        );
     };
-    let _ = writeln!(out, "# HELP devgate_connections Open sessions by role.\n# TYPE devgate_connections gauge");
+    let _ = writeln!(
+        out,
+        "# HELP devgate_connections Open sessions by role.\n# TYPE devgate_connections gauge"
+    );
     let _ = writeln!(
         out,
         "devgate_connections{{role=\"device\"}} {}",

@@ -213,7 +213,10 @@ impl Config {
             return Err(invalid("limits.max_pending_requests", "must be at least 1"));
         }
         if l.request_timeout_ms < 100 {
-            return Err(invalid("limits.request_timeout_ms", "must be at least 100 ms"));
+            return Err(invalid(
+                "limits.request_timeout_ms",
+                "must be at least 100 ms",
+            ));
         }
         if l.stream_window_cap < 1024 {
             return Err(invalid("limits.stream_window_cap", "must be at least 1024"));
@@ -225,7 +228,10 @@ impl Config {
             ));
         }
         if self.workers > 1024 {
-            return Err(invalid("workers", "must be at most 1024 (0 = one per core)"));
+            return Err(invalid(
+                "workers",
+                "must be at most 1024 (0 = one per core)",
+            ));
         }
         Ok(())
     }
@@ -268,6 +274,9 @@ mod tests {
         let mut cfg = Config::default();
         cfg.keepalive.ping_interval_ms = 1;
         let err = cfg.validate().expect_err("too small");
-        assert!(err.to_string().contains("keepalive.ping_interval_ms"), "{err}");
+        assert!(
+            err.to_string().contains("keepalive.ping_interval_ms"),
+            "{err}"
+        );
     }
 }

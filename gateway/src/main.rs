@@ -11,7 +11,11 @@ use devgate_pki::{ClientCa, InitOptions, PkiPaths};
 use gateway::config::Config;
 
 #[derive(Parser, Debug)]
-#[command(name = "devgate", version, about = "A rendezvous gateway between management servers and devices")]
+#[command(
+    name = "devgate",
+    version,
+    about = "A rendezvous gateway between management servers and devices"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -209,7 +213,13 @@ fn write_credential(issued: &devgate_pki::IssuedCert, out: &Path, name: &str) ->
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let safe: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let cert = out.join(format!("{safe}.pem"));
     let key = out.join(format!("{safe}.key"));

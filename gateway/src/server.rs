@@ -73,12 +73,16 @@ pub fn serve(config: Config) -> Result<()> {
     let nofile = raise_nofile_limit();
     let tls = crate::tls::load(&config.data_dir)?;
     if !tls.server_cert_valid_now() {
-        warn!("the server certificate is outside its validity dates: check-status reports err until it is renewed");
+        warn!(
+            "the server certificate is outside its validity dates: check-status reports err until it is renewed"
+        );
     }
     let workers = config.worker_count();
     // Leave headroom for the listeners, the admin listener and files.
     let max_connections = match config.limits.max_connections {
-        0 => usize::try_from(nofile.saturating_sub(64)).unwrap_or(usize::MAX).max(64),
+        0 => usize::try_from(nofile.saturating_sub(64))
+            .unwrap_or(usize::MAX)
+            .max(64),
         n => usize::try_from(n).unwrap_or(usize::MAX),
     };
     let listeners = bind_listeners(config.listen, workers)?;
@@ -87,9 +91,8 @@ pub fn serve(config: Config) -> Result<()> {
         .map(TcpListener::local_addr)
         .transpose()?
         .context("no listener")?;
-    let admin = std::net::TcpListener::bind(config.admin).with_context(|| {
-        format!("cannot bind the admin listener on {}", config.admin)
-    })?;
+    let admin = std::net::TcpListener::bind(config.admin)
+        .with_context(|| format!("cannot bind the admin listener on {}", config.admin))?;
     let admin_addr = admin.local_addr()?;
 
     let shared = Arc::new(Shared::new(config, tls, workers, max_connections));

@@ -76,10 +76,11 @@ impl Inbox {
         // Pairs with the fence in `prepare_sleep`: either the worker sees the message
         // when it re-checks, or we see its `asleep` flag and wake it.
         fence(Ordering::SeqCst);
-        if self.asleep.load(Ordering::Relaxed) && self.asleep.swap(false, Ordering::AcqRel) {
-            if let Some(w) = self.waker.get() {
-                w.wake();
-            }
+        if self.asleep.load(Ordering::Relaxed)
+            && self.asleep.swap(false, Ordering::AcqRel)
+            && let Some(w) = self.waker.get()
+        {
+            w.wake();
         }
         Ok(())
     }

@@ -290,7 +290,8 @@ impl Worker {
             return self.next_sweep;
         }
         let interval = Duration::from_millis(self.shared.config.keepalive.ping_interval_ms);
-        self.next_sweep = now + (interval / 4).clamp(Duration::from_millis(25), Duration::from_secs(1));
+        self.next_sweep =
+            now + (interval / 4).clamp(Duration::from_millis(25), Duration::from_secs(1));
 
         if self.shared.shutting_down.load(Ordering::Relaxed) && !self.shutdown_started {
             self.shutdown_started = true;
@@ -335,7 +336,11 @@ impl Worker {
         into.clear();
         std::mem::swap(into, &mut self.dirty);
         for slot in into.iter() {
-            if let Some(c) = self.slots.get_mut(*slot as usize).and_then(|s| s.conn.as_mut()) {
+            if let Some(c) = self
+                .slots
+                .get_mut(*slot as usize)
+                .and_then(|s| s.conn.as_mut())
+            {
                 c.dirty = false;
             }
         }
@@ -389,13 +394,13 @@ impl Worker {
 
     /// The driver closed the socket of `slot`; the slot may be reused.
     pub fn release(&mut self, slot: u32) {
-        if let Some(entry) = self.slots.get_mut(slot as usize) {
-            if entry.conn.take().is_some() {
-                entry.generation = entry.generation.wrapping_add(1);
-                self.free.push(slot);
-                self.live -= 1;
-                self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
-            }
+        if let Some(entry) = self.slots.get_mut(slot as usize)
+            && entry.conn.take().is_some()
+        {
+            entry.generation = entry.generation.wrapping_add(1);
+            self.free.push(slot);
+            self.live -= 1;
+            self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -442,11 +447,11 @@ impl Worker {
     }
 
     fn mark_dirty(&mut self, slot: u32) {
-        if let Some(conn) = self.conn_mut(slot) {
-            if !conn.dirty {
-                conn.dirty = true;
-                self.dirty.push(slot);
-            }
+        if let Some(conn) = self.conn_mut(slot)
+            && !conn.dirty
+        {
+            conn.dirty = true;
+            self.dirty.push(slot);
         }
     }
 
@@ -462,7 +467,10 @@ impl Worker {
         };
         if let Err(msg) = inbox.push(msg) {
             bump(&self.stats().inbox_full);
-            if let Some(bounce) = msg.bounce(ErrorCode::QueueFull, "the gateway is overloaded; retry later") {
+            if let Some(bounce) = msg.bounce(
+                ErrorCode::QueueFull,
+                "the gateway is overloaded; retry later",
+            ) {
                 // A bounce is an Error, which never bounces again: this recursion ends.
                 self.deliver(bounce);
             }
@@ -484,7 +492,13 @@ impl Worker {
     }
 
     /// Queues an encoded frame to `slot`'s peer; on overflow disconnects it as too slow.
-    fn queue(&mut self, slot: u32, frame: Bytes, priority: Priority, now: Instant) -> Result<(), QueueRefusal> {
+    fn queue(
+        &mut self,
+        slot: u32,
+        frame: Bytes,
+        priority: Priority,
+        now: Instant,
+    ) -> Result<(), QueueRefusal> {
         let limits = &self.shared.config.limits;
         let (soft, hard) = (limits.queue_bytes, limits.queue_hard_bytes);
         let Some(conn) = self.conn_mut(slot) else {
@@ -513,13 +527,24 @@ impl Worker {
                 bump(&self.stats().slow_consumers);
                 warn!(%peer, "peer reads too slowly: {hard} bytes queued, disconnecting it");
                 let _ = now;
-                self.deferred_close.push((slot, Ending::Protocol(1008, "too slow: outbound queue overflow")));
+                self.deferred_close.push((
+                    slot,
+                    Ending::Protocol(1008, "too slow: outbound queue overflow"),
+                ));
                 Err(QueueRefusal::Overflow)
             }
         }
     }
 
-    fn send_error(&mut self, slot: u32, code: ErrorCode, id: u32, unit: &str, message: &str, now: Instant) {
+    fn send_error(
+        &mut self,
+        slot: u32,
+        code: ErrorCode,
+        id: u32,
+        unit: &str,
+        message: &str,
+        now: Instant,
+    ) {
         bump(&self.stats().error_frames);
         let frame = encode_ws_frame(&Frame::error(unit, id, code, message));
         let _ = self.queue(slot, frame, Priority::Essential, now);
@@ -527,26 +552,29 @@ impl Worker {
 
     // ----- reading ----------------------------------------------------------------------
 
+    /// Drains the plaintext rustls has decrypted. Complete frames are handled straight
+    /// from the worker's read buffer; only a trailing partial frame is copied into the
+    /// connection's own buffer, which is freed again once it has been consumed.
     fn read_plaintext(&mut self, slot: u32, now: Instant) {
         let mut buf = std::mem::take(&mut self.read_buf);
-        loop {
-            let Some(conn) = self.conn_mut(slot) else { break };
-            // Partial frames accumulate in the connection's own buffer; complete ones are
-            // handled straight from the worker's scratch buffer.
-            let n = if conn.inbuf.is_empty() {
-                match conn.tls.reader().read(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => break,
+        while let Some(conn) = self.conn_mut(slot) {
+            if conn.inbuf.is_empty() {
+                let n = match conn.tls.reader().read(&mut buf) {
+                    Ok(n) if n > 0 => n,
+                    _ => break, // WouldBlock (nothing more decrypted), EOF or error
+                };
+                let used = self.consume(slot, &mut buf[..n], now);
+                if used < n
+                    && let Some(conn) = self.conn_mut(slot)
+                    && !matches!(conn.phase, Phase::Closing)
+                {
+                    conn.inbuf.extend_from_slice(&buf[used..n]);
                 }
             } else {
                 let mut inbuf = std::mem::take(&mut conn.inbuf);
                 let start = inbuf.len();
                 inbuf.resize(start + 16 * 1024, 0);
-                let n = match conn.tls.reader().read(&mut inbuf[start..]) {
-                    Ok(n) => n,
-                    Err(_) => 0,
-                };
+                let n = conn.tls.reader().read(&mut inbuf[start..]).unwrap_or(0);
                 inbuf.truncate(start + n);
                 if n == 0 {
                     conn.inbuf = inbuf;
@@ -555,22 +583,7 @@ impl Worker {
                 let used = self.consume(slot, &mut inbuf, now);
                 if let Some(conn) = self.conn_mut(slot) {
                     inbuf.drain(..used.min(inbuf.len()));
-                    if inbuf.is_empty() {
-                        inbuf = Vec::new();
-                    }
-                    conn.inbuf = inbuf;
-                }
-                continue;
-            };
-            if n == 0 {
-                break;
-            }
-            let used = self.consume(slot, &mut buf[..n], now);
-            if used < n {
-                if let Some(conn) = self.conn_mut(slot) {
-                    if !matches!(conn.phase, Phase::Closing) {
-                        conn.inbuf.extend_from_slice(&buf[used..n]);
-                    }
+                    conn.inbuf = if inbuf.is_empty() { Vec::new() } else { inbuf };
                 }
             }
         }
@@ -627,7 +640,8 @@ impl Worker {
                 bump(&self.stats().check_status_requests);
                 let status = self.shared.check_status(now);
                 let body = format!("{{\"status\":\"{}\"}}", status.as_str());
-                let resp = http::response(200, "OK", Some("application/json"), body.as_bytes(), true);
+                let resp =
+                    http::response(200, "OK", Some("application/json"), body.as_bytes(), true);
                 self.respond_and_close(slot, resp, now);
                 None
             }
@@ -637,7 +651,13 @@ impl Worker {
                     return None;
                 }
                 if request.content_length.is_some_and(|n| n > 0) {
-                    self.refuse(slot, 400, "Bad Request", "an upgrade request carries no body\n", now);
+                    self.refuse(
+                        slot,
+                        400,
+                        "Bad Request",
+                        "an upgrade request carries no body\n",
+                        now,
+                    );
                     return None;
                 }
                 let key = request.websocket_key.unwrap_or_default().to_owned();
@@ -662,25 +682,55 @@ impl Worker {
 
     fn respond_and_close(&mut self, slot: u32, resp: Vec<u8>, now: Instant) {
         if let Some(conn) = self.conn_mut(slot) {
-            conn.out.push(Bytes::from(resp), Priority::Essential, usize::MAX, usize::MAX).ok();
+            conn.out
+                .push(
+                    Bytes::from(resp),
+                    Priority::Essential,
+                    usize::MAX,
+                    usize::MAX,
+                )
+                .ok();
         }
         self.mark_dirty(slot);
         self.close(slot, now, Ending::Quiet);
     }
 
-    fn upgrade(&mut self, slot: u32, key: &str, want_device: bool, header_len: usize, now: Instant) -> Option<usize> {
+    fn upgrade(
+        &mut self,
+        slot: u32,
+        key: &str,
+        want_device: bool,
+        header_len: usize,
+        now: Instant,
+    ) -> Option<usize> {
         let tls = self.shared.tls.load();
         let role = self
             .conn_ref(slot)
-            .and_then(|c| c.tls.peer_certificates().and_then(|certs| certs.first().cloned()))
+            .and_then(|c| {
+                c.tls
+                    .peer_certificates()
+                    .and_then(|certs| certs.first().cloned())
+            })
             .map(|cert| tls.classifier.classify(&cert));
         let role = match role {
             None => {
-                self.refuse(slot, 401, "Unauthorized", "a client certificate issued by this gateway is required\n", now);
+                self.refuse(
+                    slot,
+                    401,
+                    "Unauthorized",
+                    "a client certificate issued by this gateway is required\n",
+                    now,
+                );
                 return None;
             }
             Some(None) => {
-                self.refuse(slot, 403, "Forbidden", "the client certificate does not name a device or manager of this gateway\n", now);
+                self.refuse(
+                    slot,
+                    403,
+                    "Forbidden",
+                    "the client certificate does not name a device or manager of this gateway\n",
+                    now,
+                );
                 return None;
             }
             Some(Some(role)) => role,
@@ -691,19 +741,37 @@ impl Worker {
             (PeerRole::Device { unit_id }, true) => {
                 let unit: Arc<str> = Arc::from(unit_id.as_str());
                 if self.shared.shutting_down.load(Ordering::Relaxed) {
-                    self.refuse(slot, 503, "Service Unavailable", "the gateway is shutting down\n", now);
+                    self.refuse(
+                        slot,
+                        503,
+                        "Service Unavailable",
+                        "the gateway is shutting down\n",
+                        now,
+                    );
                     return None;
                 }
                 if self.shared.devices_refused(now) {
                     bump(&self.stats().rejected_no_manager);
                     info!("no manager connected: device {unit} rejected");
-                    self.refuse(slot, 503, "Service Unavailable", "no manager connected; retry later\n", now);
+                    self.refuse(
+                        slot,
+                        503,
+                        "Service Unavailable",
+                        "no manager connected; retry later\n",
+                        now,
+                    );
                     return None;
                 }
                 if !self.register_device(&unit, handle, now) {
                     bump(&self.stats().rejected_device_limit);
                     warn!("connection limit reached: device {unit} rejected");
-                    self.refuse(slot, 503, "Service Unavailable", "connection limit reached\n", now);
+                    self.refuse(
+                        slot,
+                        503,
+                        "Service Unavailable",
+                        "connection limit reached\n",
+                        now,
+                    );
                     return None;
                 }
                 bump(&self.stats().device_sessions);
@@ -719,7 +787,13 @@ impl Worker {
                 })
             }
             _ => {
-                self.refuse(slot, 403, "Forbidden", "this certificate is not valid for this path\n", now);
+                self.refuse(
+                    slot,
+                    403,
+                    "Forbidden",
+                    "this certificate is not valid for this path\n",
+                    now,
+                );
                 return None;
             }
         };
@@ -731,7 +805,12 @@ impl Worker {
         conn.last_rx = now;
         let accept = http::switching_protocols(key);
         conn.out
-            .push(Bytes::from(accept), Priority::Essential, usize::MAX, usize::MAX)
+            .push(
+                Bytes::from(accept),
+                Priority::Essential,
+                usize::MAX,
+                usize::MAX,
+            )
             .ok();
         self.mark_dirty(slot);
         Some(header_len)
@@ -765,7 +844,13 @@ impl Worker {
         }
     }
 
-    fn broadcast_presence(&mut self, unit: &str, online: bool, reason: PresenceReason, _now: Instant) {
+    fn broadcast_presence(
+        &mut self,
+        unit: &str,
+        online: bool,
+        reason: PresenceReason,
+        _now: Instant,
+    ) {
         let managers = self.shared.managers.load_full();
         if managers.is_empty() {
             return;
@@ -816,10 +901,10 @@ impl Worker {
                     Outcome::Close(Ending::Protocol(e.close_code(), ws_error_text(&e)))
                 }
             };
-            if let Some(conn) = self.conn_mut(slot) {
-                if let Phase::Session(s) = &mut conn.phase {
-                    *s = session;
-                }
+            if let Some(conn) = self.conn_mut(slot)
+                && let Phase::Session(s) = &mut conn.phase
+            {
+                *s = session;
             }
             match outcome {
                 Outcome::Continue => {}
@@ -833,7 +918,13 @@ impl Worker {
         used
     }
 
-    fn on_message(&mut self, slot: u32, role: &mut Role, msg: Message<'_>, now: Instant) -> Outcome {
+    fn on_message(
+        &mut self,
+        slot: u32,
+        role: &mut Role,
+        msg: Message<'_>,
+        now: Instant,
+    ) -> Outcome {
         match msg {
             Message::Binary(data) => self.on_devgate_frame(slot, role, data, now),
             Message::Text(_) => Outcome::Close(Ending::Protocol(1003, "binary frames only")),
@@ -847,11 +938,20 @@ impl Worker {
         }
     }
 
-    fn on_devgate_frame(&mut self, slot: u32, role: &mut Role, data: &[u8], now: Instant) -> Outcome {
+    fn on_devgate_frame(
+        &mut self,
+        slot: u32,
+        role: &mut Role,
+        data: &[u8],
+        now: Instant,
+    ) -> Outcome {
         let frame = match Frame::decode(data) {
             Ok(f) => f,
             Err(frame::FrameError::UnsupportedVersion(v)) => {
-                let msg = format!("frame version {v} is not supported (this gateway speaks version {})", frame::VERSION);
+                let msg = format!(
+                    "frame version {v} is not supported (this gateway speaks version {})",
+                    frame::VERSION
+                );
                 self.send_error(slot, ErrorCode::UnsupportedVersion, 0, "", &msg, now);
                 return Outcome::Close(Ending::Protocol(1002, "unsupported devgate frame version"));
             }
@@ -875,10 +975,25 @@ impl Worker {
 
     // ----- router: frames from devices ---------------------------------------------------
 
-    fn on_device_frame(&mut self, slot: u32, dev: &mut DeviceSession, frame: Frame<'_>, now: Instant) {
-        let Some(me) = self.conn_ref(slot).map(|c| c.handle) else { return };
+    fn on_device_frame(
+        &mut self,
+        slot: u32,
+        dev: &mut DeviceSession,
+        frame: Frame<'_>,
+        now: Instant,
+    ) {
+        let Some(me) = self.conn_ref(slot).map(|c| c.handle) else {
+            return;
+        };
         if !frame.unit.is_empty() {
-            self.send_error(slot, ErrorCode::MalformedFrame, frame.id, "", "frames from a device carry no unit ID (the gateway knows it from the certificate)", now);
+            self.send_error(
+                slot,
+                ErrorCode::MalformedFrame,
+                frame.id,
+                "",
+                "frames from a device carry no unit ID (the gateway knows it from the certificate)",
+                now,
+            );
             return;
         }
         let unit = dev.unit.clone();
@@ -922,33 +1037,70 @@ impl Worker {
             }
             Body::StreamData { payload } => {
                 let Some(stream) = dev.streams.get_mut(&frame.id) else {
-                    self.send_error(slot, ErrorCode::UnknownStream, frame.id, "", "no open stream has this id", now);
+                    self.send_error(
+                        slot,
+                        ErrorCode::UnknownStream,
+                        frame.id,
+                        "",
+                        "no open stream has this id",
+                        now,
+                    );
                     return;
                 };
                 let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
                 if len > stream.credit_to_manager {
                     let stream = stream.clone();
-                    self.end_device_stream(slot, dev, frame.id, &stream, u16::from(ErrorCode::FlowControl), "flow control violated: data beyond the granted window", true, now);
+                    self.end_device_stream(
+                        slot,
+                        dev,
+                        frame.id,
+                        &stream,
+                        u16::from(ErrorCode::FlowControl),
+                        "flow control violated: data beyond the granted window",
+                        true,
+                        now,
+                    );
                     return;
                 }
                 stream.credit_to_manager -= len;
-                let bytes = encode_ws_frame(&Frame::stream_data(&unit, stream.manager_stream_id, payload));
+                let bytes = encode_ws_frame(&Frame::stream_data(
+                    &unit,
+                    stream.manager_stream_id,
+                    payload,
+                ));
                 let (to, stream_id) = (stream.manager, stream.manager_stream_id);
-                self.deliver(Msg { to, kind: MsgKind::StreamDataToManager { stream_id, bytes } });
+                self.deliver(Msg {
+                    to,
+                    kind: MsgKind::StreamDataToManager { stream_id, bytes },
+                });
             }
             Body::StreamWindow { increment } => {
                 let Some(stream) = dev.streams.get(&frame.id) else {
-                    self.send_error(slot, ErrorCode::UnknownStream, frame.id, "", "no open stream has this id", now);
+                    self.send_error(
+                        slot,
+                        ErrorCode::UnknownStream,
+                        frame.id,
+                        "",
+                        "no open stream has this id",
+                        now,
+                    );
                     return;
                 };
                 let (to, stream_id) = (stream.manager, stream.manager_stream_id);
-                self.deliver(Msg { to, kind: MsgKind::StreamWindowToManager { stream_id, increment } });
+                self.deliver(Msg {
+                    to,
+                    kind: MsgKind::StreamWindowToManager {
+                        stream_id,
+                        increment,
+                    },
+                });
             }
             Body::StreamClose { code, reason } => {
                 let Some(stream) = dev.streams.remove(&frame.id) else {
                     return; // closing an unknown stream is harmless: both ends may close at once
                 };
-                dev.streams_by_manager.remove(&(stream.manager, stream.manager_stream_id));
+                dev.streams_by_manager
+                    .remove(&(stream.manager, stream.manager_stream_id));
                 self.deliver(Msg {
                     to: stream.manager,
                     kind: MsgKind::StreamClosedToManager {
@@ -959,17 +1111,39 @@ impl Worker {
                     },
                 });
             }
-            Body::Command { .. } | Body::Presence { .. } | Body::Error { .. } | Body::Control { .. } | Body::StreamOpen { .. } => {
-                self.send_error(slot, ErrorCode::NotPermitted, frame.id, "", "devices may send only response, event and stream data/window/close frames", now);
+            Body::Command { .. }
+            | Body::Presence { .. }
+            | Body::Error { .. }
+            | Body::Control { .. }
+            | Body::StreamOpen { .. } => {
+                self.send_error(
+                    slot,
+                    ErrorCode::NotPermitted,
+                    frame.id,
+                    "",
+                    "devices may send only response, event and stream data/window/close frames",
+                    now,
+                );
             }
         }
     }
 
     /// Ends a stream at the device side and tells both ends.
     #[allow(clippy::too_many_arguments)]
-    fn end_device_stream(&mut self, slot: u32, dev: &mut DeviceSession, device_stream_id: u32, stream: &DeviceStream, code: u16, reason: &'static str, tell_device: bool, now: Instant) {
+    fn end_device_stream(
+        &mut self,
+        slot: u32,
+        dev: &mut DeviceSession,
+        device_stream_id: u32,
+        stream: &DeviceStream,
+        code: u16,
+        reason: &'static str,
+        tell_device: bool,
+        now: Instant,
+    ) {
         dev.streams.remove(&device_stream_id);
-        dev.streams_by_manager.remove(&(stream.manager, stream.manager_stream_id));
+        dev.streams_by_manager
+            .remove(&(stream.manager, stream.manager_stream_id));
         self.deliver(Msg {
             to: stream.manager,
             kind: MsgKind::StreamClosedToManager {
@@ -987,17 +1161,37 @@ impl Worker {
 
     // ----- router: frames from managers --------------------------------------------------
 
-    fn on_manager_frame(&mut self, slot: u32, mgr: &mut ManagerSession, frame: Frame<'_>, now: Instant) {
-        let Some(me) = self.conn_ref(slot).map(|c| c.handle) else { return };
+    fn on_manager_frame(
+        &mut self,
+        slot: u32,
+        mgr: &mut ManagerSession,
+        frame: Frame<'_>,
+        now: Instant,
+    ) {
+        let Some(me) = self.conn_ref(slot).map(|c| c.handle) else {
+            return;
+        };
         match frame.body {
             Body::Command { payload } => {
                 let Some((unit, device)) = self.find_device(frame.unit) else {
-                    self.send_error(slot, ErrorCode::DeviceNotConnected, frame.id, frame.unit, "the device is not connected", now);
+                    self.send_error(
+                        slot,
+                        ErrorCode::DeviceNotConnected,
+                        frame.id,
+                        frame.unit,
+                        "the device is not connected",
+                        now,
+                    );
                     return;
                 };
                 self.deliver(Msg {
                     to: device,
-                    kind: MsgKind::Command { from: me, unit, request_id: frame.id, payload: Bytes::copy_from_slice(payload) },
+                    kind: MsgKind::Command {
+                        from: me,
+                        unit,
+                        request_id: frame.id,
+                        payload: Bytes::copy_from_slice(payload),
+                    },
                 });
             }
             Body::Control { payload } => {
@@ -1007,31 +1201,74 @@ impl Worker {
                         let bytes = encode_ws_frame(&Frame::control(frame.id, json.as_bytes()));
                         let _ = self.queue(slot, bytes, Priority::Essential, now);
                     }
-                    Err(msg) => self.send_error(slot, ErrorCode::ControlFailed, frame.id, "", &msg, now),
+                    Err(msg) => {
+                        self.send_error(slot, ErrorCode::ControlFailed, frame.id, "", &msg, now)
+                    }
                 }
             }
             Body::StreamOpen { window, payload } => {
                 if mgr.streams.contains_key(&frame.id) {
-                    self.send_error(slot, ErrorCode::MalformedFrame, frame.id, frame.unit, "this stream id is already open", now);
+                    self.send_error(
+                        slot,
+                        ErrorCode::MalformedFrame,
+                        frame.id,
+                        frame.unit,
+                        "this stream id is already open",
+                        now,
+                    );
                     return;
                 }
                 if mgr.streams.len() >= MAX_STREAMS_PER_MANAGER {
-                    self.send_error(slot, ErrorCode::TooManyStreams, frame.id, frame.unit, "too many streams open on this manager connection", now);
+                    self.send_error(
+                        slot,
+                        ErrorCode::TooManyStreams,
+                        frame.id,
+                        frame.unit,
+                        "too many streams open on this manager connection",
+                        now,
+                    );
                     return;
                 }
                 let Some((unit, device)) = self.find_device(frame.unit) else {
-                    self.send_error(slot, ErrorCode::DeviceNotConnected, frame.id, frame.unit, "the device is not connected", now);
+                    self.send_error(
+                        slot,
+                        ErrorCode::DeviceNotConnected,
+                        frame.id,
+                        frame.unit,
+                        "the device is not connected",
+                        now,
+                    );
                     return;
                 };
-                mgr.streams.insert(frame.id, ManagerStream { device, unit: unit.clone(), credit_to_device: 0 });
+                mgr.streams.insert(
+                    frame.id,
+                    ManagerStream {
+                        device,
+                        unit: unit.clone(),
+                        credit_to_device: 0,
+                    },
+                );
                 self.deliver(Msg {
                     to: device,
-                    kind: MsgKind::StreamOpen { from: me, unit, stream_id: frame.id, window, payload: Bytes::copy_from_slice(payload) },
+                    kind: MsgKind::StreamOpen {
+                        from: me,
+                        unit,
+                        stream_id: frame.id,
+                        window,
+                        payload: Bytes::copy_from_slice(payload),
+                    },
                 });
             }
             Body::StreamData { payload } => {
                 let Some(stream) = mgr.streams.get_mut(&frame.id) else {
-                    self.send_error(slot, ErrorCode::UnknownStream, frame.id, frame.unit, "no open stream has this id", now);
+                    self.send_error(
+                        slot,
+                        ErrorCode::UnknownStream,
+                        frame.id,
+                        frame.unit,
+                        "no open stream has this id",
+                        now,
+                    );
                     return;
                 };
                 let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
@@ -1042,9 +1279,15 @@ impl Worker {
                     let reason = "flow control violated: data beyond the granted window";
                     self.deliver(Msg {
                         to: stream.device,
-                        kind: MsgKind::StreamCloseToDevice { from: me, stream_id: frame.id, code, reason: Bytes::from_static(reason.as_bytes()) },
+                        kind: MsgKind::StreamCloseToDevice {
+                            from: me,
+                            stream_id: frame.id,
+                            code,
+                            reason: Bytes::from_static(reason.as_bytes()),
+                        },
                     });
-                    let bytes = encode_ws_frame(&Frame::stream_close(&stream.unit, frame.id, code, reason));
+                    let bytes =
+                        encode_ws_frame(&Frame::stream_close(&stream.unit, frame.id, code, reason));
                     let _ = self.queue(slot, bytes, Priority::Essential, now);
                     return;
                 }
@@ -1052,26 +1295,61 @@ impl Worker {
                 let device = stream.device;
                 self.deliver(Msg {
                     to: device,
-                    kind: MsgKind::StreamDataToDevice { from: me, stream_id: frame.id, payload: Bytes::copy_from_slice(payload) },
+                    kind: MsgKind::StreamDataToDevice {
+                        from: me,
+                        stream_id: frame.id,
+                        payload: Bytes::copy_from_slice(payload),
+                    },
                 });
             }
             Body::StreamWindow { increment } => {
                 let Some(stream) = mgr.streams.get(&frame.id) else {
-                    self.send_error(slot, ErrorCode::UnknownStream, frame.id, frame.unit, "no open stream has this id", now);
+                    self.send_error(
+                        slot,
+                        ErrorCode::UnknownStream,
+                        frame.id,
+                        frame.unit,
+                        "no open stream has this id",
+                        now,
+                    );
                     return;
                 };
                 let device = stream.device;
-                self.deliver(Msg { to: device, kind: MsgKind::StreamWindowToDevice { from: me, stream_id: frame.id, increment } });
-            }
-            Body::StreamClose { code, reason } => {
-                let Some(stream) = mgr.streams.remove(&frame.id) else { return };
                 self.deliver(Msg {
-                    to: stream.device,
-                    kind: MsgKind::StreamCloseToDevice { from: me, stream_id: frame.id, code, reason: Bytes::copy_from_slice(reason.as_bytes()) },
+                    to: device,
+                    kind: MsgKind::StreamWindowToDevice {
+                        from: me,
+                        stream_id: frame.id,
+                        increment,
+                    },
                 });
             }
-            Body::Response { .. } | Body::Event { .. } | Body::Presence { .. } | Body::Error { .. } => {
-                self.send_error(slot, ErrorCode::NotPermitted, frame.id, frame.unit, "managers may send only command, control and stream frames", now);
+            Body::StreamClose { code, reason } => {
+                let Some(stream) = mgr.streams.remove(&frame.id) else {
+                    return;
+                };
+                self.deliver(Msg {
+                    to: stream.device,
+                    kind: MsgKind::StreamCloseToDevice {
+                        from: me,
+                        stream_id: frame.id,
+                        code,
+                        reason: Bytes::copy_from_slice(reason.as_bytes()),
+                    },
+                });
+            }
+            Body::Response { .. }
+            | Body::Event { .. }
+            | Body::Presence { .. }
+            | Body::Error { .. } => {
+                self.send_error(
+                    slot,
+                    ErrorCode::NotPermitted,
+                    frame.id,
+                    frame.unit,
+                    "managers may send only command, control and stream frames",
+                    now,
+                );
             }
         }
     }
@@ -1097,10 +1375,9 @@ impl Worker {
         let shared = &self.shared;
         match op {
             "set_device_limit" => {
-                let limit = req
-                    .get("limit")
-                    .and_then(serde_json::Value::as_u64)
-                    .ok_or("set_device_limit needs a non-negative integer \"limit\" (0 = unlimited)")?;
+                let limit = req.get("limit").and_then(serde_json::Value::as_u64).ok_or(
+                    "set_device_limit needs a non-negative integer \"limit\" (0 = unlimited)",
+                )?;
                 shared.device_limit.store(limit, Ordering::Relaxed);
                 info!(limit, "device limit changed by a manager");
                 Ok(serde_json::json!({"ok": true, "device_limit": limit}).to_string())
@@ -1113,7 +1390,10 @@ impl Worker {
             })
             .to_string()),
             "list_devices" => {
-                let offset = req.get("offset").and_then(serde_json::Value::as_u64).unwrap_or(0);
+                let offset = req
+                    .get("offset")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0);
                 let limit = req
                     .get("limit")
                     .and_then(serde_json::Value::as_u64)
@@ -1128,7 +1408,9 @@ impl Worker {
                     .collect();
                 Ok(serde_json::json!({"ok": true, "total": shared.device_count.load(Ordering::Relaxed), "devices": units}).to_string())
             }
-            other => Err(format!("unknown control op \"{other}\" (known: set_device_limit, get_status, list_devices)")),
+            other => Err(format!(
+                "unknown control op \"{other}\" (known: set_device_limit, get_status, list_devices)"
+            )),
         }
     }
 
@@ -1145,49 +1427,105 @@ impl Worker {
         }
         let slot = to.slot;
         match msg.kind {
-            MsgKind::Frame { bytes, priority, bounce_to, bounce_id, bounce_unit } => {
-                if self.queue(slot, bytes, priority, now) == Err(QueueRefusal::Full) {
-                    if let Some(to) = bounce_to {
-                        self.deliver(Msg {
-                            to,
-                            kind: MsgKind::Error { code: ErrorCode::QueueFull, id: bounce_id, unit: bounce_unit, message: "the receiver's queue is full; retry later" },
-                        });
-                    }
+            MsgKind::Frame {
+                bytes,
+                priority,
+                bounce_to,
+                bounce_id,
+                bounce_unit,
+            } => {
+                if self.queue(slot, bytes, priority, now) == Err(QueueRefusal::Full)
+                    && let Some(to) = bounce_to
+                {
+                    self.deliver(Msg {
+                        to,
+                        kind: MsgKind::Error {
+                            code: ErrorCode::QueueFull,
+                            id: bounce_id,
+                            unit: bounce_unit,
+                            message: "the receiver's queue is full; retry later",
+                        },
+                    });
                 }
             }
-            MsgKind::Error { code, id, unit, message } => {
+            MsgKind::Error {
+                code,
+                id,
+                unit,
+                message,
+            } => {
                 let unit = unit.as_deref().unwrap_or("");
                 self.send_error(slot, code, id, unit, message, now);
             }
             MsgKind::Close(reason) => self.close(slot, now, Ending::Gateway(reason)),
-            MsgKind::Command { from, unit, request_id, payload } => self.command_to_device(slot, from, unit, request_id, payload, now),
-            MsgKind::StreamOpen { from, unit, stream_id, window, payload } => {
+            MsgKind::Command {
+                from,
+                unit,
+                request_id,
+                payload,
+            } => self.command_to_device(slot, from, unit, request_id, payload, now),
+            MsgKind::StreamOpen {
+                from,
+                unit,
+                stream_id,
+                window,
+                payload,
+            } => {
                 self.with_device(slot, |w, dev| {
                     if dev.streams.len() >= w.shared.config.limits.max_streams_per_device {
-                        w.deliver(Msg { to: from, kind: MsgKind::StreamClosedToManager { stream_id, code: u16::from(ErrorCode::TooManyStreams), reason: Bytes::from_static(b"too many streams open at this device"), unit } });
+                        w.deliver(Msg {
+                            to: from,
+                            kind: MsgKind::StreamClosedToManager {
+                                stream_id,
+                                code: u16::from(ErrorCode::TooManyStreams),
+                                reason: Bytes::from_static(b"too many streams open at this device"),
+                                unit,
+                            },
+                        });
                         return;
                     }
                     let cap = w.shared.config.limits.stream_window_cap;
                     let id = DeviceSession::allocate_id(&mut dev.next_stream_id, &dev.streams);
                     let window = window.min(cap);
-                    dev.streams.insert(id, DeviceStream { manager: from, manager_stream_id: stream_id, credit_to_manager: window });
+                    dev.streams.insert(
+                        id,
+                        DeviceStream {
+                            manager: from,
+                            manager_stream_id: stream_id,
+                            credit_to_manager: window,
+                        },
+                    );
                     dev.streams_by_manager.insert((from, stream_id), id);
                     let bytes = encode_ws_frame(&Frame::stream_open("", id, window, &payload));
                     let _ = w.queue(slot, bytes, Priority::Essential, now);
                 });
             }
-            MsgKind::StreamDataToDevice { from, stream_id, payload } => {
+            MsgKind::StreamDataToDevice {
+                from,
+                stream_id,
+                payload,
+            } => {
                 self.with_device(slot, |w, dev| {
-                    let Some(id) = dev.streams_by_manager.get(&(from, stream_id)).copied() else { return };
+                    let Some(id) = dev.streams_by_manager.get(&(from, stream_id)).copied() else {
+                        return;
+                    };
                     let bytes = encode_ws_frame(&Frame::stream_data("", id, &payload));
                     let _ = w.queue(slot, bytes, Priority::Essential, now);
                 });
             }
-            MsgKind::StreamWindowToDevice { from, stream_id, increment } => {
+            MsgKind::StreamWindowToDevice {
+                from,
+                stream_id,
+                increment,
+            } => {
                 self.with_device(slot, |w, dev| {
                     let cap = w.shared.config.limits.stream_window_cap;
-                    let Some(id) = dev.streams_by_manager.get(&(from, stream_id)).copied() else { return };
-                    let Some(stream) = dev.streams.get_mut(&id) else { return };
+                    let Some(id) = dev.streams_by_manager.get(&(from, stream_id)).copied() else {
+                        return;
+                    };
+                    let Some(stream) = dev.streams.get_mut(&id) else {
+                        return;
+                    };
                     let granted = increment.min(cap.saturating_sub(stream.credit_to_manager));
                     if granted == 0 {
                         return;
@@ -1197,25 +1535,38 @@ impl Worker {
                     let _ = w.queue(slot, bytes, Priority::Essential, now);
                 });
             }
-            MsgKind::StreamCloseToDevice { from, stream_id, code, reason } => {
+            MsgKind::StreamCloseToDevice {
+                from,
+                stream_id,
+                code,
+                reason,
+            } => {
                 self.with_device(slot, |w, dev| {
-                    let Some(id) = dev.streams_by_manager.remove(&(from, stream_id)) else { return };
+                    let Some(id) = dev.streams_by_manager.remove(&(from, stream_id)) else {
+                        return;
+                    };
                     dev.streams.remove(&id);
                     let reason = std::str::from_utf8(&reason).unwrap_or("");
                     let bytes = encode_ws_frame(&Frame::stream_close("", id, code, reason));
                     let _ = w.queue(slot, bytes, Priority::Essential, now);
                 });
             }
-            MsgKind::StreamWindowToManager { stream_id, increment } => {
+            MsgKind::StreamWindowToManager {
+                stream_id,
+                increment,
+            } => {
                 self.with_manager(slot, |w, mgr| {
                     let cap = w.shared.config.limits.stream_window_cap;
-                    let Some(stream) = mgr.streams.get_mut(&stream_id) else { return };
+                    let Some(stream) = mgr.streams.get_mut(&stream_id) else {
+                        return;
+                    };
                     let granted = increment.min(cap.saturating_sub(stream.credit_to_device));
                     if granted == 0 {
                         return;
                     }
                     stream.credit_to_device += granted;
-                    let bytes = encode_ws_frame(&Frame::stream_window(&stream.unit, stream_id, granted));
+                    let bytes =
+                        encode_ws_frame(&Frame::stream_window(&stream.unit, stream_id, granted));
                     let _ = w.queue(slot, bytes, Priority::Essential, now);
                 });
             }
@@ -1226,35 +1577,75 @@ impl Worker {
                     }
                 });
             }
-            MsgKind::StreamClosedToManager { stream_id, code, reason, unit } => {
+            MsgKind::StreamClosedToManager {
+                stream_id,
+                code,
+                reason,
+                unit,
+            } => {
                 self.with_manager(slot, |w, mgr| {
                     if mgr.streams.remove(&stream_id).is_none() {
                         return;
                     }
                     let reason = std::str::from_utf8(&reason).unwrap_or("");
-                    let bytes = encode_ws_frame(&Frame::stream_close(&unit, stream_id, code, reason));
+                    let bytes =
+                        encode_ws_frame(&Frame::stream_close(&unit, stream_id, code, reason));
                     let _ = w.queue(slot, bytes, Priority::Essential, now);
                 });
             }
         }
     }
 
-    fn command_to_device(&mut self, slot: u32, from: ConnHandle, unit: Arc<str>, request_id: u32, payload: Bytes, now: Instant) {
+    fn command_to_device(
+        &mut self,
+        slot: u32,
+        from: ConnHandle,
+        unit: Arc<str>,
+        request_id: u32,
+        payload: Bytes,
+        now: Instant,
+    ) {
         let limits = &self.shared.config.limits;
-        let (max_pending, timeout) = (limits.max_pending_requests, Duration::from_millis(limits.request_timeout_ms));
+        let (max_pending, timeout) = (
+            limits.max_pending_requests,
+            Duration::from_millis(limits.request_timeout_ms),
+        );
         self.with_device(slot, |w, dev| {
             if dev.pending.len() >= max_pending {
-                w.deliver(Msg { to: from, kind: MsgKind::Error { code: ErrorCode::TooManyRequests, id: request_id, unit: Some(unit), message: "too many requests outstanding at this device" } });
+                w.deliver(Msg {
+                    to: from,
+                    kind: MsgKind::Error {
+                        code: ErrorCode::TooManyRequests,
+                        id: request_id,
+                        unit: Some(unit),
+                        message: "too many requests outstanding at this device",
+                    },
+                });
                 return;
             }
             let id = DeviceSession::allocate_id(&mut dev.next_request_id, &dev.pending);
             let bytes = encode_ws_frame(&Frame::command("", id, &payload));
             match w.queue(slot, bytes, Priority::Droppable, now) {
                 Ok(()) => {
-                    dev.pending.insert(id, Pending { manager: from, request_id, deadline: now + timeout });
+                    dev.pending.insert(
+                        id,
+                        Pending {
+                            manager: from,
+                            request_id,
+                            deadline: now + timeout,
+                        },
+                    );
                 }
                 Err(_) => {
-                    w.deliver(Msg { to: from, kind: MsgKind::Error { code: ErrorCode::QueueFull, id: request_id, unit: Some(unit), message: "the device's queue is full; retry later" } });
+                    w.deliver(Msg {
+                        to: from,
+                        kind: MsgKind::Error {
+                            code: ErrorCode::QueueFull,
+                            id: request_id,
+                            unit: Some(unit),
+                            message: "the device's queue is full; retry later",
+                        },
+                    });
                 }
             }
         });
@@ -1278,16 +1669,20 @@ impl Worker {
     }
 
     fn with_role(&mut self, slot: u32, f: impl FnOnce(&mut Self, &mut Role)) {
-        let Some(conn) = self.conn_mut(slot) else { return };
-        let Phase::Session(session) = &mut conn.phase else { return };
+        let Some(conn) = self.conn_mut(slot) else {
+            return;
+        };
+        let Phase::Session(session) = &mut conn.phase else {
+            return;
+        };
         // Taken out so that `f` can use the whole worker. Nothing in `f` can close this
         // connection (closes are deferred to `run_local`), so the session always goes back.
         let mut taken = std::mem::replace(session, placeholder_session());
         f(self, &mut taken.role);
-        if let Some(conn) = self.conn_mut(slot) {
-            if let Phase::Session(s) = &mut conn.phase {
-                *s = taken;
-            }
+        if let Some(conn) = self.conn_mut(slot)
+            && let Phase::Session(s) = &mut conn.phase
+        {
+            *s = taken;
         }
     }
 
@@ -1295,7 +1690,11 @@ impl Worker {
 
     fn sweep_conn(&mut self, slot: u32, now: Instant, interval: Duration) {
         let id = usize::from(self.id);
-        let Some(conn) = self.slots.get_mut(slot as usize).and_then(|s| s.conn.as_mut()) else {
+        let Some(conn) = self
+            .slots
+            .get_mut(slot as usize)
+            .and_then(|s| s.conn.as_mut())
+        else {
             return;
         };
         let session = match &mut conn.phase {
@@ -1322,16 +1721,16 @@ impl Worker {
             return;
         }
         let mut expired = Vec::new();
-        if let Role::Device(dev) = &mut session.role {
-            if !dev.pending.is_empty() {
-                dev.pending.retain(|_, p| {
-                    let keep = p.deadline > now;
-                    if !keep {
-                        expired.push((p.clone(), dev.unit.clone()));
-                    }
-                    keep
-                });
-            }
+        if let Role::Device(dev) = &mut session.role
+            && !dev.pending.is_empty()
+        {
+            dev.pending.retain(|_, p| {
+                let keep = p.deadline > now;
+                if !keep {
+                    expired.push((p.clone(), dev.unit.clone()));
+                }
+                keep
+            });
         }
         let ping_due = idle >= interval
             && conn
@@ -1339,7 +1738,12 @@ impl Worker {
                 .is_none_or(|t| now.saturating_duration_since(t) >= interval);
         if ping_due {
             conn.ping_sent = Some(now);
-            let _ = self.queue(slot, control_frame(Opcode::Ping, b""), Priority::Essential, now);
+            let _ = self.queue(
+                slot,
+                control_frame(Opcode::Ping, b""),
+                Priority::Essential,
+                now,
+            );
         }
         for (p, unit) in expired {
             bump(&self.shared.stats[id].request_timeouts);
@@ -1360,7 +1764,9 @@ impl Worker {
     /// Ends a connection: routing state is cleaned up at once (map, presence, pending
     /// requests, streams); a last frame may still be flushed before the socket closes.
     fn close(&mut self, slot: u32, now: Instant, ending: Ending) {
-        let Some(conn) = self.conn_mut(slot) else { return };
+        let Some(conn) = self.conn_mut(slot) else {
+            return;
+        };
         let phase = std::mem::replace(&mut conn.phase, Phase::Closing);
         let handle = conn.handle;
         match &phase {
@@ -1370,7 +1776,14 @@ impl Worker {
                 if let Some((code, reason)) = ending.close_frame() {
                     // The close frame and close_notify go out ahead of anything still queued.
                     conn.out = OutQueue::default();
-                    conn.out.push(close_frame(code, reason), Priority::Essential, usize::MAX, usize::MAX).ok();
+                    conn.out
+                        .push(
+                            close_frame(code, reason),
+                            Priority::Essential,
+                            usize::MAX,
+                            usize::MAX,
+                        )
+                        .ok();
                 }
             }
         }
@@ -1390,31 +1803,61 @@ impl Worker {
         }
     }
 
-    fn cleanup_role_with(&mut self, role: Role, handle: ConnHandle, reason: PresenceReason, now: Instant) {
+    fn cleanup_role_with(
+        &mut self,
+        role: Role,
+        handle: ConnHandle,
+        reason: PresenceReason,
+        now: Instant,
+    ) {
         match role {
             Role::Device(dev) => {
                 let shared = self.shared.clone();
                 // Only the connection the map points at may take the unit offline: a
                 // replaced connection leaves quietly (the newer one already said online).
-                if let Entry::Occupied(e) = shared.devices.entry(dev.unit.clone()) {
-                    if *e.get() == handle {
-                        e.remove();
-                        shared.release_device();
-                        self.broadcast_presence(&dev.unit, false, reason, now);
-                    }
+                if let Entry::Occupied(e) = shared.devices.entry(dev.unit.clone())
+                    && *e.get() == handle
+                {
+                    e.remove();
+                    shared.release_device();
+                    self.broadcast_presence(&dev.unit, false, reason, now);
                 }
                 for (_, p) in dev.pending {
-                    self.deliver(Msg { to: p.manager, kind: MsgKind::Error { code: ErrorCode::DeviceDisconnected, id: p.request_id, unit: Some(dev.unit.clone()), message: "the device disconnected before answering" } });
+                    self.deliver(Msg {
+                        to: p.manager,
+                        kind: MsgKind::Error {
+                            code: ErrorCode::DeviceDisconnected,
+                            id: p.request_id,
+                            unit: Some(dev.unit.clone()),
+                            message: "the device disconnected before answering",
+                        },
+                    });
                 }
                 for (_, s) in dev.streams {
-                    self.deliver(Msg { to: s.manager, kind: MsgKind::StreamClosedToManager { stream_id: s.manager_stream_id, code: u16::from(ErrorCode::DeviceDisconnected), reason: Bytes::from_static(b"the device disconnected"), unit: dev.unit.clone() } });
+                    self.deliver(Msg {
+                        to: s.manager,
+                        kind: MsgKind::StreamClosedToManager {
+                            stream_id: s.manager_stream_id,
+                            code: u16::from(ErrorCode::DeviceDisconnected),
+                            reason: Bytes::from_static(b"the device disconnected"),
+                            unit: dev.unit.clone(),
+                        },
+                    });
                 }
             }
             Role::Manager(mgr) => {
                 info!(manager = %mgr.name, "manager disconnected");
                 self.shared.remove_manager(handle, now);
                 for (stream_id, s) in mgr.streams {
-                    self.deliver(Msg { to: s.device, kind: MsgKind::StreamCloseToDevice { from: handle, stream_id, code: u16::from(ErrorCode::ShuttingDown), reason: Bytes::from_static(b"the manager disconnected") } });
+                    self.deliver(Msg {
+                        to: s.device,
+                        kind: MsgKind::StreamCloseToDevice {
+                            from: handle,
+                            stream_id,
+                            code: u16::from(ErrorCode::ShuttingDown),
+                            reason: Bytes::from_static(b"the manager disconnected"),
+                        },
+                    });
                 }
             }
         }
@@ -1445,7 +1888,9 @@ impl Ending {
         match self {
             Self::CloseReceived(code) => Some((code.filter(|c| *c != 1005).unwrap_or(1000), "")),
             Self::Protocol(code, reason) => Some((code, reason)),
-            Self::Gateway(CloseReason::Replaced) => Some((CLOSE_REPLACED, "replaced by a newer connection")),
+            Self::Gateway(CloseReason::Replaced) => {
+                Some((CLOSE_REPLACED, "replaced by a newer connection"))
+            }
             Self::Gateway(CloseReason::NoManager) => Some((1001, "no manager connected")),
             Self::Gateway(CloseReason::Shutdown) => Some((1001, "gateway shutting down")),
             Self::PeerClosed | Self::Lost | Self::Dead | Self::Quiet => None,
@@ -1462,7 +1907,10 @@ enum Outcome {
 fn placeholder_session() -> Box<Session> {
     Box::new(Session {
         decoder: ws::Decoder::new(ws::Role::Server, 0),
-        role: Role::Manager(ManagerSession { name: Box::from(""), streams: std::collections::HashMap::new() }),
+        role: Role::Manager(ManagerSession {
+            name: Box::from(""),
+            streams: std::collections::HashMap::new(),
+        }),
     })
 }
 

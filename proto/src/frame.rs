@@ -382,9 +382,7 @@ pub enum FrameError {
     #[error("frame version {0} is not supported (this gateway speaks version 1)")]
     UnsupportedVersion(u8),
     /// The type byte is not a known type.
-    #[error(
-        "frame type {0:#04x} is unknown (version 1 defines 0x01-0x05, 0x10-0x13 and 0x20)"
-    )]
+    #[error("frame type {0:#04x} is unknown (version 1 defines 0x01-0x05, 0x10-0x13 and 0x20)")]
     UnknownType(u8),
     /// The flags byte is not 0.
     #[error("frame flags byte is {0:#04x}, but must be 0 in version 1")]
@@ -743,7 +741,9 @@ mod tests {
         let bytes = roundtrip(Frame::command("dev-1", 0x0102_0304, b"hi"));
         assert_eq!(
             bytes,
-            [1, 0x01, 0, 5, 1, 2, 3, 4, b'd', b'e', b'v', b'-', b'1', b'h', b'i']
+            [
+                1, 0x01, 0, 5, 1, 2, 3, 4, b'd', b'e', b'v', b'-', b'1', b'h', b'i'
+            ]
         );
     }
 
@@ -792,38 +792,86 @@ mod tests {
         assert_eq!(err(&[]), FrameError::Truncated);
         assert_eq!(err(&[1, 1, 0, 0, 0, 0, 0]), FrameError::Truncated);
         // Unit shorter than unit_len.
-        assert_eq!(err(&[1, 1, 0, 3, 0, 0, 0, 0, b'a', b'b']), FrameError::Truncated);
+        assert_eq!(
+            err(&[1, 1, 0, 3, 0, 0, 0, 0, b'a', b'b']),
+            FrameError::Truncated
+        );
         // Type-specific fields cut short.
         assert_eq!(err(&[1, 4, 0, 0, 0, 0, 0, 0, 1]), FrameError::Truncated);
         assert_eq!(err(&[1, 5, 0, 0, 0, 0, 0, 0, 0]), FrameError::Truncated);
-        assert_eq!(err(&[1, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 1]), FrameError::Truncated);
-        assert_eq!(err(&[1, 0x12, 0, 0, 0, 0, 0, 0, 0, 0, 1]), FrameError::Truncated);
+        assert_eq!(
+            err(&[1, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            FrameError::Truncated
+        );
+        assert_eq!(
+            err(&[1, 0x12, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            FrameError::Truncated
+        );
         assert_eq!(err(&[1, 0x13, 0, 0, 0, 0, 0, 0, 0]), FrameError::Truncated);
 
         assert_eq!(err(&[7]), FrameError::UnsupportedVersion(7));
-        assert_eq!(err(&[0, 1, 0, 0, 0, 0, 0, 0]), FrameError::UnsupportedVersion(0));
+        assert_eq!(
+            err(&[0, 1, 0, 0, 0, 0, 0, 0]),
+            FrameError::UnsupportedVersion(0)
+        );
         assert_eq!(
             FrameError::UnsupportedVersion(7).to_string(),
             "frame version 7 is not supported (this gateway speaks version 1)"
         );
-        assert_eq!(err(&[1, 0x06, 0, 0, 0, 0, 0, 0]), FrameError::UnknownType(6));
-        assert_eq!(err(&[1, 0x00, 0, 0, 0, 0, 0, 0]), FrameError::UnknownType(0));
-        assert_eq!(err(&[1, 0x01, 0x80, 0, 0, 0, 0, 0]), FrameError::ReservedFlags(0x80));
-        assert_eq!(err(&[1, 0x01, 0, 65, 0, 0, 0, 0]), FrameError::UnitTooLong(65));
-        assert_eq!(err(&[1, 0x01, 0, 1, 0, 0, 0, 0, b' ']), FrameError::InvalidUnit);
-        assert_eq!(err(&[1, 0x01, 0, 1, 0, 0, 0, 0, 0x7F]), FrameError::InvalidUnit);
-        assert_eq!(err(&[1, 0x01, 0, 1, 0, 0, 0, 0, 0xC3]), FrameError::InvalidUnit);
+        assert_eq!(
+            err(&[1, 0x06, 0, 0, 0, 0, 0, 0]),
+            FrameError::UnknownType(6)
+        );
+        assert_eq!(
+            err(&[1, 0x00, 0, 0, 0, 0, 0, 0]),
+            FrameError::UnknownType(0)
+        );
+        assert_eq!(
+            err(&[1, 0x01, 0x80, 0, 0, 0, 0, 0]),
+            FrameError::ReservedFlags(0x80)
+        );
+        assert_eq!(
+            err(&[1, 0x01, 0, 65, 0, 0, 0, 0]),
+            FrameError::UnitTooLong(65)
+        );
+        assert_eq!(
+            err(&[1, 0x01, 0, 1, 0, 0, 0, 0, b' ']),
+            FrameError::InvalidUnit
+        );
+        assert_eq!(
+            err(&[1, 0x01, 0, 1, 0, 0, 0, 0, 0x7F]),
+            FrameError::InvalidUnit
+        );
+        assert_eq!(
+            err(&[1, 0x01, 0, 1, 0, 0, 0, 0, 0xC3]),
+            FrameError::InvalidUnit
+        );
 
         let malformed: &[(&[u8], &str)] = &[
-            (&[1, 4, 0, 0, 0, 0, 0, 0, 2, 0], "presence state must be 0 (offline) or 1 (online)"),
-            (&[1, 4, 0, 0, 0, 0, 0, 0, 1, 0, 0], "presence frame has bytes after the reason byte"),
-            (&[1, 5, 0, 0, 0, 0, 0, 1, 0, 1, 0xFF], "error message is not valid UTF-8"),
-            (&[1, 0x12, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0], "stream window increment must be greater than 0"),
+            (
+                &[1, 4, 0, 0, 0, 0, 0, 0, 2, 0],
+                "presence state must be 0 (offline) or 1 (online)",
+            ),
+            (
+                &[1, 4, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+                "presence frame has bytes after the reason byte",
+            ),
+            (
+                &[1, 5, 0, 0, 0, 0, 0, 1, 0, 1, 0xFF],
+                "error message is not valid UTF-8",
+            ),
+            (
+                &[1, 0x12, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+                "stream window increment must be greater than 0",
+            ),
             (
                 &[1, 0x12, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0],
                 "stream window frame has bytes after the increment",
             ),
-            (&[1, 0x13, 0, 0, 0, 0, 0, 1, 0, 0, 0xC0], "stream close reason is not valid UTF-8"),
+            (
+                &[1, 0x13, 0, 0, 0, 0, 0, 1, 0, 0, 0xC0],
+                "stream close reason is not valid UTF-8",
+            ),
         ];
         for (bytes, what) in malformed {
             assert_eq!(err(bytes), FrameError::Malformed(what));
@@ -857,9 +905,15 @@ mod tests {
             assert_eq!(u16::from(code), v);
             assert_eq!(matches!(code, ErrorCode::Other(_)), v == 0 || v > 16);
         }
-        assert_eq!(ErrorCode::DeviceNotConnected.as_str(), "device_not_connected");
+        assert_eq!(
+            ErrorCode::DeviceNotConnected.as_str(),
+            "device_not_connected"
+        );
         assert_eq!(ErrorCode::FlowControl.to_string(), "flow_control");
-        assert_eq!(PresenceReason::ClosedByGateway.as_str(), "closed_by_gateway");
+        assert_eq!(
+            PresenceReason::ClosedByGateway.as_str(),
+            "closed_by_gateway"
+        );
         // Every known name is distinct.
         let names: std::collections::HashSet<_> =
             (1..=16u16).map(|v| ErrorCode::from(v).as_str()).collect();

@@ -143,9 +143,7 @@ impl HttpError {
             httparse::Error::Token => {
                 Self::Malformed("invalid byte in the method or request target")
             }
-            httparse::Error::Version => {
-                Self::Malformed("invalid HTTP version (expected HTTP/1.1)")
-            }
+            httparse::Error::Version => Self::Malformed("invalid HTTP version (expected HTTP/1.1)"),
         }
     }
 }
@@ -360,14 +358,16 @@ pub fn upgrade_request(host: &str, path: &str, key: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// What [`parse_response_head`] returns for a complete head:
+/// `(status, head_len, Sec-WebSocket-Accept, Content-Length)`.
+pub type ResponseHead = (u16, usize, Option<String>, Option<u64>);
+
 /// Parses the head of the gateway's HTTP response, client side.
 ///
 /// Returns `Ok(None)` while the head is incomplete, otherwise
 /// `(status, head_len, Sec-WebSocket-Accept, Content-Length)`. The head is
 /// limited to [`DEFAULT_MAX_HEADER_BYTES`] like the gateway's requests are.
-pub fn parse_response_head(
-    buf: &[u8],
-) -> Result<Option<(u16, usize, Option<String>, Option<u64>)>, HttpError> {
+pub fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, HttpError> {
     let limit = DEFAULT_MAX_HEADER_BYTES;
     let window = buf.get(..limit).unwrap_or(buf);
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -478,7 +478,11 @@ mod tests {
         ];
         for case in cases {
             let (req, _) = complete(case);
-            assert!(!req.is_websocket_upgrade(), "{}", String::from_utf8_lossy(case));
+            assert!(
+                !req.is_websocket_upgrade(),
+                "{}",
+                String::from_utf8_lossy(case)
+            );
         }
     }
 
@@ -497,7 +501,10 @@ mod tests {
     fn headers_too_large() {
         let limit = 64;
         // Incomplete and within the limit: wait for more.
-        assert_eq!(parse_request(&UPGRADE[..limit], limit), Ok(Parsed::Incomplete));
+        assert_eq!(
+            parse_request(&UPGRADE[..limit], limit),
+            Ok(Parsed::Incomplete)
+        );
         // Incomplete and past the limit.
         assert_eq!(
             parse_request(&UPGRADE[..limit + 1], limit),
@@ -537,11 +544,26 @@ mod tests {
     #[test]
     fn malformed() {
         let cases: &[(&[u8], &str)] = &[
-            (b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n", "invalid byte in a header name"),
-            (b"GET / HTTP/1.1\r\nX: a\x01b\r\n\r\n", "invalid byte in a header value"),
-            (b"GET / HTTP/2.0\r\n\r\n", "invalid HTTP version (expected HTTP/1.1)"),
-            (b"G(T / HTTP/1.1\r\n\r\n", "invalid byte in the method or request target"),
-            (b"GET / HTTP/1.1\rX\n\r\n", "invalid line ending (lines must end with CRLF)"),
+            (
+                b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+                "invalid byte in a header name",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nX: a\x01b\r\n\r\n",
+                "invalid byte in a header value",
+            ),
+            (
+                b"GET / HTTP/2.0\r\n\r\n",
+                "invalid HTTP version (expected HTTP/1.1)",
+            ),
+            (
+                b"G(T / HTTP/1.1\r\n\r\n",
+                "invalid byte in the method or request target",
+            ),
+            (
+                b"GET / HTTP/1.1\rX\n\r\n",
+                "invalid line ending (lines must end with CRLF)",
+            ),
             (
                 b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
                 "Transfer-Encoding is not supported by the gateway",
@@ -565,7 +587,12 @@ mod tests {
         ];
         for (buf, what) in cases {
             let err = parse_request(buf, DEFAULT_MAX_HEADER_BYTES);
-            assert_eq!(err, Err(HttpError::Malformed(what)), "{}", String::from_utf8_lossy(buf));
+            assert_eq!(
+                err,
+                Err(HttpError::Malformed(what)),
+                "{}",
+                String::from_utf8_lossy(buf)
+            );
             assert_eq!(HttpError::Malformed(what).status(), 400);
         }
         assert_eq!(
@@ -619,21 +646,34 @@ mod tests {
 
     #[test]
     fn plain_response() {
-        let r = response(503, "Service Unavailable", Some("text/plain"), b"full", true);
+        let r = response(
+            503,
+            "Service Unavailable",
+            Some("text/plain"),
+            b"full",
+            true,
+        );
         assert_eq!(
             r,
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
               Content-Length: 4\r\nConnection: close\r\n\r\nfull"
         );
         let r = response(200, "OK\r\nX-Injected: 1", None, b"", false);
-        assert_eq!(r, b"HTTP/1.1 200 OK  X-Injected: 1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            r,
+            b"HTTP/1.1 200 OK  X-Injected: 1\r\nContent-Length: 0\r\n\r\n"
+        );
         let parsed = parse_response_head(&r).expect("valid response");
         assert_eq!(parsed, Some((200, r.len(), None, Some(0))));
     }
 
     #[test]
     fn upgrade_request_roundtrip() {
-        let req = upgrade_request("gw.example.com:443", "/v1/device", "dGhlIHNhbXBsZSBub25jZQ==");
+        let req = upgrade_request(
+            "gw.example.com:443",
+            "/v1/device",
+            "dGhlIHNhbXBsZSBub25jZQ==",
+        );
         let (parsed, len) = complete(&req);
         assert_eq!(len, req.len());
         assert!(parsed.is_websocket_upgrade());
@@ -658,7 +698,9 @@ mod tests {
         );
         assert_eq!(
             parse_response_head(b"HTTP/1.1 2x0 OK\r\n\r\n"),
-            Err(HttpError::Malformed("invalid status code in the status line"))
+            Err(HttpError::Malformed(
+                "invalid status code in the status line"
+            ))
         );
         assert_eq!(
             parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"),

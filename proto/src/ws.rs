@@ -421,8 +421,7 @@ impl Decoder {
 
         let (declared, mut pos): (u64, usize) = match len7 {
             126 => {
-                let Some(&[a, b]) = buf.get(2..4).and_then(|s| <&[u8; 2]>::try_from(s).ok())
-                else {
+                let Some(&[a, b]) = buf.get(2..4).and_then(|s| <&[u8; 2]>::try_from(s).ok()) else {
                     return Ok(None);
                 };
                 let n = u16::from_be_bytes([a, b]);
@@ -785,9 +784,21 @@ mod tests {
         out.clear();
         encode_header(&mut out, true, Opcode::Binary, 65536, None);
         assert_eq!(out, [0x82, 0x7F, 0, 0, 0, 0, 0, 1, 0, 0]);
-        for (len, masked) in [(0, false), (125, true), (126, false), (65535, true), (65536, true)] {
+        for (len, masked) in [
+            (0, false),
+            (125, true),
+            (126, false),
+            (65535, true),
+            (65536, true),
+        ] {
             out.clear();
-            encode_header(&mut out, true, Opcode::Binary, len, masked.then_some([1, 2, 3, 4]));
+            encode_header(
+                &mut out,
+                true,
+                Opcode::Binary,
+                len,
+                masked.then_some([1, 2, 3, 4]),
+            );
             assert_eq!(out.len(), header_len(len, masked), "len {len}");
         }
         assert_eq!(header_len(usize::MAX, true), MAX_HEADER_LEN);
@@ -812,7 +823,11 @@ mod tests {
             let mut part = full[..cut].to_vec();
             assert_eq!(d.decode(&mut part), Ok(Decoded::Incomplete), "cut {cut}");
             // Header is 2 + 2 + 4 bytes.
-            let expect = if cut < 8 { None } else { Some(full.len() - cut) };
+            let expect = if cut < 8 {
+                None
+            } else {
+                Some(full.len() - cut)
+            };
             assert_eq!(d.needed(&full[..cut]), expect, "cut {cut}");
         }
         assert_eq!(d.needed(&full), Some(0));
@@ -820,7 +835,10 @@ mod tests {
         let mut hdr = Vec::new();
         encode_header(&mut hdr, true, Opcode::Binary, 70_000, None);
         assert_eq!(Decoder::new(Role::Client, 1 << 20).needed(&hdr[..9]), None);
-        assert_eq!(Decoder::new(Role::Client, 1 << 20).needed(&hdr), Some(70_000));
+        assert_eq!(
+            Decoder::new(Role::Client, 1 << 20).needed(&hdr),
+            Some(70_000)
+        );
     }
 
     #[test]
@@ -829,7 +847,11 @@ mod tests {
         let mut wire = Vec::new();
         let parts: [&[u8]; 3] = [b"first ", b"second ", b"third"];
         for (i, part) in parts.iter().enumerate() {
-            let op = if i == 0 { Opcode::Binary } else { Opcode::Continuation };
+            let op = if i == 0 {
+                Opcode::Binary
+            } else {
+                Opcode::Continuation
+            };
             encode_header(&mut wire, i == 2, op, part.len(), Some(key));
             let start = wire.len();
             wire.extend_from_slice(part);
@@ -846,7 +868,10 @@ mod tests {
             pos += consumed;
             seen.push((kind, data));
             if kind == Some("ping") {
-                assert!(d.is_mid_message(), "ping must not end the fragmented message");
+                assert!(
+                    d.is_mid_message(),
+                    "ping must not end the fragmented message"
+                );
             }
         }
         assert_eq!(
@@ -922,11 +947,21 @@ mod tests {
             (Role::Client, &[0x92, 0x00], ReservedBits, 1002),
             (Role::Client, &[0x83, 0x00], UnknownOpcode(3), 1002),
             (Role::Client, &[0x8B, 0x00], UnknownOpcode(0xB), 1002),
-            (Role::Client, &[0x89, 0x7E, 0x00, 0x7E], ControlTooLong, 1002),
+            (
+                Role::Client,
+                &[0x89, 0x7E, 0x00, 0x7E],
+                ControlTooLong,
+                1002,
+            ),
             (Role::Client, &[0x09, 0x00], FragmentedControl, 1002),
             (Role::Client, &[0x80, 0x00], UnexpectedContinuation, 1002),
             (Role::Client, &[0x00, 0x00], UnexpectedContinuation, 1002),
-            (Role::Client, &[0x82, 0x7E, 0x00, 0x7D], NonMinimalLength, 1002),
+            (
+                Role::Client,
+                &[0x82, 0x7E, 0x00, 0x7D],
+                NonMinimalLength,
+                1002,
+            ),
             (
                 Role::Client,
                 &[0x82, 0x7F, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF],
@@ -940,11 +975,36 @@ mod tests {
                 1002,
             ),
             (Role::Client, &[0x88, 0x01, 0x03], InvalidClosePayload, 1002),
-            (Role::Client, &[0x88, 0x02, 0x03, 0xED], InvalidClosePayload, 1002), // 1005
-            (Role::Client, &[0x88, 0x02, 0x03, 0xEE], InvalidClosePayload, 1002), // 1006
-            (Role::Client, &[0x88, 0x02, 0x03, 0xE7], InvalidClosePayload, 1002), // 999
-            (Role::Client, &[0x88, 0x02, 0x13, 0x88], InvalidClosePayload, 1002), // 5000
-            (Role::Client, &[0x88, 0x04, 0x03, 0xE8, 0xC3, 0x28], InvalidUtf8, 1007),
+            (
+                Role::Client,
+                &[0x88, 0x02, 0x03, 0xED],
+                InvalidClosePayload,
+                1002,
+            ), // 1005
+            (
+                Role::Client,
+                &[0x88, 0x02, 0x03, 0xEE],
+                InvalidClosePayload,
+                1002,
+            ), // 1006
+            (
+                Role::Client,
+                &[0x88, 0x02, 0x03, 0xE7],
+                InvalidClosePayload,
+                1002,
+            ), // 999
+            (
+                Role::Client,
+                &[0x88, 0x02, 0x13, 0x88],
+                InvalidClosePayload,
+                1002,
+            ), // 5000
+            (
+                Role::Client,
+                &[0x88, 0x04, 0x03, 0xE8, 0xC3, 0x28],
+                InvalidUtf8,
+                1007,
+            ),
         ];
         for (role, bytes, want, code) in cases {
             let got = decode_err(*role, bytes);
@@ -957,7 +1017,10 @@ mod tests {
         let mut d = Decoder::new(Role::Client, 1024);
         assert!(matches!(
             d.decode(&mut buf),
-            Ok(Decoded::Frame { consumed: 3, message: None })
+            Ok(Decoded::Frame {
+                consumed: 3,
+                message: None
+            })
         ));
         assert_eq!(d.decode(&mut buf[3..]), Err(ExpectedContinuation));
         assert_eq!(ExpectedContinuation.close_code(), 1002);
@@ -973,8 +1036,14 @@ mod tests {
     #[test]
     fn errors_are_detected_from_two_bytes() {
         // A bad first two bytes is refused without waiting for the rest.
-        assert_eq!(decode_err(Role::Server, &[0x82, 0x7F]), WsError::UnmaskedFrame);
-        assert_eq!(decode_err(Role::Client, &[0xF2, 0x7F]), WsError::ReservedBits);
+        assert_eq!(
+            decode_err(Role::Server, &[0x82, 0x7F]),
+            WsError::UnmaskedFrame
+        );
+        assert_eq!(
+            decode_err(Role::Client, &[0xF2, 0x7F]),
+            WsError::ReservedBits
+        );
         let mut short = vec![0x82];
         assert_eq!(
             Decoder::new(Role::Client, 10).decode(&mut short),
@@ -1012,7 +1081,18 @@ mod tests {
                 "code {code}"
             );
         }
-        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, u16::MAX] {
+        for code in [
+            0u16,
+            999,
+            1004,
+            1005,
+            1006,
+            1015,
+            1016,
+            2999,
+            5000,
+            u16::MAX,
+        ] {
             assert!(!is_valid_close_code(code), "{code}");
         }
     }

@@ -29,7 +29,11 @@ fn drive(decoder: &mut Decoder, input: &[u8], chunks: &[usize]) -> Vec<(u8, Vec<
     let mut out = Vec::new();
     let mut chunk_iter = chunks.iter().cycle();
     loop {
-        let n = chunk_iter.next().copied().unwrap_or(rest.len()).min(rest.len());
+        let n = chunk_iter
+            .next()
+            .copied()
+            .unwrap_or(rest.len())
+            .min(rest.len());
         let (chunk, tail) = rest.split_at(n);
         buf.extend_from_slice(chunk);
         rest = tail;
@@ -95,7 +99,15 @@ fn soup_frame() -> impl Strategy<Value = Vec<u8>> {
     (
         any::<bool>(),
         prop_oneof![8 => Just(0u8), 1 => 1u8..8],
-        prop_oneof![Just(0u8), Just(1), Just(2), Just(8), Just(9), Just(10), 0u8..16],
+        prop_oneof![
+            Just(0u8),
+            Just(1),
+            Just(2),
+            Just(8),
+            Just(9),
+            Just(10),
+            0u8..16
+        ],
         any::<Option<[u8; 4]>>(),
         prop_oneof![0usize..130, 120usize..300, Just(65_536)],
         prop_oneof![4 => Just(0u8), 1 => any::<u8>()],
@@ -240,17 +252,19 @@ fn owned_frame() -> impl Strategy<Value = OwnedFrame> {
         any::<bool>(),
         any::<u8>(),
     )
-        .prop_map(|(ty, id, unit, bytes, text, n32, n16, flag, n8)| OwnedFrame {
-            ty,
-            id,
-            unit,
-            bytes,
-            text,
-            n32,
-            n16,
-            flag,
-            n8,
-        })
+        .prop_map(
+            |(ty, id, unit, bytes, text, n32, n16, flag, n8)| OwnedFrame {
+                ty,
+                id,
+                unit,
+                bytes,
+                text,
+                n32,
+                n16,
+                flag,
+                n8,
+            },
+        )
 }
 
 /// Byte soup with a valid-looking devgate header in front, so decoding gets
@@ -278,7 +292,10 @@ fn soup_devgate_frame() -> impl Strategy<Value = Vec<u8>> {
         .prop_map(|(version, ty, flags, unit_len, rest)| {
             let mut out = vec![version, ty, flags, unit_len, 0, 0, 0, 1];
             // Mostly printable so that the unit check passes some of the time.
-            out.extend(rest.iter().map(|&b| if b < 0xE0 { 0x21 + b % 94 } else { b }));
+            out.extend(
+                rest.iter()
+                    .map(|&b| if b < 0xE0 { 0x21 + b % 94 } else { b }),
+            );
             out
         })
 }

@@ -9,16 +9,14 @@
 
 use std::collections::BTreeSet;
 
-use devgate_proto::frame::{
-    self, Body, ErrorCode, Frame, FrameError, FrameType, PresenceReason,
-};
+use devgate_proto::frame::{self, Body, ErrorCode, Frame, FrameError, FrameType, PresenceReason};
 use devgate_proto::ws;
 use serde_json::{Map, Value};
 
 const VECTORS: &str = include_str!("vectors.json");
 
 fn unhex(s: &str) -> Vec<u8> {
-    assert!(s.len() % 2 == 0, "odd-length hex {s:?}");
+    assert!(s.len().is_multiple_of(2), "odd-length hex {s:?}");
     (0..s.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit"))
@@ -186,15 +184,18 @@ fn golden_vectors() {
 
     for v in &vectors {
         let name = str_field(v, "name");
-        assert!(names.insert(name.to_owned()), "duplicate vector name {name}");
+        assert!(
+            names.insert(name.to_owned()),
+            "duplicate vector name {name}"
+        );
         let bytes = unhex(str_field(v, "hex"));
 
         match (v.get("frame"), v.get("error")) {
             (Some(Value::Object(f)), None) => {
                 let expected = Expected::from_json(f);
                 let want = expected.frame();
-                let got = Frame::decode(&bytes)
-                    .unwrap_or_else(|e| panic!("{name}: decode failed: {e}"));
+                let got =
+                    Frame::decode(&bytes).unwrap_or_else(|e| panic!("{name}: decode failed: {e}"));
                 assert_eq!(got, want, "{name}: decoded frame");
                 assert_eq!(got.frame_type().as_str(), expected.ty, "{name}: type name");
                 types_seen.insert(got.frame_type().as_str());
@@ -244,7 +245,10 @@ fn golden_vectors() {
         FrameType::Control,
     ];
     for t in all_types {
-        assert!(types_seen.contains(t.as_str()), "no valid vector of type {t}");
+        assert!(
+            types_seen.contains(t.as_str()),
+            "no valid vector of type {t}"
+        );
     }
     for kind in [
         "truncated",

@@ -52,7 +52,10 @@ impl DataDir {
             .output()
             .context("running devgate init (is the binary built? run `cargo xtask test`)")?;
         if !out.status.success() {
-            bail!("devgate init failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "devgate init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
         let fingerprint = stdout
@@ -98,9 +101,8 @@ impl Gateway {
     /// Starts a gateway on an existing data directory.
     pub fn start_in(data: DataDir, config: &str) -> Result<Self> {
         let cfg_path = data.path().join("devgate.toml");
-        let text = format!(
-            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 2\n{config}\n"
-        );
+        let text =
+            format!("listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 2\n{config}\n");
         std::fs::write(&cfg_path, text)?;
         let mut child = Command::new(binary("devgate"))
             .arg("serve")
@@ -121,10 +123,10 @@ impl Gateway {
             std::thread::spawn(move || {
                 let mut tx = Some(tx);
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("serving") {
-                        if let Some(tx) = tx.take() {
-                            let _ = tx.send(line.clone());
-                        }
+                    if line.contains("serving")
+                        && let Some(tx) = tx.take()
+                    {
+                        let _ = tx.send(line.clone());
                     }
                     if let Ok(mut l) = logs.lock() {
                         l.push_str(&line);
@@ -152,7 +154,10 @@ impl Gateway {
         let addr = field("listen")?;
         let admin = field("admin")?;
         let paths = PkiPaths::new(data.path());
-        let device_ca = Arc::new(ClientCa::load(&paths.device_ca_cert(), &paths.device_ca_key())?);
+        let device_ca = Arc::new(ClientCa::load(
+            &paths.device_ca_cert(),
+            &paths.device_ca_key(),
+        )?);
         let roots = roots(data.path())?;
         Ok(Self {
             child,
@@ -228,15 +233,17 @@ impl Gateway {
     pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
         let mut s = TcpStream::connect(self.admin)?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )?;
         let mut resp = String::new();
         s.read_to_string(&mut resp)?;
-        let status: u16 = resp
-            .split(' ')
-            .nth(1)
-            .context("no status")?
-            .parse()?;
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let status: u16 = resp.split(' ').nth(1).context("no status")?.parse()?;
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         Ok((status, body))
     }
 

@@ -33,10 +33,11 @@ async fn presence(conn: &mut Connection, unit: &str, online: bool) -> Result<Pre
     loop {
         let r = next(conn).await?;
         let f = r.frame();
-        if let Body::Presence { online: o, reason } = f.body {
-            if f.unit == unit && o == online {
-                return Ok(reason);
-            }
+        if let Body::Presence { online: o, reason } = f.body
+            && f.unit == unit
+            && o == online
+        {
+            return Ok(reason);
         }
     }
 }
@@ -67,7 +68,10 @@ async fn thousand_devices_each_answer_a_command_to_the_right_manager() -> Result
     let mut tasks = Vec::new();
     for i in 0..n {
         let unit = format!("dev-{i:04}");
-        let dev = gw.device(&unit).await.with_context(|| format!("connecting {unit}"))?;
+        let dev = gw
+            .device(&unit)
+            .await
+            .with_context(|| format!("connecting {unit}"))?;
         tasks.push(spawn_echo_device(dev, unit));
     }
     // Presence for all 1000 devices reaches the manager.
@@ -79,7 +83,9 @@ async fn thousand_devices_each_answer_a_command_to_the_right_manager() -> Result
         }
     }
     let started = Instant::now();
-    let frames: Vec<(String, u32)> = (0..n).map(|i| (format!("dev-{i:04}"), 10_000 + i as u32)).collect();
+    let frames: Vec<(String, u32)> = (0..n)
+        .map(|i| (format!("dev-{i:04}"), 10_000 + i as u32))
+        .collect();
     let cmds: Vec<Frame<'_>> = frames
         .iter()
         .map(|(u, id)| Frame::command(u, *id, b"ping"))
@@ -94,7 +100,10 @@ async fn thousand_devices_each_answer_a_command_to_the_right_manager() -> Result
         };
         assert_eq!(payload, format!("{}:ping", f.unit).as_bytes());
         let expected_id = 10_000 + f.unit[4..].parse::<u32>()?;
-        assert_eq!(f.id, expected_id, "response carries the manager's request id");
+        assert_eq!(
+            f.id, expected_id,
+            "response carries the manager's request id"
+        );
         answered.insert(f.unit.to_owned(), f.id);
     }
     eprintln!("1000 commands answered in {:?}", started.elapsed());
@@ -113,25 +122,52 @@ async fn two_managers_get_their_own_responses_and_both_get_events_and_presence()
     let mut m1 = gw.manager().await?;
     let mut m2 = gw.manager().await?;
     let dev = gw.device("shared-dev").await?;
-    assert_eq!(presence(&mut m1, "shared-dev", true).await?, PresenceReason::Connected);
-    assert_eq!(presence(&mut m2, "shared-dev", true).await?, PresenceReason::Connected);
+    assert_eq!(
+        presence(&mut m1, "shared-dev", true).await?,
+        PresenceReason::Connected
+    );
+    assert_eq!(
+        presence(&mut m2, "shared-dev", true).await?,
+        PresenceReason::Connected
+    );
     let device_task = spawn_echo_device(dev, "shared-dev".into());
 
     // Both managers use the same request ids; each must get only its own answers.
     for id in 1..=20u32 {
-        m1.send(&Frame::command("shared-dev", id, format!("m1-{id}").as_bytes())).await?;
-        m2.send(&Frame::command("shared-dev", id, format!("m2-{id}").as_bytes())).await?;
+        m1.send(&Frame::command(
+            "shared-dev",
+            id,
+            format!("m1-{id}").as_bytes(),
+        ))
+        .await?;
+        m2.send(&Frame::command(
+            "shared-dev",
+            id,
+            format!("m2-{id}").as_bytes(),
+        ))
+        .await?;
     }
     for (mgr, tag) in [(&mut m1, "m1"), (&mut m2, "m2")] {
         let mut seen = HashSet::new();
         while seen.len() < 20 {
             let r = next_non_presence(mgr).await?;
             let f = r.frame();
-            let Body::Response { payload } = f.body else { bail!("unexpected {f:?}") };
-            assert_eq!(payload, format!("shared-dev:{tag}-{}", f.id).as_bytes(), "{tag} got a response meant for the other manager");
+            let Body::Response { payload } = f.body else {
+                bail!("unexpected {f:?}")
+            };
+            assert_eq!(
+                payload,
+                format!("shared-dev:{tag}-{}", f.id).as_bytes(),
+                "{tag} got a response meant for the other manager"
+            );
             seen.insert(f.id);
         }
-        assert!(mgr.recv_timeout(Duration::from_millis(300)).await?.is_none(), "{tag}: no extra frames");
+        assert!(
+            mgr.recv_timeout(Duration::from_millis(300))
+                .await?
+                .is_none(),
+            "{tag}: no extra frames"
+        );
     }
     device_task.abort();
 
@@ -148,8 +184,14 @@ async fn two_managers_get_their_own_responses_and_both_get_events_and_presence()
     }
     // Offline presence goes to both when the device leaves.
     ev_dev.close(1000, "bye").await?;
-    assert_eq!(presence(&mut m1, "event-dev", false).await?, PresenceReason::Disconnected);
-    assert_eq!(presence(&mut m2, "event-dev", false).await?, PresenceReason::Disconnected);
+    assert_eq!(
+        presence(&mut m1, "event-dev", false).await?,
+        PresenceReason::Disconnected
+    );
+    assert_eq!(
+        presence(&mut m2, "event-dev", false).await?,
+        PresenceReason::Disconnected
+    );
     Ok(())
 }
 
@@ -157,19 +199,32 @@ async fn two_managers_get_their_own_responses_and_both_get_events_and_presence()
 async fn command_to_an_absent_device_returns_an_error_frame() -> Result<()> {
     let gw = Gateway::start("")?;
     let mut mgr = gw.manager().await?;
-    mgr.send(&Frame::command("nobody-here", 77, b"hello")).await?;
+    mgr.send(&Frame::command("nobody-here", 77, b"hello"))
+        .await?;
     let r = next_non_presence(&mut mgr).await?;
     let f = r.frame();
     assert_eq!(f.id, 77);
     assert_eq!(f.unit, "nobody-here");
-    assert!(matches!(f.body, Body::Error { code: ErrorCode::DeviceNotConnected, .. }), "{f:?}");
+    assert!(
+        matches!(
+            f.body,
+            Body::Error {
+                code: ErrorCode::DeviceNotConnected,
+                ..
+            }
+        ),
+        "{f:?}"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_that_stops_answering_pings_is_declared_dead_within_three_intervals() -> Result<()> {
     let interval = Duration::from_millis(500);
-    let gw = Gateway::start(&format!("[keepalive]\nping_interval_ms = {}\n", interval.as_millis()))?;
+    let gw = Gateway::start(&format!(
+        "[keepalive]\nping_interval_ms = {}\n",
+        interval.as_millis()
+    ))?;
     let mut mgr = gw.manager().await?;
     // The manager keeps itself alive by answering pings while it waits.
     let mut dev = gw.device("silent-dev").await?;
@@ -183,7 +238,10 @@ async fn device_that_stops_answering_pings_is_declared_dead_within_three_interva
     };
     let took = silent_since.elapsed();
     assert_eq!(reason, PresenceReason::Dead);
-    assert!(took <= interval * 3, "declared dead after {took:?}, more than 3 intervals");
+    assert!(
+        took <= interval * 3,
+        "declared dead after {took:?}, more than 3 intervals"
+    );
     assert!(took >= interval, "declared dead after only {took:?}");
     drop(dev);
     // A device that answers pings stays online over several intervals.
@@ -193,13 +251,19 @@ async fn device_that_stops_answering_pings_is_declared_dead_within_three_interva
     // The manager keeps reading (and so answering pings) while time passes.
     let until = Instant::now() + interval * 5;
     while Instant::now() < until {
-        if let Some(Incoming::Closed { code, reason }) = mgr.recv_timeout(until - Instant::now()).await? {
+        if let Some(Incoming::Closed { code, reason }) =
+            mgr.recv_timeout(until - Instant::now()).await?
+        {
             bail!("manager closed while idle: {code:?} {reason}");
         }
     }
     mgr.send(&Frame::command("live-dev", 5, b"x")).await?;
     let r = next_non_presence(&mut mgr).await?;
-    assert!(matches!(r.frame().body, Body::Response { .. }), "{:?}", r.frame());
+    assert!(
+        matches!(r.frame().body, Body::Response { .. }),
+        "{:?}",
+        r.frame()
+    );
     task.abort();
     Ok(())
 }
@@ -213,31 +277,48 @@ async fn device_limit_rejects_the_next_device_logs_it_and_is_settable_by_a_manag
         devs.push(gw.device(&format!("lim-{i}")).await?);
     }
     match gw.device("lim-3").await {
-        Err(ClientError::Refused { status: 503, body }) => assert!(body.contains("limit"), "{body}"),
+        Err(ClientError::Refused { status: 503, body }) => {
+            assert!(body.contains("limit"), "{body}")
+        }
         other => bail!("4th device not refused: {other:?}"),
     }
     assert!(
-        gw.wait_for_log("connection limit reached: device lim-3 rejected", Duration::from_secs(5)),
+        gw.wait_for_log(
+            "connection limit reached: device lim-3 rejected",
+            Duration::from_secs(5)
+        ),
         "missing log line; log:\n{}",
         gw.logs()
     );
     // A device already connected may reconnect (replace itself) at the limit.
     devs.push(gw.device("lim-0").await?);
     // The manager raises the limit at run time.
-    mgr.send(&Frame::control(9, br#"{"op":"set_device_limit","limit":4}"#)).await?;
+    mgr.send(&Frame::control(
+        9,
+        br#"{"op":"set_device_limit","limit":4}"#,
+    ))
+    .await?;
     let r = next_non_presence(&mut mgr).await?;
     let f = r.frame();
     assert_eq!(f.id, 9);
-    let Body::Control { payload } = f.body else { bail!("unexpected {f:?}") };
+    let Body::Control { payload } = f.body else {
+        bail!("unexpected {f:?}")
+    };
     let reply: serde_json::Value = serde_json::from_slice(payload)?;
     assert_eq!(reply["device_limit"], 4);
     devs.push(gw.device("lim-3").await?);
-    assert!(matches!(gw.device("lim-4").await, Err(ClientError::Refused { status: 503, .. })));
+    assert!(matches!(
+        gw.device("lim-4").await,
+        Err(ClientError::Refused { status: 503, .. })
+    ));
     assert_eq!(gw.status()?["limits"]["device_limit"], 4);
     // Bad control requests get an error frame naming the problem.
-    mgr.send(&Frame::control(10, br#"{"op":"set_device_limit"}"#)).await?;
+    mgr.send(&Frame::control(10, br#"{"op":"set_device_limit"}"#))
+        .await?;
     let r = next_non_presence(&mut mgr).await?;
-    assert!(matches!(r.frame().body, Body::Error { code: ErrorCode::ControlFailed, message } if message.contains("limit")));
+    assert!(
+        matches!(r.frame().body, Body::Error { code: ErrorCode::ControlFailed, message } if message.contains("limit"))
+    );
     Ok(())
 }
 
@@ -258,11 +339,15 @@ async fn grace_period_disconnects_and_refuses_devices_until_a_manager_connects()
     .await?;
     assert_eq!(closed, Some(1001));
     match gw.device("grace-dev-2").await {
-        Err(ClientError::Refused { status: 503, body }) => assert!(body.contains("no manager"), "{body}"),
+        Err(ClientError::Refused { status: 503, body }) => {
+            assert!(body.contains("no manager"), "{body}")
+        }
         other => bail!("device not refused during grace: {other:?}"),
     }
     let _mgr = gw.manager().await?;
-    gw.device("grace-dev-3").await.context("device refused after a manager connected")?;
+    gw.device("grace-dev-3")
+        .await
+        .context("device refused after a manager connected")?;
     Ok(())
 }
 
@@ -291,16 +376,32 @@ async fn check_status_goes_init_warn_ok() -> Result<()> {
 async fn unauthenticated_and_wrong_role_requests_are_refused() -> Result<()> {
     let gw = Gateway::start("")?;
     let anon = gw.anonymous_tls()?;
-    let (status, _) = devgate_client::http_get(gw.addr, "localhost", anon.clone(), "/v1/status").await?;
+    let (status, _) =
+        devgate_client::http_get(gw.addr, "localhost", anon.clone(), "/v1/status").await?;
     assert_eq!(status, 404, "admin paths are not on the public port");
     let (status, _) = devgate_client::http_get(gw.addr, "localhost", anon.clone(), "/").await?;
     assert_eq!(status, 404);
-    let no_cert = devgate_client::connect(&gw.options(devgate_client::Role::Device), anon.clone()).await;
-    assert!(matches!(no_cert, Err(ClientError::Refused { status: 401, .. })), "{no_cert:?}");
-    let mgr_as_device = devgate_client::connect(&gw.options(devgate_client::Role::Device), gw.manager_tls()?).await;
-    assert!(matches!(mgr_as_device, Err(ClientError::Refused { status: 403, .. })), "{mgr_as_device:?}");
-    let dev_as_mgr = devgate_client::connect(&gw.options(devgate_client::Role::Manager), gw.device_tls("d1")?).await;
-    assert!(matches!(dev_as_mgr, Err(ClientError::Refused { status: 403, .. })), "{dev_as_mgr:?}");
+    let no_cert =
+        devgate_client::connect(&gw.options(devgate_client::Role::Device), anon.clone()).await;
+    assert!(
+        matches!(no_cert, Err(ClientError::Refused { status: 401, .. })),
+        "{no_cert:?}"
+    );
+    let mgr_as_device =
+        devgate_client::connect(&gw.options(devgate_client::Role::Device), gw.manager_tls()?).await;
+    assert!(
+        matches!(mgr_as_device, Err(ClientError::Refused { status: 403, .. })),
+        "{mgr_as_device:?}"
+    );
+    let dev_as_mgr = devgate_client::connect(
+        &gw.options(devgate_client::Role::Manager),
+        gw.device_tls("d1")?,
+    )
+    .await;
+    assert!(
+        matches!(dev_as_mgr, Err(ClientError::Refused { status: 403, .. })),
+        "{dev_as_mgr:?}"
+    );
     // A certificate from a foreign CA fails the TLS handshake itself.
     let other = devgate_tests::DataDir::init()?;
     let foreign_ca = devgate_pki::ClientCa::load(
@@ -308,11 +409,17 @@ async fn unauthenticated_and_wrong_role_requests_are_refused() -> Result<()> {
         &devgate_pki::PkiPaths::new(other.path()).device_ca_key(),
     )?;
     let issued = foreign_ca.issue_device("intruder")?;
-    let tls = devgate_client::tls_config(&devgate_tests::roots(gw.data.path())?, Some((issued.chain, issued.key)))?;
+    let tls = devgate_client::tls_config(
+        &devgate_tests::roots(gw.data.path())?,
+        Some((issued.chain, issued.key)),
+    )?;
     let foreign = devgate_client::connect(&gw.options(devgate_client::Role::Device), tls).await;
     assert!(foreign.is_err(), "foreign device certificate accepted");
     let counters = &gw.status()?["counters"];
-    assert!(counters["handshakes_failed_tls"].as_u64() >= Some(1), "{counters}");
+    assert!(
+        counters["handshakes_failed_tls"].as_u64() >= Some(1),
+        "{counters}"
+    );
     Ok(())
 }
 
@@ -321,8 +428,16 @@ async fn tls12_and_tls13_clients_both_work() -> Result<()> {
     let gw = Gateway::start("")?;
     let paths = devgate_pki::PkiPaths::new(gw.data.path());
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
-        let ident = (devgate_pki::load_certs(&paths.manager_cert())?, devgate_pki::load_key(&paths.manager_key())?);
-        let tls = devgate_client::tls_config_with(&devgate_tests::roots(gw.data.path())?, Some(ident), &[version], None)?;
+        let ident = (
+            devgate_pki::load_certs(&paths.manager_cert())?,
+            devgate_pki::load_key(&paths.manager_key())?,
+        );
+        let tls = devgate_client::tls_config_with(
+            &devgate_tests::roots(gw.data.path())?,
+            Some(ident),
+            &[version],
+            None,
+        )?;
         let conn = devgate_client::connect(&gw.options(devgate_client::Role::Manager), tls).await?;
         assert_eq!(conn.protocol_version(), Some(version.version));
     }
@@ -334,9 +449,15 @@ async fn duplicate_unit_replaces_the_old_connection_and_presence_stays_online() 
     let gw = Gateway::start("")?;
     let mut mgr = gw.manager().await?;
     let mut old = gw.device("dup").await?;
-    assert_eq!(presence(&mut mgr, "dup", true).await?, PresenceReason::Connected);
+    assert_eq!(
+        presence(&mut mgr, "dup", true).await?,
+        PresenceReason::Connected
+    );
     let new = gw.device("dup").await?;
-    assert_eq!(presence(&mut mgr, "dup", true).await?, PresenceReason::Reconnected);
+    assert_eq!(
+        presence(&mut mgr, "dup", true).await?,
+        PresenceReason::Reconnected
+    );
     match old.recv_timeout(STEP).await? {
         Some(Incoming::Closed { code, .. }) => assert_eq!(code, Some(4001)),
         other => bail!("old connection not closed: {other:?}"),
@@ -345,7 +466,11 @@ async fn duplicate_unit_replaces_the_old_connection_and_presence_stays_online() 
     let task = spawn_echo_device(new, "dup".into());
     mgr.send(&Frame::command("dup", 1, b"who")).await?;
     let r = next(&mut mgr).await?;
-    assert!(matches!(r.frame().body, Body::Response { payload } if payload == b"dup:who"), "{:?}", r.frame());
+    assert!(
+        matches!(r.frame().body, Body::Response { payload } if payload == b"dup:who"),
+        "{:?}",
+        r.frame()
+    );
     assert_eq!(gw.status()?["devices"], 1);
     task.abort();
     Ok(())
@@ -353,18 +478,40 @@ async fn duplicate_unit_replaces_the_old_connection_and_presence_stays_online() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_gets_errors_or_a_closed_socket_and_the_gateway_lives_on() -> Result<()> {
-    let gw = Gateway::start("[limits]\nmax_message_bytes = 4096\nqueue_bytes = 65536\nhandshake_timeout_ms = 500\n")?;
+    let gw = Gateway::start(
+        "[limits]\nmax_message_bytes = 4096\nqueue_bytes = 65536\nhandshake_timeout_ms = 500\n",
+    )?;
     let mut mgr = gw.manager().await?;
     let mut dev = gw.device("bad-dev").await?;
     presence(&mut mgr, "bad-dev", true).await?;
     // A response to a request that was never sent.
     dev.send(&Frame::response("", 4242, b"?")).await?;
     let r = next(&mut dev).await?;
-    assert!(matches!(r.frame().body, Body::Error { code: ErrorCode::UnknownRequest, .. }), "{:?}", r.frame());
+    assert!(
+        matches!(
+            r.frame().body,
+            Body::Error {
+                code: ErrorCode::UnknownRequest,
+                ..
+            }
+        ),
+        "{:?}",
+        r.frame()
+    );
     // A command from a device is not permitted.
     dev.send(&Frame::command("", 1, b"x")).await?;
     let r = next(&mut dev).await?;
-    assert!(matches!(r.frame().body, Body::Error { code: ErrorCode::NotPermitted, .. }), "{:?}", r.frame());
+    assert!(
+        matches!(
+            r.frame().body,
+            Body::Error {
+                code: ErrorCode::NotPermitted,
+                ..
+            }
+        ),
+        "{:?}",
+        r.frame()
+    );
     // A message larger than the limit closes the session with 1009.
     let big = vec![0u8; 8192];
     dev.send(&Frame::event("", &big)).await?;
@@ -372,20 +519,37 @@ async fn malformed_input_gets_errors_or_a_closed_socket_and_the_gateway_lives_on
         Some(Incoming::Closed { code, .. }) => assert_eq!(code, Some(1009)),
         other => bail!("oversized message not refused: {other:?}"),
     }
-    assert_eq!(presence(&mut mgr, "bad-dev", false).await?, PresenceReason::Disconnected);
+    assert_eq!(
+        presence(&mut mgr, "bad-dev", false).await?,
+        PresenceReason::Disconnected
+    );
     // A connection that never says anything is closed after the handshake timeout.
     let mut raw = tokio::net::TcpStream::connect(gw.addr).await?;
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut raw, &mut buf)).await??;
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut raw, &mut buf),
+    )
+    .await??;
     assert_eq!(n, 0, "idle handshake not closed");
     // Garbage instead of a TLS ClientHello.
     let mut raw = tokio::net::TcpStream::connect(gw.addr).await?;
     tokio::io::AsyncWriteExt::write_all(&mut raw, b"GET / HTTP/1.1\r\n\r\n").await?;
     let mut sink = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut sink)).await?;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut sink),
+    )
+    .await?;
     // The gateway still serves.
     mgr.send(&Frame::command("nobody", 3, b"x")).await?;
     let r = next_non_presence(&mut mgr).await?;
-    assert!(matches!(r.frame().body, Body::Error { code: ErrorCode::DeviceNotConnected, .. }));
+    assert!(matches!(
+        r.frame().body,
+        Body::Error {
+            code: ErrorCode::DeviceNotConnected,
+            ..
+        }
+    ));
     Ok(())
 }

@@ -19,7 +19,9 @@ const GRANT: usize = 64 * 1024;
 const SLOW: Duration = Duration::from_millis(2);
 
 fn pattern(offset: usize) -> Vec<u8> {
-    (0..CHUNK).map(|i| ((offset + i) as u64 * 2_654_435_761 % 251) as u8).collect()
+    (0..CHUNK)
+        .map(|i| ((offset + i) as u64 * 2_654_435_761 % 251) as u8)
+        .collect()
 }
 
 fn expected_digest() -> Vec<u8> {
@@ -31,7 +33,8 @@ fn expected_digest() -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stream_carries_64_mib_each_way_with_slow_readers_and_bounded_gateway_memory() -> Result<()> {
+async fn stream_carries_64_mib_each_way_with_slow_readers_and_bounded_gateway_memory() -> Result<()>
+{
     let gw = Gateway::start("")?;
     let mgr = gw.manager().await?;
     let dev = gw.device("stream-dev").await?;
@@ -73,9 +76,12 @@ async fn stream_carries_64_mib_each_way_with_slow_readers_and_bounded_gateway_me
                     assert_eq!(payload, b"echo");
                     stream_id = f.id;
                     credit.add_permits(window as usize);
-                    dtx.send(&Frame::stream_window("", stream_id, WINDOW)).await?;
+                    dtx.send(&Frame::stream_window("", stream_id, WINDOW))
+                        .await?;
                     let (dtx, credit) = (dtx.clone(), credit.clone());
-                    let Some(mut echo_rx) = echo_rx.take() else { bail!("second StreamOpen") };
+                    let Some(mut echo_rx) = echo_rx.take() else {
+                        bail!("second StreamOpen")
+                    };
                     echo_task = Some(tokio::spawn(async move {
                         while let Some(data) = echo_rx.recv().await {
                             credit.acquire_many(data.len() as u32).await?.forget();
@@ -92,7 +98,8 @@ async fn stream_carries_64_mib_each_way_with_slow_readers_and_bounded_gateway_me
                     echo_tx.send(payload.to_vec()).await?;
                     if since_grant >= GRANT {
                         tokio::time::sleep(SLOW).await;
-                        dtx.send(&Frame::stream_window("", stream_id, since_grant as u32)).await?;
+                        dtx.send(&Frame::stream_window("", stream_id, since_grant as u32))
+                            .await?;
                         since_grant = 0;
                     }
                 }
@@ -106,7 +113,9 @@ async fn stream_carries_64_mib_each_way_with_slow_readers_and_bounded_gateway_me
         // Keep serving credit frames until the manager closes the stream.
         loop {
             match drx.recv_timeout(Duration::from_secs(30)).await? {
-                Some(Incoming::Frame(r)) if matches!(r.frame().body, Body::StreamClose { .. }) => break,
+                Some(Incoming::Frame(r)) if matches!(r.frame().body, Body::StreamClose { .. }) => {
+                    break;
+                }
                 Some(Incoming::Frame(_)) => {}
                 _ => bail!("device: no stream close"),
             }
@@ -119,10 +128,12 @@ async fn stream_carries_64_mib_each_way_with_slow_readers_and_bounded_gateway_me
     let sender = {
         let (mtx, credit) = (mtx.clone(), credit.clone());
         tokio::spawn(async move {
-            mtx.send(&Frame::stream_open("stream-dev", 1, WINDOW, b"echo")).await?;
+            mtx.send(&Frame::stream_open("stream-dev", 1, WINDOW, b"echo"))
+                .await?;
             for off in (0..TOTAL).step_by(CHUNK) {
                 credit.acquire_many(CHUNK as u32).await?.forget();
-                mtx.send(&Frame::stream_data("stream-dev", 1, &pattern(off))).await?;
+                mtx.send(&Frame::stream_data("stream-dev", 1, &pattern(off)))
+                    .await?;
             }
             anyhow::Ok(())
         })
@@ -145,7 +156,8 @@ async fn stream_carries_64_mib_each_way_with_slow_readers_and_bounded_gateway_me
                 since_grant += payload.len();
                 if since_grant >= GRANT {
                     tokio::time::sleep(SLOW).await;
-                    mtx.send(&Frame::stream_window("stream-dev", 1, since_grant as u32)).await?;
+                    mtx.send(&Frame::stream_window("stream-dev", 1, since_grant as u32))
+                        .await?;
                     since_grant = 0;
                 }
             }
@@ -154,15 +166,25 @@ async fn stream_carries_64_mib_each_way_with_slow_readers_and_bounded_gateway_me
         }
     }
     sender.await??;
-    mtx.send(&Frame::stream_close("stream-dev", 1, 0, "done")).await?;
+    mtx.send(&Frame::stream_close("stream-dev", 1, 0, "done"))
+        .await?;
     let device_digest = device.await??;
     sampler.abort();
     let expected = expected_digest();
     assert_eq!(device_digest, expected, "manager → device data corrupted");
-    assert_eq!(hasher.finalize().to_vec(), expected, "device → manager data corrupted");
+    assert_eq!(
+        hasher.finalize().to_vec(),
+        expected,
+        "device → manager data corrupted"
+    );
     let grown_mib = peak.load(Ordering::Relaxed).saturating_sub(baseline) as f64 / 1024.0;
-    eprintln!("gateway RSS: baseline {baseline} KiB, peak growth {grown_mib:.1} MiB while moving 128 MiB");
-    assert!(grown_mib < 24.0, "gateway RSS grew by {grown_mib:.1} MiB: flow control is not bounding memory");
+    eprintln!(
+        "gateway RSS: baseline {baseline} KiB, peak growth {grown_mib:.1} MiB while moving 128 MiB"
+    );
+    assert!(
+        grown_mib < 24.0,
+        "gateway RSS grew by {grown_mib:.1} MiB: flow control is not bounding memory"
+    );
     Ok(())
 }
 
@@ -171,7 +193,8 @@ async fn sending_beyond_the_window_closes_the_stream_with_flow_control() -> Resu
     let gw = Gateway::start("")?;
     let mut mgr = gw.manager().await?;
     let mut dev = gw.device("greedy").await?;
-    mgr.send(&Frame::stream_open("greedy", 7, 1024, b"x")).await?;
+    mgr.send(&Frame::stream_open("greedy", 7, 1024, b"x"))
+        .await?;
     let r = loop {
         let r = match dev.recv_timeout(Duration::from_secs(10)).await? {
             Some(Incoming::Frame(r)) => r,
@@ -193,7 +216,8 @@ async fn sending_beyond_the_window_closes_the_stream_with_flow_control() -> Resu
             break;
         }
     }
-    mgr.send(&Frame::stream_data("greedy", 7, &[0u8; 200])).await?;
+    mgr.send(&Frame::stream_data("greedy", 7, &[0u8; 200]))
+        .await?;
     for conn in [&mut mgr, &mut dev] {
         loop {
             let r = match conn.recv_timeout(Duration::from_secs(10)).await? {

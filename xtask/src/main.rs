@@ -1,1 +1,213 @@
-fn main() {}
+//! `cargo xtask …`: project automation that needs more than one cargo command.
+//!
+//! - `test`  — builds the binaries the end-to-end tests start, then runs every test.
+//! - `ci`    — what `.ci/run` runs: formatting, clippy with warnings denied, `test`.
+//! - `demo`  — builds release binaries, creates a data dir under `target/demo`, starts
+//!   the gateway on embedded defaults, runs a small fleet against it with the load
+//!   generator, prints what happened and stops the gateway.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("ci") => ci(),
+        Some("demo") => demo(&args[1..]),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <test|ci|demo> [args]\n  test [cargo test args]  build the binaries and run all tests\n  ci                      fmt check, clippy -D warnings, test\n  demo [--devices N] [--seconds S]  run the gateway with a demo fleet"
+            );
+            bail!("unknown or missing task");
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    // The end-to-end tests start target/debug/devgate: build it (and the loadgen) first.
+    run(cargo().args(["build", "--bins"]))?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--color", "never"]).args(extra);
+    eprintln!("$ {cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word).map(str::trim))
+                    .and_then(|n| n.rsplit(' ').next().and_then(|n| n.parse().ok()))
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+            ignored += count("ignored");
+        }
+    }
+    let status = child.wait()?;
+    // One closing line over all test binaries (cargo's last one is often an empty doc-test run).
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    test(&[])
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc_kill(self.0.id());
+        }
+        let _ = self.0.wait();
+    }
+}
+
+unsafe fn libc_kill(pid: u32) {
+    unsafe extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SIGTERM: a graceful shutdown, as systemd would do it.
+    unsafe {
+        kill(pid as i32, 15);
+    }
+}
+
+fn demo(args: &[String]) -> Result<()> {
+    let mut devices = 2000u32;
+    let mut seconds = 10u32;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--devices" => devices = it.next().context("--devices N")?.parse()?,
+            "--seconds" => seconds = it.next().context("--seconds S")?.parse()?,
+            other => bail!("unknown demo option {other}"),
+        }
+    }
+    run(cargo().args(["build", "--release", "--bins"]))?;
+    let bin = Path::new("target/release");
+    let data = Path::new("target/demo");
+    if !data.join("pki/root.pem").exists() {
+        run(Command::new(bin.join("devgate"))
+            .args(["init", "--data-dir"])
+            .arg(data)
+            .args(["--name", "localhost,127.0.0.1"]))?;
+    } else {
+        run(Command::new(bin.join("devgate"))
+            .args(["fingerprint", "--data-dir"])
+            .arg(data))?;
+    }
+    let listen = "127.0.0.1:8443";
+    let admin = "127.0.0.1:9180";
+    eprintln!(
+        "$ devgate serve --data-dir {} (embedded defaults: port 8443, admin 127.0.0.1:9180)",
+        data.display()
+    );
+    let gateway = Running(
+        Command::new(bin.join("devgate"))
+            .args(["serve", "--data-dir"])
+            .arg(data)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting devgate")?,
+    );
+    wait_for_port(listen, Duration::from_secs(10))?;
+    let pid = gateway.0.id().to_string();
+    let report = data.join("loadgen.json");
+    run(Command::new(bin.join("devgate-loadgen"))
+        .args(["steady", "--gateway", listen, "--data-dir"])
+        .arg(data)
+        .args([
+            "--devices",
+            &devices.to_string(),
+            "--managers",
+            "1",
+            "--rate",
+            "2000",
+        ])
+        .args([
+            "--duration",
+            &seconds.to_string(),
+            "--gateway-pid",
+            &pid,
+            "--json",
+        ])
+        .arg(&report))?;
+    let status = http_get(admin, "/v1/status")?;
+    println!("\n/v1/status on {admin}:\n{status}");
+    println!("\nloadgen report: {}", report.display());
+    drop(gateway);
+    Ok(())
+}
+
+fn wait_for_port(addr: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("gateway did not listen on {addr} within {timeout:?} (is the port in use?)")
+}
+
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    Ok(resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or(resp))
+}

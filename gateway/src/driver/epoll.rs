@@ -91,7 +91,10 @@ pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
                 LISTENER => accept_now = true,
                 WAKER => {}
                 Token(t) => {
-                    let Some(slot) = t.checked_sub(FIRST_CONN).and_then(|s| u32::try_from(s).ok()) else {
+                    let Some(slot) = t
+                        .checked_sub(FIRST_CONN)
+                        .and_then(|s| u32::try_from(s).ok())
+                    else {
                         continue;
                     };
                     if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
@@ -108,7 +111,9 @@ pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
             accept_again = accept_batch(&mut worker, &listener, &poll, &mut sockets, now);
         }
         for slot in to_read {
-            let Some(Some(sock)) = sockets.get_mut(slot as usize) else { continue };
+            let Some(Some(sock)) = sockets.get_mut(slot as usize) else {
+                continue;
+            };
             if read_socket(&mut worker, slot, &mut sock.stream, &mut read_buf, now) {
                 read_again.push(slot);
             }
@@ -118,7 +123,9 @@ pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
         worker.take_dirty(&mut dirty);
         dirty.extend_from_slice(&writable);
         for &slot in &dirty {
-            let Some(Some(sock)) = sockets.get_mut(slot as usize) else { continue };
+            let Some(Some(sock)) = sockets.get_mut(slot as usize) else {
+                continue;
+            };
             flush(&mut worker, slot, sock, &poll, now);
         }
         worker.poll_inbox(now);
@@ -154,9 +161,9 @@ fn accept_batch(
                 let Some(slot) = worker.accept(peer, now) else {
                     continue; // dropping the stream closes it
                 };
-                if let Err(e) = poll
-                    .registry()
-                    .register(&mut stream, token(slot), Interest::READABLE)
+                if let Err(e) =
+                    poll.registry()
+                        .register(&mut stream, token(slot), Interest::READABLE)
                 {
                     warn!(%peer, "cannot register connection: {e}");
                     worker.on_error(slot, &e, now);
