@@ -41,6 +41,20 @@ pub struct Conn {
     pub dirty: bool,
     /// Send TLS close_notify once the queue has drained (the connection is closing).
     pub notify_on_drain: bool,
+    /// Who the peer turned out to be (kept outside `phase`, which the router briefly
+    /// empties while it works on a session).
+    pub kind: PeerKind,
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    /// Not (yet) upgraded to a session.
+    Unknown,
+    /// A device session.
+    Device,
+    /// A manager session.
+    Manager,
 }
 
 impl std::fmt::Debug for Conn {
@@ -49,6 +63,7 @@ impl std::fmt::Debug for Conn {
             .field("handle", &self.handle)
             .field("peer", &self.peer)
             .field("phase", &self.phase.name())
+            .field("kind", &self.kind)
             .field("queued", &self.out.bytes)
             .finish_non_exhaustive()
     }

@@ -23,8 +23,8 @@ use devgate_proto::ws::{self, Decoded, Message, Opcode};
 use tracing::{debug, info, warn};
 
 use crate::conn::{
-    Conn, DeviceSession, DeviceStream, ManagerSession, ManagerStream, OutQueue, Pending, Phase,
-    QueueRefusal, Role, Session,
+    Conn, DeviceSession, DeviceStream, ManagerSession, ManagerStream, OutQueue, PeerKind, Pending,
+    Phase, QueueRefusal, Role, Session,
 };
 use crate::msg::{CloseReason, Msg, MsgKind, Priority};
 use crate::shared::{ConnHandle, Shared};
@@ -161,7 +161,13 @@ impl Worker {
         }
         let tls_config = self.shared.tls.load().server_config.clone();
         let tls = match rustls::ServerConnection::new(tls_config) {
-            Ok(tls) => tls,
+            Ok(mut tls) => {
+                // Memory is bounded by our own queue, which feeds rustls only once its
+                // previous output is on the wire; rustls' own 64 KiB cap would instead make
+                // a single large frame fail half-written.
+                tls.set_buffer_limit(None);
+                tls
+            }
             Err(e) => {
                 warn!(%peer, "cannot start TLS session: {e}");
                 self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
@@ -198,6 +204,7 @@ impl Worker {
             handshake_deadline: now + handshake,
             dirty: false,
             notify_on_drain: false,
+            kind: PeerKind::Unknown,
         });
         self.live += 1;
         Some(slot)
@@ -306,8 +313,9 @@ impl Worker {
                 .occupied_slots()
                 .into_iter()
                 .filter(|s| {
-                    self.conn_ref(*s)
-                        .is_some_and(|c| matches!(c.phase.name(), "device"))
+                    self.conn_ref(*s).is_some_and(|c| {
+                        c.kind == PeerKind::Device && !matches!(c.phase, Phase::Closing)
+                    })
                 })
                 .collect();
             if !devices.is_empty() {
@@ -505,7 +513,7 @@ impl Worker {
             return Err(QueueRefusal::Full);
         };
         let len = frame.len();
-        let is_device = matches!(conn.phase.name(), "device");
+        let is_device = conn.kind == PeerKind::Device;
         match conn.out.push(frame, priority, soft, hard) {
             Ok(()) => {
                 let stats = &self.shared.stats[usize::from(self.id)];
@@ -798,6 +806,10 @@ impl Worker {
             }
         };
         let conn = self.conn_mut(slot)?;
+        conn.kind = match session {
+            Role::Device(_) => PeerKind::Device,
+            Role::Manager(_) => PeerKind::Manager,
+        };
         conn.phase = Phase::Session(Box::new(Session {
             decoder: ws::Decoder::new(ws::Role::Server, max_message),
             role: session,

@@ -443,16 +443,16 @@ async fn steady(
             );
             tokio::spawn(async move {
                 let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
+                // Responses still in flight at the end get a short grace, then we stop.
+                let give_up = stop_at + Duration::from_millis(500);
                 loop {
-                    let r = match rx.recv_timeout(Duration::from_secs(5)).await {
+                    let wait = give_up.saturating_duration_since(Instant::now());
+                    if wait.is_zero() {
+                        break;
+                    }
+                    let r = match rx.recv_timeout(wait).await {
                         Ok(Some(Incoming::Frame(r))) => r,
-                        Ok(Some(Incoming::Closed { .. })) | Err(_) => break,
-                        Ok(None) => {
-                            if Instant::now() > stop_at {
-                                break;
-                            }
-                            continue;
-                        }
+                        Ok(Some(Incoming::Closed { .. })) | Err(_) | Ok(None) => break,
                     };
                     let f = r.frame();
                     match f.body {
@@ -470,9 +470,6 @@ async fn steady(
                             errors.add(&format!("error frame: {}", code.as_str()));
                         }
                         _ => {}
-                    }
-                    if Instant::now() > stop_at + Duration::from_secs(2) {
-                        break;
                     }
                 }
                 if let (Some(l), Ok(mut h)) = (local, hist.lock()) {

@@ -553,3 +553,83 @@ async fn malformed_input_gets_errors_or_a_closed_socket_and_the_gateway_lives_on
     ));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn largest_allowed_frames_are_routed_both_ways() -> Result<()> {
+    let gw = Gateway::start("")?;
+    let mut mgr = gw.manager().await?;
+    let dev = gw.device("big").await?;
+    presence(&mut mgr, "big", true).await?;
+    let task = spawn_echo_device(dev, "big".into());
+    // Default max_message_bytes is 1 MiB + 64: a 1 MiB payload plus headers fits.
+    let payload: Vec<u8> = (0..1024 * 1024 - 64).map(|i| (i % 253) as u8).collect();
+    mgr.send(&Frame::command("big", 1, &payload)).await?;
+    let r = next_non_presence(&mut mgr).await?;
+    let Body::Response { payload: back } = r.frame().body else {
+        bail!("unexpected {:?}", r.frame().id)
+    };
+    assert_eq!(back.len(), payload.len() + 4);
+    assert_eq!(&back[4..], &payload[..]);
+    task.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_does_not_read_fills_its_queue_and_the_manager_is_told() -> Result<()> {
+    let gw = Gateway::start(
+        "[limits]\nmax_message_bytes = 8192\nqueue_bytes = 65536\nqueue_hard_bytes = 1048576\nmax_pending_requests = 100000\n",
+    )?;
+    let mut mgr = gw.manager().await?;
+    // The device connects and then never reads: TCP buffers fill, then its gateway queue.
+    let stuck = gw.device("stuck").await?;
+    presence(&mut mgr, "stuck", true).await?;
+    let payload = vec![7u8; 4096];
+    let mut queue_full = 0;
+    let mut sent = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while queue_full == 0 && Instant::now() < deadline && sent < 20_000 {
+        let frames: Vec<Frame<'_>> = (0..64)
+            .map(|i| Frame::command("stuck", sent + i, &payload))
+            .collect();
+        mgr.send_batch(&frames).await?;
+        sent += 64;
+        while let Some(Incoming::Frame(r)) = mgr.recv_timeout(Duration::from_millis(5)).await? {
+            if let Body::Error {
+                code: ErrorCode::QueueFull,
+                ..
+            } = r.frame().body
+            {
+                assert_eq!(r.frame().unit, "stuck");
+                queue_full += 1;
+            }
+        }
+    }
+    assert!(
+        queue_full > 0,
+        "no queue_full after {sent} commands of 4 KiB to a device that does not read"
+    );
+    let status = gw.status()?;
+    assert!(
+        status["counters"]["queue_full"].as_u64() >= Some(1),
+        "{status}"
+    );
+    // Commands to other devices still flow.
+    let other = gw.device("other").await?;
+    presence(&mut mgr, "other", true).await?;
+    let task = spawn_echo_device(other, "other".into());
+    mgr.send(&Frame::command("other", 999_999, b"hi")).await?;
+    loop {
+        let r = next(&mut mgr).await?;
+        if r.frame().id == 999_999 {
+            assert!(
+                matches!(r.frame().body, Body::Response { .. }),
+                "{:?}",
+                r.frame()
+            );
+            break;
+        }
+    }
+    task.abort();
+    drop(stuck);
+    Ok(())
+}

@@ -52,7 +52,8 @@ fn test(extra: &[String]) -> Result<()> {
     // The end-to-end tests start target/debug/devgate: build it (and the loadgen) first.
     run(cargo().args(["build", "--bins"]))?;
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace", "--color", "never"]).args(extra);
+    cmd.args(["test", "--workspace", "--color", "never"])
+        .args(extra);
     eprintln!("$ {cmd:?}");
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -180,6 +181,9 @@ fn demo(args: &[String]) -> Result<()> {
         ])
         .arg(&report))?;
     let status = http_get(admin, "/v1/status")?;
+    let status = serde_json::from_str::<serde_json::Value>(&status)
+        .and_then(|v| serde_json::to_string_pretty(&v))
+        .unwrap_or(status);
     println!("\n/v1/status on {admin}:\n{status}");
     println!("\nloadgen report: {}", report.display());
     drop(gateway);
