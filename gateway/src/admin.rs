@@ -156,7 +156,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "data_path": "epoll",
         "tls_offload": "user",
         "tls_offload_reason": "kernel TLS offload is not part of the epoll data path; records are sealed by rustls in user space",
-        "xdp": { "mode": "off", "reason": "the XDP guard is not enabled in this build" },
+        "xdp": shared.guard.status(),
         "workers": shared.worker_count(),
         "devices": shared.device_count.load(Ordering::Relaxed),
         "managers": shared.manager_count(),
@@ -223,6 +223,7 @@ pub fn metrics_text(shared: &Shared) -> String {
         "",
         shared.started.elapsed().as_secs(),
     );
+    shared.guard.metrics(&mut out);
     for (name, value) in snapshot(shared).fields() {
         let _ = writeln!(
             out,

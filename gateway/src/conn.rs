@@ -37,6 +37,8 @@ pub struct Conn {
     pub ping_sent: Option<Instant>,
     /// Handshake (TLS + HTTP head) deadline.
     pub handshake_deadline: Instant,
+    /// When the TCP connection was accepted.
+    pub accepted_at: Instant,
     /// In the worker's dirty list already.
     pub dirty: bool,
     /// Send TLS close_notify once the queue has drained (the connection is closing).
@@ -161,6 +163,8 @@ pub struct Pending {
     pub manager: ConnHandle,
     /// The manager's own request id.
     pub request_id: u32,
+    /// When the command was queued to the device.
+    pub sent_at: Instant,
     /// When the request fails with `request_timeout`.
     pub deadline: Instant,
 }

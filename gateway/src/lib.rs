@@ -12,8 +12,10 @@
 //! - [`conn`] — what the worker keeps per connection, sized for tens of thousands idle.
 //! - [`shared`] — the session map (unit ID → connection), the manager list, the per-worker
 //!   inboxes through which workers hand each other [`msg`]s, limits and counters.
+//! - [`guard`] — admission of new connections per source IP and globally (XDP or user space).
 //! - [`tls`] — rustls configuration and the certificate facts status reports.
 //! - [`admin`] — the control plane's admin listener: `/v1/status` and `/metrics`.
+//! - [`ops`] — operator commands against a running gateway (`devgate status`).
 //! - [`server`] — start-up (listeners, workers, admin) and graceful shutdown.
 //! - [`config`] — the TOML configuration and its defaults.
 
@@ -21,7 +23,9 @@ pub mod admin;
 pub mod config;
 pub mod conn;
 pub mod driver;
+pub mod guard;
 pub mod msg;
+pub mod ops;
 pub mod server;
 pub mod shared;
 pub mod stats;

@@ -63,6 +63,8 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    #[command(flatten)]
+    Ops(gateway::ops::OpsCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -158,6 +160,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve { opts } => serve(opts),
+        Command::Ops(cmd) => gateway::ops::run(cmd),
         Command::Fingerprint { data_dir } => {
             let fp = devgate_pki::fingerprint_file(&PkiPaths::new(&data_dir).root_cert())?;
             println!("Root fingerprint: {fp}");

@@ -95,7 +95,8 @@ pub fn serve(config: Config) -> Result<()> {
         .with_context(|| format!("cannot bind the admin listener on {}", config.admin))?;
     let admin_addr = admin.local_addr()?;
 
-    let shared = Arc::new(Shared::new(config, tls, workers, max_connections));
+    let guard: Box<dyn crate::guard::Guard> = Box::new(crate::guard::Unguarded);
+    let shared = Arc::new(Shared::new(config, tls, workers, max_connections, guard));
     let now = Instant::now();
     let mut threads = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {

@@ -15,8 +15,9 @@ use crossbeam_utils::CachePadded;
 use dashmap::DashMap;
 
 use crate::config::Config;
+use crate::guard::Guard;
 use crate::msg::Msg;
-use crate::stats::WorkerStats;
+use crate::stats::{WorkerLatencies, WorkerStats};
 use crate::tls::TlsMaterial;
 
 /// Names one connection: the worker that owns it, its slot there, and the slot's
@@ -161,6 +162,8 @@ pub struct Shared {
     pub inboxes: Box<[Inbox]>,
     /// Per-worker counters (cache-padded: each worker writes only its own).
     pub stats: Box<[CachePadded<WorkerStats>]>,
+    /// Per-worker latency histograms.
+    pub latencies: Box<[CachePadded<WorkerLatencies>]>,
     /// Devices currently connected (the limit is checked against this).
     pub device_count: AtomicUsize,
     /// Current device limit (0 = unlimited); managers may change it at run time.
@@ -179,6 +182,13 @@ pub struct Shared {
     no_manager_since_ms: AtomicU64,
     /// Whether any manager has connected since start.
     manager_seen: AtomicBool,
+    /// Admission of new connections (XDP or user space).
+    pub guard: Box<dyn Guard>,
+    /// Per worker: milliseconds after `started` of its last loop turn (the watchdog's
+    /// proof that the data path is alive).
+    pub heartbeats: Box<[AtomicU64]>,
+    /// Whether the guard was last told to accept new connections.
+    accepting: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -195,7 +205,13 @@ const INBOX_CAPACITY: usize = 32 * 1024;
 
 impl Shared {
     /// Creates the shared state for `workers` workers.
-    pub fn new(config: Config, tls: TlsMaterial, workers: usize, max_connections: usize) -> Self {
+    pub fn new(
+        config: Config,
+        tls: TlsMaterial,
+        workers: usize,
+        max_connections: usize,
+        guard: Box<dyn Guard>,
+    ) -> Self {
         let device_limit = config.limits.device_limit;
         Self {
             config,
@@ -207,6 +223,9 @@ impl Shared {
             stats: (0..workers)
                 .map(|_| CachePadded::new(WorkerStats::default()))
                 .collect(),
+            latencies: (0..workers)
+                .map(|_| CachePadded::new(WorkerLatencies::default()))
+                .collect(),
             device_count: AtomicUsize::new(0),
             device_limit: AtomicU64::new(device_limit),
             connection_count: AtomicUsize::new(0),
@@ -216,6 +235,40 @@ impl Shared {
             started: Instant::now(),
             no_manager_since_ms: AtomicU64::new(0),
             manager_seen: AtomicBool::new(false),
+            guard,
+            heartbeats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            accepting: AtomicBool::new(true),
+        }
+    }
+
+    /// Records that worker `id` completed a loop turn at `now`.
+    pub fn heartbeat(&self, id: u16, now: Instant) {
+        if let Some(h) = self.heartbeats.get(usize::from(id)) {
+            h.store(self.ms_since_start(now), Ordering::Relaxed);
+        }
+    }
+
+    /// The oldest worker heartbeat's age: the data path is alive if this is small.
+    pub fn oldest_heartbeat_age(&self, now: Instant) -> Duration {
+        let now_ms = self.ms_since_start(now);
+        let oldest = self
+            .heartbeats
+            .iter()
+            .map(|h| h.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(now_ms);
+        Duration::from_millis(now_ms.saturating_sub(oldest))
+    }
+
+    /// Tells the guard whether new connections are admitted, on every change of
+    /// "device limit reached".
+    pub fn refresh_accepting(&self) {
+        let at_limit = self
+            .device_limit()
+            .is_some_and(|limit| self.device_count.load(Ordering::Acquire) as u64 >= limit);
+        let accepting = !at_limit;
+        if self.accepting.swap(accepting, Ordering::AcqRel) != accepting {
+            self.guard.set_accepting(accepting);
         }
     }
 
@@ -295,13 +348,17 @@ impl Shared {
                 self.device_count.fetch_sub(1, Ordering::AcqRel);
                 false
             }
-            _ => true,
+            _ => {
+                self.refresh_accepting();
+                true
+            }
         }
     }
 
     /// Gives a device slot back.
     pub fn release_device(&self) {
         self.device_count.fetch_sub(1, Ordering::AcqRel);
+        self.refresh_accepting();
     }
 
     /// What `/usg/check-status` says now.

@@ -32,6 +32,8 @@ counters! {
     accepted,
     /// Connections refused at accept because `max_connections` was reached.
     refused_max_connections,
+    /// Connections refused at accept by the guard (per-IP or rate limits, admission off).
+    refused_by_guard,
     /// TLS handshakes completed.
     handshakes_ok,
     /// TLS handshakes that failed (bad client hello, certificate, protocol).
@@ -80,4 +82,45 @@ counters! {
     responses_routed,
     /// Commands failed by the request timeout.
     request_timeouts,
+}
+
+/// Upper bounds (µs) of the latency histogram buckets; the last bucket is +Inf.
+pub const LATENCY_BOUNDS_US: [u64; 16] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 10_000_000,
+];
+
+/// A fixed-bucket latency histogram written by one worker (Prometheus-style cumulative
+/// rendering is done when read).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (non-cumulative); index 16 is +Inf.
+    pub buckets: [AtomicU64; 17],
+    /// Sum of observations in µs.
+    pub sum_us: AtomicU64,
+    /// Number of observations.
+    pub count: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one observation.
+    pub fn record(&self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let idx = LATENCY_BOUNDS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        self.buckets[idx].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One worker's latency histograms.
+#[derive(Debug, Default)]
+pub struct WorkerLatencies {
+    /// From forwarding a command to a device until its response arrives at the gateway.
+    pub device_response: LatencyHistogram,
+    /// From TCP accept until the WebSocket upgrade (TLS handshake + HTTP head).
+    pub handshake: LatencyHistogram,
 }

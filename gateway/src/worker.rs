@@ -153,9 +153,14 @@ impl Worker {
         if self.shared.shutting_down.load(Ordering::Relaxed) {
             return None;
         }
+        if !self.shared.guard.admit(peer.ip(), now) {
+            bump(&self.stats().refused_by_guard);
+            return None;
+        }
         let open = self.shared.connection_count.fetch_add(1, Ordering::AcqRel);
         if open >= self.shared.max_connections {
             self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
+            self.shared.guard.closed(peer.ip());
             bump(&self.stats().refused_max_connections);
             return None;
         }
@@ -171,6 +176,7 @@ impl Worker {
             Err(e) => {
                 warn!(%peer, "cannot start TLS session: {e}");
                 self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
+                self.shared.guard.closed(peer.ip());
                 return None;
             }
         };
@@ -202,6 +208,7 @@ impl Worker {
             last_rx: now,
             ping_sent: None,
             handshake_deadline: now + handshake,
+            accepted_at: now,
             dirty: false,
             notify_on_drain: false,
             kind: PeerKind::Unknown,
@@ -293,6 +300,7 @@ impl Worker {
     /// Timers: handshake timeouts, keep-alives, dead peers, request timeouts, the
     /// no-manager grace period and shutdown. Returns when it wants to be called next.
     pub fn tick(&mut self, now: Instant) -> Instant {
+        self.shared.heartbeat(self.id, now);
         if now < self.next_sweep {
             return self.next_sweep;
         }
@@ -403,12 +411,13 @@ impl Worker {
     /// The driver closed the socket of `slot`; the slot may be reused.
     pub fn release(&mut self, slot: u32) {
         if let Some(entry) = self.slots.get_mut(slot as usize)
-            && entry.conn.take().is_some()
+            && let Some(conn) = entry.conn.take()
         {
             entry.generation = entry.generation.wrapping_add(1);
             self.free.push(slot);
             self.live -= 1;
             self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
+            self.shared.guard.closed(conn.peer.ip());
         }
     }
 
@@ -805,7 +814,12 @@ impl Worker {
                 return None;
             }
         };
+        let latencies = self.shared.clone();
+        let id = usize::from(self.id);
         let conn = self.conn_mut(slot)?;
+        latencies.latencies[id]
+            .handshake
+            .record(now.saturating_duration_since(conn.accepted_at));
         conn.kind = match session {
             Role::Device(_) => PeerKind::Device,
             Role::Manager(_) => PeerKind::Manager,
@@ -1016,6 +1030,9 @@ impl Worker {
                     return;
                 };
                 bump(&self.stats().responses_routed);
+                self.shared.latencies[usize::from(self.id)]
+                    .device_response
+                    .record(now.saturating_duration_since(p.sent_at));
                 let bytes = encode_ws_frame(&Frame::response(&unit, p.request_id, payload));
                 self.deliver(Msg {
                     to: p.manager,
@@ -1391,6 +1408,7 @@ impl Worker {
                     "set_device_limit needs a non-negative integer \"limit\" (0 = unlimited)",
                 )?;
                 shared.device_limit.store(limit, Ordering::Relaxed);
+                shared.refresh_accepting();
                 info!(limit, "device limit changed by a manager");
                 Ok(serde_json::json!({"ok": true, "device_limit": limit}).to_string())
             }
@@ -1644,6 +1662,7 @@ impl Worker {
                         Pending {
                             manager: from,
                             request_id,
+                            sent_at: now,
                             deadline: now + timeout,
                         },
                     );
