@@ -1,6 +1,6 @@
 //! Opening connections: TCP (optionally from a chosen source address), the TLS
-//! handshake, and the HTTP/1.1 upgrade to WebSocket; plus [`http_get`] for
-//! plain requests on a fresh connection.
+//! handshake, and the HTTP/1.1 upgrade to WebSocket; plus [`http_get`] and
+//! [`http_post`] for plain requests on a fresh connection.
 //!
 //! HTTP parsing itself is `devgate_proto::http`; this module only moves bytes
 //! and enforces the size and time limits that keep a misbehaving gateway from
@@ -23,7 +23,7 @@ use tokio_rustls::TlsConnector;
 use crate::conn::{Connection, Stream};
 use crate::error::from_io;
 use crate::{
-    ClientError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE, HTTP_GET_TIMEOUT, MAX_HTTP_BODY,
+    ClientError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE, HTTP_TIMEOUT, MAX_HTTP_BODY,
     MAX_REFUSAL_BODY, MAX_RESPONSE_HEAD, REFUSAL_BODY_TIMEOUT,
 };
 
@@ -156,28 +156,123 @@ pub async fn http_get(
     tls: Arc<rustls::ClientConfig>,
     path: &str,
 ) -> Result<(u16, Vec<u8>), ClientError> {
-    if path.bytes().any(|b| b == b'\r' || b == b'\n') {
+    let response = http_request(
+        addr,
+        server_name,
+        tls,
+        &Request {
+            method: "GET",
+            path,
+            body: None,
+        },
+        MAX_HTTP_BODY,
+    )
+    .await?;
+    Ok((response.status, response.body))
+}
+
+/// One `POST` of `body` (sent with `Content-Type: content_type` and
+/// `Content-Length`) on a fresh TLS connection (`Connection: close`):
+/// returns the status and the response body, with the limits of
+/// [`http_get`].
+pub async fn http_post(
+    addr: SocketAddr,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Result<(u16, Vec<u8>), ClientError> {
+    let response = http_request(
+        addr,
+        server_name,
+        tls,
+        &Request {
+            method: "POST",
+            path,
+            body: Some((content_type, body)),
+        },
+        MAX_HTTP_BODY,
+    )
+    .await?;
+    Ok((response.status, response.body))
+}
+
+/// A request for [`http_request`].
+pub(crate) struct Request<'a> {
+    pub(crate) method: &'static str,
+    pub(crate) path: &'a str,
+    /// Content type and body.
+    pub(crate) body: Option<(&'a str, &'a [u8])>,
+}
+
+/// What [`http_request`] returns.
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) body: Vec<u8>,
+    /// The `Retry-After` header, when it is a number of seconds.
+    pub(crate) retry_after: Option<Duration>,
+}
+
+/// One request on a fresh TLS connection (`Connection: close`), the whole
+/// exchange limited to 30 s and the response body to `limit` bytes.
+pub(crate) async fn http_request(
+    addr: SocketAddr,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    req: &Request<'_>,
+    limit: usize,
+) -> Result<Response, ClientError> {
+    let has_line_break = |s: &str| s.bytes().any(|b| b == b'\r' || b == b'\n');
+    if has_line_break(req.path) {
         return Err(ClientError::Config(format!(
-            "request path {path:?} contains a line break"
+            "request path {:?} contains a line break",
+            req.path
         )));
     }
-    let deadline = Instant::now() + HTTP_GET_TIMEOUT;
+    let mut request = format!(
+        "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: devgate-client\r\nConnection: close\r\n",
+        req.method,
+        req.path,
+        host_header(server_name, addr.port())
+    )
+    .into_bytes();
+    if let Some((content_type, body)) = req.body {
+        if has_line_break(content_type) {
+            return Err(ClientError::Config(format!(
+                "content type {content_type:?} contains a line break"
+            )));
+        }
+        request.extend_from_slice(
+            format!(
+                "Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        request.extend_from_slice(body);
+    } else {
+        request.extend_from_slice(b"\r\n");
+    }
+
+    let deadline = Instant::now() + HTTP_TIMEOUT;
     let tcp = timeout_at(deadline, tcp_connect(addr, None))
         .await
         .map_err(|_| ClientError::Timeout("TCP connect to the gateway"))??;
     let mut stream = timeout_at(deadline, tls_handshake(tcp, addr, server_name, tls))
         .await
         .map_err(|_| ClientError::Timeout("TLS handshake with the gateway"))??;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: devgate-client\r\nConnection: close\r\n\r\n",
-        host_header(server_name, addr.port())
-    );
     let result = timeout_at(deadline, async {
-        write_all(&mut stream, request.as_bytes()).await?;
+        write_all(&mut stream, &request).await?;
         let mut buf = BytesMut::with_capacity(1024);
         let head = read_head(&mut stream, &mut buf).await?;
-        let body = read_body(&mut stream, &mut buf, &head, MAX_HTTP_BODY).await?;
-        Ok::<_, ClientError>((head.status, body))
+        let retry_after = buf.get(..head.len).and_then(retry_after);
+        let body = read_body(&mut stream, &mut buf, &head, limit).await?;
+        Ok::<_, ClientError>(Response {
+            status: head.status,
+            body,
+            retry_after,
+        })
     })
     .await
     .map_err(|_| ClientError::Timeout("HTTP request to the gateway"))?;
@@ -185,9 +280,27 @@ pub async fn http_get(
     result
 }
 
+/// The `Retry-After` header of a response head, when it is given in seconds
+/// (the HTTP-date form is not used by the gateway and yields `None`).
+fn retry_after(head: &[u8]) -> Option<Duration> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    resp.parse(head).ok()?;
+    let value = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("retry-after"))?
+        .value;
+    let secs: u64 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs))
+}
+
 /// TCP connect with `TCP_NODELAY` (frames are small and latency matters more
 /// than packet count), from `bind` when given.
-async fn tcp_connect(addr: SocketAddr, bind: Option<IpAddr>) -> Result<TcpStream, ClientError> {
+pub(crate) async fn tcp_connect(
+    addr: SocketAddr,
+    bind: Option<IpAddr>,
+) -> Result<TcpStream, ClientError> {
     let named = |e: std::io::Error| {
         ClientError::Io(std::io::Error::new(
             e.kind(),
@@ -221,7 +334,7 @@ async fn tcp_connect(addr: SocketAddr, bind: Option<IpAddr>) -> Result<TcpStream
     Ok(stream)
 }
 
-async fn tls_handshake(
+pub(crate) async fn tls_handshake(
     tcp: TcpStream,
     addr: SocketAddr,
     server_name: &str,
@@ -420,6 +533,20 @@ mod tests {
         assert_eq!(host_header("gw.example.com", 443), "gw.example.com");
         assert_eq!(host_header("gw.example.com", 8443), "gw.example.com:8443");
         assert_eq!(host_header("::1", 8443), "[::1]:8443");
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_only() {
+        let head = |v: &str| format!("HTTP/1.1 429 Too Many Requests\r\nRetry-After: {v}\r\n\r\n");
+        assert_eq!(
+            retry_after(head("30").as_bytes()),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_after(head("Wed, 21 Oct 2015 07:28:00 GMT").as_bytes()),
+            None
+        );
+        assert_eq!(retry_after(b"HTTP/1.1 429 Too Many Requests\r\n\r\n"), None);
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //!
 //! Every variant says which side is at fault: the gateway (it refused the
 //! upgrade, closed the connection, or sent bytes that break the protocol),
-//! the network (I/O, timeouts) or the caller's own configuration.
+//! the network (I/O, timeouts) or the caller's own configuration; the
+//! enrollment variants say what the person at the device should do.
+
+use std::time::Duration;
 
 use devgate_proto::frame::FrameError;
 use devgate_proto::ws::WsError;
@@ -21,9 +24,11 @@ pub enum ClientError {
     /// gateway and the rustls reason.
     #[error("TLS: {0}")]
     Tls(String),
-    /// The gateway answered the WebSocket upgrade with a non-101 status. The
-    /// body (at most 4 KiB, lossily decoded as UTF-8) usually says why.
-    #[error("gateway refused the WebSocket upgrade with HTTP {status}: {body}")]
+    /// The gateway answered a request with a status the caller cannot use: a
+    /// WebSocket upgrade with anything but 101 (the body, at most 4 KiB,
+    /// lossily decoded as UTF-8, usually says why), or an enrollment with a
+    /// status other than 200, 401 and 429.
+    #[error("gateway refused the request with HTTP {status}: {body}")]
     Refused {
         /// The HTTP status code.
         status: u16,
@@ -69,6 +74,40 @@ pub enum ClientError {
     /// invalid server name, protocol versions without cipher suites, …).
     #[error("client configuration: {0}")]
     Config(String),
+    /// Finding the gateway through DNS failed: the address given is not an
+    /// e-mail address or domain, the domain publishes no `_devgate` TXT
+    /// record, the record is not a devgate URL, or the DNS lookup itself
+    /// failed. The string says which and what to do.
+    #[error("gateway discovery: {0}")]
+    Discovery(String),
+    /// The first-contact check failed: the part of the root fingerprint the
+    /// person typed does not match the root the gateway presented. This may
+    /// not be the intended gateway, or someone is intercepting the
+    /// connection: do not connect, ask the administrator.
+    #[error("gateway fingerprint check failed: {0}")]
+    Fingerprint(String),
+    /// The gateway refused the enrollment (HTTP 401). It deliberately does
+    /// not say whether the unit ID or the enrollment key was wrong, or the
+    /// key is no longer valid.
+    #[error(
+        "the gateway refused the enrollment: check the unit ID and the enrollment key with \
+         your administrator (a key may also have expired or been used already)"
+    )]
+    EnrollmentRefused,
+    /// The gateway refused the enrollment because of too many attempts
+    /// (HTTP 429). Wait `retry_after` (when the gateway said) and try again.
+    #[error("too many enrollment attempts: retry {}", fmt_retry(*.retry_after))]
+    RateLimited {
+        /// How long the gateway asks to wait (its `Retry-After` header).
+        retry_after: Option<Duration>,
+    },
+}
+
+fn fmt_retry(retry_after: Option<Duration>) -> String {
+    match retry_after {
+        Some(d) => format!("in {} s", d.as_secs()),
+        None => "later".to_owned(),
+    }
 }
 
 fn fmt_code(code: Option<u16>) -> String {

@@ -15,12 +15,18 @@
 //!   reads PEM files ([`certs_from_pem`], [`key_from_pem`]).
 //! * `connect` opens TCP (optionally from a chosen source address), runs the
 //!   TLS handshake and the HTTP upgrade ([`connect`], [`ConnectOptions`]),
-//!   and does single HTTPS requests ([`http_get`]). HTTP and WebSocket
+//!   and does single HTTPS requests ([`http_get`], [`http_post`]). HTTP and WebSocket
 //!   parsing are `devgate_proto`'s; this crate only moves bytes.
 //! * `conn` is the upgraded connection: [`Connection::send`] and
 //!   [`Connection::recv`] (which answers pings and the gateway's Close on the
 //!   way), and [`Connection::split`] into a cloneable [`Sender`] and a
 //!   [`Receiver`]. `recv` is cancel-safe, so it can sit in a `select!`.
+//! * `discover`, `first_contact` and `enroll` are a device's first steps,
+//!   in that order: find the gateway from the person's e-mail address
+//!   through a DNS TXT record ([`discover`]), learn its root certificate and
+//!   have the person confirm its fingerprint ([`fetch_gateway_root`],
+//!   [`FirstContact`]), then trade the unit ID and enrollment key for a
+//!   client certificate ([`enroll`]), which [`tls_config`] then presents.
 //! * `backoff` is the reconnect policy for agents ([`Backoff`]).
 //! * `error` is [`ClientError`], whose variants say which side failed: the
 //!   gateway (refused, closed, sent garbage), TLS, the network, or the
@@ -47,14 +53,20 @@ use std::time::Duration;
 mod backoff;
 mod conn;
 mod connect;
+mod discover;
+mod enroll;
 mod error;
+mod first_contact;
 mod tls;
 
 pub use backoff::Backoff;
 pub use conn::{Connection, Incoming, Received, Receiver, Sender};
-pub use connect::{ConnectOptions, Role, connect, http_get};
+pub use connect::{ConnectOptions, Role, connect, http_get, http_post};
 pub use devgate_proto::frame::{Body, ErrorCode, Frame, FrameType, PresenceReason};
+pub use discover::{DEFAULT_GATEWAY_PORT, Discovered, ResolverConfigChoice, discover};
+pub use enroll::{ENROLL_PATH, Enrolled, enroll};
 pub use error::ClientError;
+pub use first_contact::{FirstContact, fetch_gateway_root};
 pub use tls::{certs_from_pem, key_from_pem, tls_config, tls_config_with};
 
 // Limits and liveness constants, in one place.
@@ -76,7 +88,9 @@ const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 const MAX_REFUSAL_BODY: usize = 4 * 1024;
 /// How long to wait for a refusal's body once the status is known.
 const REFUSAL_BODY_TIMEOUT: Duration = Duration::from_secs(2);
-/// Largest body [`http_get`] returns.
+/// Largest body [`http_get`] and [`http_post`] return.
 const MAX_HTTP_BODY: usize = 16 * 1024 * 1024;
-/// Limit on a whole [`http_get`] exchange.
-const HTTP_GET_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest enrollment answer [`enroll`] accepts.
+const MAX_ENROLL_BODY: usize = 64 * 1024;
+/// Limit on a whole [`http_get`], [`http_post`] or [`enroll`] exchange.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(30);

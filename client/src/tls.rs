@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::ClientError;
 
 /// The only application protocol the gateway speaks before the upgrade.
-const ALPN_HTTP11: &[u8] = b"http/1.1";
+pub(crate) const ALPN_HTTP11: &[u8] = b"http/1.1";
 
 /// A TLS client configuration that trusts `roots`, presents `identity`
 /// (certificate chain and key) when given, speaks TLS 1.2 and 1.3 and offers
@@ -74,7 +74,7 @@ pub fn tls_config_with(
 /// The process-wide provider when the application installed one, otherwise
 /// aws-lc-rs (the provider rustls is built with in this workspace). Asking
 /// explicitly avoids rustls' panic when several providers are compiled in.
-fn base_provider() -> CryptoProvider {
+pub(crate) fn base_provider() -> CryptoProvider {
     match CryptoProvider::get_default() {
         Some(p) => CryptoProvider::clone(p),
         None => rustls::crypto::aws_lc_rs::default_provider(),

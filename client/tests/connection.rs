@@ -651,7 +651,27 @@ fn futures_and_handles_are_send(
     is_send_sync::<devgate_client::Received>();
     is_send_sync::<ClientError>();
     is_send(devgate_client::connect(opts, tls.clone()));
-    is_send(devgate_client::http_get(opts.addr, "x", tls, "/"));
+    is_send(devgate_client::http_get(opts.addr, "x", tls.clone(), "/"));
+    is_send(devgate_client::http_post(
+        opts.addr,
+        "x",
+        tls,
+        "/",
+        "text/plain",
+        b"",
+    ));
+    is_send(devgate_client::discover(
+        "a@b.test",
+        &devgate_client::ResolverConfigChoice::System,
+    ));
+    is_send(devgate_client::fetch_gateway_root(
+        opts.addr,
+        "x",
+        std::time::Duration::from_secs(1),
+    ));
+    is_send(devgate_client::enroll(opts.addr, "x", &[], "u", "k"));
+    is_send_sync::<devgate_client::FirstContact>();
+    is_send_sync::<devgate_client::Enrolled>();
     is_send(conn.recv());
     is_send(conn.send(frame));
     is_send(sender.send(frame));

@@ -60,16 +60,24 @@ pub fn start(shared: Arc<Shared>, listener: std::net::TcpListener) -> Result<()>
 
 async fn signals(shared: Arc<Shared>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         warn!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                // Reading certificates is quick file I/O; the data path is not involved.
+                let shared = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || crate::reload::reload(&shared)).await;
+            }
+        }
     }
     crate::server::begin_shutdown(&shared);
 }

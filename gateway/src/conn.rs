@@ -76,6 +76,9 @@ impl std::fmt::Debug for Conn {
 pub enum Phase {
     /// TLS handshake and HTTP request head.
     Handshake,
+    /// An HTTP request (enrollment, pairing) is with the control plane; its answer comes
+    /// back as a message.
+    Waiting,
     /// An upgraded WebSocket session.
     Session(Box<Session>),
     /// Closed logically; the driver drops the socket once the last bytes are out.
@@ -87,6 +90,7 @@ impl Phase {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Handshake => "handshake",
+            Self::Waiting => "waiting",
             Self::Session(s) => match s.role {
                 Role::Device(_) => "device",
                 Role::Manager(_) => "manager",

@@ -13,21 +13,32 @@
 //! - [`shared`] — the session map (unit ID → connection), the manager list, the per-worker
 //!   inboxes through which workers hand each other [`msg`]s, limits and counters.
 //! - [`guard`] — admission of new connections per source IP and globally (XDP or user space).
+//! - [`store`] — the credential store (SQLite by default): keys, device registry, revocations.
+//! - [`control`] — the control plane's store thread: enrollment, pairing, key management,
+//!   revocation, off the data path.
+//! - [`certcmd`] — `devgate cert …`: import/check chains, renewal, root exchange.
+//! - [`creds`] — credential commands (`keys`, `devices`, `managers`, `reload`).
 //! - [`tls`] — rustls configuration and the certificate facts status reports.
 //! - [`admin`] — the control plane's admin listener: `/v1/status` and `/metrics`.
 //! - [`ops`] — operator commands against a running gateway (`devgate status`).
+//! - [`reload`] — SIGHUP: certificates and the trust bundle swapped in, sessions kept.
 //! - [`server`] — start-up (listeners, workers, admin) and graceful shutdown.
 //! - [`config`] — the TOML configuration and its defaults.
 
 pub mod admin;
+pub mod certcmd;
 pub mod config;
 pub mod conn;
+pub mod control;
+pub mod creds;
 pub mod driver;
 pub mod guard;
 pub mod msg;
 pub mod ops;
+pub mod reload;
 pub mod server;
 pub mod shared;
 pub mod stats;
+pub mod store;
 pub mod tls;
 pub mod worker;

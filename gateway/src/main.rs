@@ -2,12 +2,12 @@
 //! configuration checks.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use devgate_pki::{ClientCa, InitOptions, PkiPaths};
+use devgate_pki::{InitOptions, PkiPaths};
 use gateway::config::Config;
 
 #[derive(Parser, Debug)]
@@ -48,15 +48,12 @@ enum Command {
         #[arg(long, env = "DEVGATE_DATA_DIR")]
         data_dir: PathBuf,
     },
-    /// Device credentials.
-    Devices {
+    #[command(flatten)]
+    Creds(gateway::creds::CredsCommand),
+    /// Server certificates: import and check chains, renew, exchange the root.
+    Cert {
         #[command(subcommand)]
-        command: DevicesCommand,
-    },
-    /// Manager credentials.
-    Managers {
-        #[command(subcommand)]
-        command: ManagersCommand,
+        command: gateway::certcmd::CertCommand,
     },
     /// Configuration file tools.
     Config {
@@ -87,38 +84,6 @@ struct ServeOpts {
     /// Log format.
     #[arg(long, default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
-}
-
-#[derive(Subcommand, Debug)]
-enum DevicesCommand {
-    /// Issue a device certificate offline (signed by the device CA).
-    Issue {
-        /// State directory.
-        #[arg(long, env = "DEVGATE_DATA_DIR")]
-        data_dir: PathBuf,
-        /// The device's unit ID (1–64 printable ASCII characters, e.g. its MAC address).
-        #[arg(long)]
-        unit: String,
-        /// Directory to write `<unit>.pem` and `<unit>.key` into.
-        #[arg(long)]
-        out: PathBuf,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-enum ManagersCommand {
-    /// Issue a manager certificate offline (signed by the manager CA).
-    Issue {
-        /// State directory.
-        #[arg(long, env = "DEVGATE_DATA_DIR")]
-        data_dir: PathBuf,
-        /// Manager name (becomes the certificate's CN).
-        #[arg(long)]
-        name: String,
-        /// Directory to write `<name>.pem` and `<name>.key` into.
-        #[arg(long)]
-        out: PathBuf,
-    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -155,8 +120,10 @@ fn run(cli: Cli) -> Result<()> {
             force,
         } => {
             let report = devgate_pki::init(&data_dir, &InitOptions { names: name, force })?;
+            let token = gateway::creds::create_pairing_token(&data_dir, "7d")?;
             println!("Created the PKI in {}", report.paths.dir.display());
             println!("Root fingerprint: {}", report.fingerprint);
+            println!("Manager pairing token (one use, valid 7 days): {token}");
             Ok(())
         }
         Command::Serve { opts } => serve(opts),
@@ -166,32 +133,8 @@ fn run(cli: Cli) -> Result<()> {
             println!("Root fingerprint: {fp}");
             Ok(())
         }
-        Command::Devices {
-            command:
-                DevicesCommand::Issue {
-                    data_dir,
-                    unit,
-                    out,
-                },
-        } => {
-            let paths = PkiPaths::new(&data_dir);
-            let ca = ClientCa::load(&paths.device_ca_cert(), &paths.device_ca_key())?;
-            let issued = ca.issue_device(&unit)?;
-            write_credential(&issued, &out, &unit)
-        }
-        Command::Managers {
-            command:
-                ManagersCommand::Issue {
-                    data_dir,
-                    name,
-                    out,
-                },
-        } => {
-            let paths = PkiPaths::new(&data_dir);
-            let ca = ClientCa::load(&paths.manager_ca_cert(), &paths.manager_ca_key())?;
-            let issued = ca.issue_manager(&name)?;
-            write_credential(&issued, &out, &name)
-        }
+        Command::Creds(cmd) => gateway::creds::run(cmd),
+        Command::Cert { command } => gateway::certcmd::run(command),
         Command::Config {
             command: ConfigCommand::Show { config },
         } => {
@@ -210,25 +153,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn write_credential(issued: &devgate_pki::IssuedCert, out: &Path, name: &str) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let safe: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let cert = out.join(format!("{safe}.pem"));
-    let key = out.join(format!("{safe}.key"));
-    issued.write(&cert, &key)?;
-    println!("{}\n{}", cert.display(), key.display());
-    Ok(())
 }
 
 fn serve(opts: ServeOpts) -> Result<()> {

@@ -39,6 +39,8 @@ pub enum CloseReason {
     NoManager,
     /// The gateway is shutting down.
     Shutdown,
+    /// The device's credential was revoked.
+    Revoked,
 }
 
 /// What the recipient does.
@@ -137,6 +139,9 @@ pub enum MsgKind {
     },
     /// The gateway closes `to`.
     Close(CloseReason),
+    /// The control plane's answer to an HTTP request (enrollment, pairing): send it and
+    /// close the connection.
+    HttpResponse(Bytes),
     /// Send an error frame to `to`.
     Error {
         /// Error code.

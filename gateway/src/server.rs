@@ -97,6 +97,14 @@ pub fn serve(config: Config) -> Result<()> {
 
     let guard: Box<dyn crate::guard::Guard> = Box::new(crate::guard::Unguarded);
     let shared = Arc::new(Shared::new(config, tls, workers, max_connections, guard));
+    let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::sqlite::SqliteStore::open(
+        &shared.config.data_dir,
+    )?);
+    let _ = shared.store.set(store.clone());
+    let jobs = crate::control::start(shared.clone(), store)?;
+    let _ = shared.jobs.set(jobs);
+    write_pidfile(&shared.config.data_dir);
+    crate::reload::load_trust_bundle(&shared)?;
     let now = Instant::now();
     let mut threads = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
@@ -130,6 +138,20 @@ pub fn serve(config: Config) -> Result<()> {
         shared.started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The file `devgate reload` reads the gateway's pid from.
+pub fn pidfile(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("devgate.pid")
+}
+
+fn write_pidfile(data_dir: &std::path::Path) {
+    if let Err(e) = std::fs::write(pidfile(data_dir), format!("{}\n", std::process::id())) {
+        warn!(
+            "cannot write {}: {e} (`devgate reload` will not find this process)",
+            pidfile(data_dir).display()
+        );
+    }
 }
 
 /// Starts a graceful shutdown: workers stop accepting, close every session with

@@ -189,6 +189,16 @@ pub struct Shared {
     pub heartbeats: Box<[AtomicU64]>,
     /// Whether the guard was last told to accept new connections.
     accepting: AtomicBool,
+    /// Units whose credentials are revoked (mirrored from the store's revocation log).
+    pub revoked: DashMap<Arc<str>, ()>,
+    /// Jobs for the control plane's store thread.
+    pub jobs: OnceLock<std::sync::mpsc::SyncSender<crate::control::Job>>,
+    /// The credential store (status reads its health).
+    pub store: OnceLock<Arc<dyn crate::store::Store>>,
+    /// The trust bundle frame devices are sent during a root exchange.
+    pub trust_bundle: arc_swap::ArcSwapOption<bytes::Bytes>,
+    /// Bumped whenever `trust_bundle` changes; workers resend it to their devices.
+    pub trust_generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -238,6 +248,11 @@ impl Shared {
             guard,
             heartbeats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             accepting: AtomicBool::new(true),
+            revoked: DashMap::new(),
+            jobs: OnceLock::new(),
+            store: OnceLock::new(),
+            trust_bundle: arc_swap::ArcSwapOption::empty(),
+            trust_generation: AtomicU64::new(0),
         }
     }
 

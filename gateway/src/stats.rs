@@ -82,6 +82,14 @@ counters! {
     responses_routed,
     /// Commands failed by the request timeout.
     request_timeouts,
+    /// Devices enrolled with a first-authentication key.
+    enrollments,
+    /// Enrollments refused (bad, used, expired or revoked key, revoked unit).
+    enrollments_refused,
+    /// Enrollment or pairing attempts refused by the per-IP failure limit.
+    enroll_rate_limited,
+    /// Device connections refused because the credential is revoked.
+    rejected_revoked,
 }
 
 /// Upper bounds (µs) of the latency histogram buckets; the last bucket is +Inf.

@@ -132,3 +132,16 @@ fn validity(cert: &rustls_pki_types::CertificateDer<'_>) -> Result<(i64, i64)> {
     let v = parsed.validity();
     Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
+
+/// One certificate as PEM text.
+pub fn cert_pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}

@@ -71,6 +71,8 @@ pub struct Worker {
     next_sweep: Instant,
     refusing_devices: bool,
     shutdown_started: bool,
+    /// The trust-bundle generation this worker's devices have been sent.
+    trust_generation: u64,
 }
 
 impl std::fmt::Debug for Worker {
@@ -122,6 +124,7 @@ impl Worker {
             next_sweep: now,
             refusing_devices: false,
             shutdown_started: false,
+            trust_generation: 0,
         }
     }
 
@@ -340,6 +343,20 @@ impl Worker {
         }
         self.refusing_devices = refuse;
 
+        let generation = self.shared.trust_generation.load(Ordering::Acquire);
+        if generation != self.trust_generation {
+            self.trust_generation = generation;
+            if let Some(bundle) = self.shared.trust_bundle.load_full() {
+                for slot in self.occupied_slots() {
+                    if self
+                        .conn_ref(slot)
+                        .is_some_and(|c| c.kind == PeerKind::Device)
+                    {
+                        let _ = self.queue(slot, Bytes::clone(&bundle), Priority::Essential, now);
+                    }
+                }
+            }
+        }
         for slot in self.occupied_slots() {
             self.sweep_conn(slot, now, interval);
         }
@@ -615,7 +632,9 @@ impl Worker {
                 return buf.len();
             };
             match conn.phase {
-                Phase::Closing => return buf.len(),
+                // Nothing more is read from a closing connection or one whose request is
+                // with the control plane (HTTP/1.1 without pipelining).
+                Phase::Closing | Phase::Waiting => return buf.len(),
                 Phase::Handshake => match self.on_http(slot, &buf[used..], now) {
                     Some(n) if n > 0 => used += n,
                     _ => return used,
@@ -653,6 +672,51 @@ impl Worker {
         };
         let path = request.path;
         match path {
+            "/v1/enroll" | "/v1/pair" if request.method == "POST" => {
+                let Some(len) = request.content_length else {
+                    self.refuse(
+                        slot,
+                        411,
+                        "Length Required",
+                        "a Content-Length is required\n",
+                        now,
+                    );
+                    return None;
+                };
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                if len > crate::control::MAX_BODY {
+                    self.refuse(
+                        slot,
+                        413,
+                        "Content Too Large",
+                        "the request body is too large\n",
+                        now,
+                    );
+                    return None;
+                }
+                let Some(body) = buf.get(header_len..header_len + len) else {
+                    return Some(0); // the body has not all arrived yet
+                };
+                let conn = self.conn_mut(slot)?;
+                let (reply_to, ip, body) = (conn.handle, conn.peer.ip(), body.to_vec());
+                let job = if path == "/v1/enroll" {
+                    crate::control::Job::Enroll { reply_to, ip, body }
+                } else {
+                    crate::control::Job::Pair { reply_to, ip, body }
+                };
+                if !crate::control::submit(&self.shared, job) {
+                    self.refuse(
+                        slot,
+                        503,
+                        "Service Unavailable",
+                        "enrollment is busy; retry later\n",
+                        now,
+                    );
+                    return None;
+                }
+                conn_phase_waiting(self.conn_mut(slot)?);
+                Some(header_len + len)
+            }
             "/usg/check-status" if request.method == "GET" => {
                 bump(&self.stats().check_status_requests);
                 let status = self.shared.check_status(now);
@@ -767,6 +831,18 @@ impl Worker {
                     );
                     return None;
                 }
+                if self.shared.revoked.contains_key(&*unit) {
+                    bump(&self.stats().rejected_revoked);
+                    info!("revoked device {unit} refused");
+                    self.refuse(
+                        slot,
+                        403,
+                        "Forbidden",
+                        "this credential has been revoked\n",
+                        now,
+                    );
+                    return None;
+                }
                 if self.shared.devices_refused(now) {
                     bump(&self.stats().rejected_no_manager);
                     info!("no manager connected: device {unit} rejected");
@@ -838,6 +914,18 @@ impl Worker {
                 usize::MAX,
             )
             .ok();
+        if conn.kind == PeerKind::Device
+            && let Some(bundle) = latencies.trust_bundle.load_full()
+        {
+            conn.out
+                .push(
+                    Bytes::clone(&bundle),
+                    Priority::Essential,
+                    usize::MAX,
+                    usize::MAX,
+                )
+                .ok();
+        }
         self.mark_dirty(slot);
         Some(header_len)
     }
@@ -1224,9 +1312,10 @@ impl Worker {
                 });
             }
             Body::Control { payload } => {
-                let reply = self.control(payload);
+                let reply = self.control(me, frame.id, payload);
                 match reply {
-                    Ok(json) => {
+                    Ok(None) => {} // answered later by the control plane
+                    Ok(Some(json)) => {
                         let bytes = encode_ws_frame(&Frame::control(frame.id, json.as_bytes()));
                         let _ = self.queue(slot, bytes, Priority::Essential, now);
                     }
@@ -1394,7 +1483,14 @@ impl Worker {
     }
 
     /// Runs a manager's control request (a JSON object) and returns the JSON reply.
-    fn control(&self, payload: &[u8]) -> Result<String, String> {
+    /// Runs a manager's control request (a JSON object); `Ok(None)` when the control
+    /// plane will answer it (operations on the store).
+    fn control(
+        &self,
+        me: ConnHandle,
+        request_id: u32,
+        payload: &[u8],
+    ) -> Result<Option<String>, String> {
         let req: serde_json::Value = serde_json::from_slice(payload)
             .map_err(|e| format!("control payload is not JSON: {e}"))?;
         let op = req
@@ -1410,15 +1506,19 @@ impl Worker {
                 shared.device_limit.store(limit, Ordering::Relaxed);
                 shared.refresh_accepting();
                 info!(limit, "device limit changed by a manager");
-                Ok(serde_json::json!({"ok": true, "device_limit": limit}).to_string())
+                Ok(Some(
+                    serde_json::json!({"ok": true, "device_limit": limit}).to_string(),
+                ))
             }
-            "get_status" => Ok(serde_json::json!({
-                "ok": true,
-                "devices": shared.device_count.load(Ordering::Relaxed),
-                "managers": shared.manager_count(),
-                "device_limit": shared.device_limit.load(Ordering::Relaxed),
-            })
-            .to_string()),
+            "get_status" => Ok(Some(
+                serde_json::json!({
+                    "ok": true,
+                    "devices": shared.device_count.load(Ordering::Relaxed),
+                    "managers": shared.manager_count(),
+                    "device_limit": shared.device_limit.load(Ordering::Relaxed),
+                })
+                .to_string(),
+            )),
             "list_devices" => {
                 let offset = req
                     .get("offset")
@@ -1436,10 +1536,23 @@ impl Worker {
                     .take(usize::try_from(limit).unwrap_or(usize::MAX))
                     .map(|e| e.key().to_string())
                     .collect();
-                Ok(serde_json::json!({"ok": true, "total": shared.device_count.load(Ordering::Relaxed), "devices": units}).to_string())
+                Ok(Some(serde_json::json!({"ok": true, "total": shared.device_count.load(Ordering::Relaxed), "devices": units}).to_string()))
+            }
+            "create_keys" | "list_keys" | "revoke_key" | "revoke_device" | "unrevoke_device"
+            | "list_enrolled" => {
+                let job = crate::control::Job::Manager {
+                    reply_to: me,
+                    request_id,
+                    request: req,
+                };
+                if crate::control::submit(shared, job) {
+                    Ok(None)
+                } else {
+                    Err("the control plane is busy; retry later".into())
+                }
             }
             other => Err(format!(
-                "unknown control op \"{other}\" (known: set_device_limit, get_status, list_devices)"
+                "unknown control op \"{other}\" (known: set_device_limit, get_status, list_devices, create_keys, list_keys, revoke_key, revoke_device, unrevoke_device, list_enrolled)"
             )),
         }
     }
@@ -1488,6 +1601,7 @@ impl Worker {
                 self.send_error(slot, code, id, unit, message, now);
             }
             MsgKind::Close(reason) => self.close(slot, now, Ending::Gateway(reason)),
+            MsgKind::HttpResponse(bytes) => self.respond_and_close(slot, bytes.to_vec(), now),
             MsgKind::Command {
                 from,
                 unit,
@@ -1730,7 +1844,7 @@ impl Worker {
         };
         let session = match &mut conn.phase {
             Phase::Closing => return,
-            Phase::Handshake => {
+            Phase::Handshake | Phase::Waiting => {
                 if now >= conn.handshake_deadline {
                     debug!(peer = %conn.peer, "handshake timeout");
                     bump(&self.shared.stats[id].handshakes_failed_timeout);
@@ -1802,7 +1916,7 @@ impl Worker {
         let handle = conn.handle;
         match &phase {
             Phase::Closing => return,
-            Phase::Handshake => {}
+            Phase::Handshake | Phase::Waiting => {}
             Phase::Session(_) => {
                 if let Some((code, reason)) = ending.close_frame() {
                     // The close frame and close_notify go out ahead of anything still queued.
@@ -1924,6 +2038,7 @@ impl Ending {
             }
             Self::Gateway(CloseReason::NoManager) => Some((1001, "no manager connected")),
             Self::Gateway(CloseReason::Shutdown) => Some((1001, "gateway shutting down")),
+            Self::Gateway(CloseReason::Revoked) => Some((1008, "credential revoked")),
             Self::PeerClosed | Self::Lost | Self::Dead | Self::Quiet => None,
         }
     }
@@ -1933,6 +2048,10 @@ enum Outcome {
     Continue,
     Incomplete,
     Close(Ending),
+}
+
+fn conn_phase_waiting(conn: &mut Conn) {
+    conn.phase = Phase::Waiting;
 }
 
 fn placeholder_session() -> Box<Session> {

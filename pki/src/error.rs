@@ -126,6 +126,17 @@ pub enum PkiError {
         key: PathBuf,
     },
 
+    /// Creating a file would replace an existing one whose loss cannot be undone (a root key).
+    #[error(
+        "{}: already exists; refusing to overwrite it (a new root changes the fingerprint every \
+         device has pinned). Move the file away first, or choose another path",
+        path.display()
+    )]
+    WouldOverwrite {
+        /// The existing file.
+        path: PathBuf,
+    },
+
     /// A certificate signing request sent by a device was rejected. The device is at fault.
     #[error(
         "certificate signing request rejected: {why}; the device must send a PKCS#10 request \

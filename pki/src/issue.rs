@@ -279,34 +279,58 @@ impl ClientCa {
         csr: &[u8],
     ) -> Result<Vec<CertificateDer<'static>>, PkiError> {
         check_identity("unit ID", unit_id)?;
-        let csr_der = csr_der(csr)?;
-        let (rest, req) =
-            X509CertificationRequest::from_der(&csr_der).map_err(|e| PkiError::InvalidCsr {
-                why: format!("not a PKCS#10 request: {e}"),
-            })?;
-        if !rest.is_empty() {
-            return Err(PkiError::InvalidCsr {
-                why: format!("{} bytes of trailing data after the request", rest.len()),
-            });
-        }
-        req.verify_signature().map_err(|e| PkiError::InvalidCsr {
-            why: format!("its signature does not verify with its own public key ({e})"),
-        })?;
-        let public_key =
-            SubjectPublicKeyInfo::from_der(req.certification_request_info.subject_pki.raw)
-                .map_err(|e| PkiError::InvalidCsr {
-                    why: format!(
-                        "unsupported public key ({e}); use ECDSA P-256/P-384, Ed25519 or RSA"
-                    ),
-                })?;
-        let params = client_params("device", unit_id, DEVICE_VALIDITY)?;
+        let public_key = csr_public_key(csr)?;
+        self.sign_csr_public_key("device", unit_id, DEVICE_VALIDITY, &public_key)
+    }
+
+    /// For manager pairing: like [`sign_device_csr`](Self::sign_device_csr), but the
+    /// certificate is a manager's (CN = `name`, SAN `urn:devgate:manager:<name>`).
+    pub fn sign_manager_csr(
+        &self,
+        name: &str,
+        csr: &[u8],
+    ) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+        check_identity("manager name", name)?;
+        let public_key = csr_public_key(csr)?;
+        self.sign_csr_public_key("manager", name, MANAGER_VALIDITY, &public_key)
+    }
+
+    fn sign_csr_public_key(
+        &self,
+        role: &str,
+        id: &str,
+        lifetime: Duration,
+        public_key: &SubjectPublicKeyInfo,
+    ) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+        let params = client_params(role, id, lifetime)?;
         let cert = params
-            .signed_by(&public_key, &self.issuer)
-            .map_err(PkiError::rcgen(format!(
-                "sign the CSR of device {unit_id:?}"
-            )))?;
+            .signed_by(public_key, &self.issuer)
+            .map_err(PkiError::rcgen(format!("sign the CSR of {role} {id:?}")))?;
         Ok(vec![cert.into(), self.cert_der.clone()])
     }
+}
+
+/// The public key of a CSR (PEM or DER), after checking the CSR's signature: proof that
+/// the requester holds the private key.
+fn csr_public_key(csr: &[u8]) -> Result<SubjectPublicKeyInfo, PkiError> {
+    let csr_der = csr_der(csr)?;
+    let (rest, req) =
+        X509CertificationRequest::from_der(&csr_der).map_err(|e| PkiError::InvalidCsr {
+            why: format!("not a PKCS#10 request: {e}"),
+        })?;
+    if !rest.is_empty() {
+        return Err(PkiError::InvalidCsr {
+            why: format!("{} bytes of trailing data after the request", rest.len()),
+        });
+    }
+    req.verify_signature().map_err(|e| PkiError::InvalidCsr {
+        why: format!("its signature does not verify with its own public key ({e})"),
+    })?;
+    SubjectPublicKeyInfo::from_der(req.certification_request_info.subject_pki.raw).map_err(|e| {
+        PkiError::InvalidCsr {
+            why: format!("unsupported public key ({e}); use ECDSA P-256/P-384, Ed25519 or RSA"),
+        }
+    })
 }
 
 fn client_params(role: &str, id: &str, lifetime: Duration) -> Result<CertificateParams, PkiError> {

@@ -68,6 +68,9 @@
 //! - `fingerprint`: the human-comparable root fingerprint.
 //! - `files`: PEM reading ([`load_certs`], [`load_key`]) and atomic writes with the right modes.
 //! - `names`: validation of server names and unit IDs ([`is_valid_unit_id`]).
+//! - `chain`: "bring your own chain": [`validate_server_chain`] checks an operator-supplied
+//!   server chain and key and reports every fault ([`ChainReport`]); [`create_root`] and
+//!   [`create_server`] are a minimal CA for operators without a PKI.
 //! - `error`: [`PkiError`], whose messages name the file or name at fault and what to do.
 //!
 //! This crate is control-plane code: it reads the clock and the file system directly and is
@@ -75,6 +78,7 @@
 
 #![warn(missing_docs)]
 
+mod chain;
 mod error;
 mod files;
 mod fingerprint;
@@ -83,6 +87,10 @@ mod issue;
 mod names;
 mod peer;
 
+pub use chain::{
+    ChainFault, ChainReport, DEFAULT_ROOT_DAYS, DEFAULT_SERVER_DAYS, FaultKind, create_root,
+    create_server, validate_server_chain, validate_server_chain_files,
+};
 pub use error::PkiError;
 pub use files::{load_certs, load_key};
 pub use fingerprint::{fingerprint, fingerprint_file, fingerprint_matches};

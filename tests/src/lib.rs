@@ -39,6 +39,8 @@ pub struct DataDir {
     pub dir: tempfile::TempDir,
     /// Root fingerprint as printed by `devgate init`.
     pub fingerprint: String,
+    /// The manager pairing token printed by `devgate init`.
+    pub pairing_token: String,
 }
 
 impl DataDir {
@@ -63,13 +65,35 @@ impl DataDir {
             .find_map(|l| l.strip_prefix("Root fingerprint: "))
             .context("no fingerprint line")?
             .to_owned();
-        Ok(Self { dir, fingerprint })
+        let pairing_token = stdout
+            .lines()
+            .find_map(|l| {
+                l.split_once("token (one use, valid 7 days): ")
+                    .map(|(_, t)| t)
+            })
+            .context("no pairing token line")?
+            .to_owned();
+        Ok(Self {
+            dir,
+            fingerprint,
+            pairing_token,
+        })
     }
 
     /// The directory.
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Runs `devgate ARGS…` to completion; returns (exit success, stdout, stderr).
+pub fn devgate(args: &[&str]) -> Result<(bool, String, String)> {
+    let out = Command::new(binary("devgate")).args(args).output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 /// A running gateway process.
@@ -256,6 +280,35 @@ impl Gateway {
     /// Resident set size of the gateway process in KiB.
     pub fn rss_kib(&self) -> Result<u64> {
         rss_kib(self.pid())
+    }
+
+    /// Kills the process with SIGKILL (a crash) and waits for it.
+    pub fn kill9(mut self) -> Result<DataDir> {
+        self.child.kill()?;
+        self.child.wait()?;
+        // Move the data dir out; Drop then has nothing left to kill.
+        let data = std::mem::replace(
+            &mut self.data,
+            DataDir {
+                dir: tempfile::tempdir()?,
+                fingerprint: String::new(),
+                pairing_token: String::new(),
+            },
+        );
+        Ok(data)
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn reload(&self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGHUP);
+        }
+    }
+
+    /// The data dir path as a string (for CLI arguments).
+    pub fn data_arg(&self) -> String {
+        self.data.path().display().to_string()
     }
 
     /// Sends SIGTERM and waits for the process to exit; returns its exit code.

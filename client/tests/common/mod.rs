@@ -74,6 +74,10 @@ impl Pki {
         )
     }
 
+    pub fn server_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.server_key_der.clone().into())
+    }
+
     pub fn client_tls(&self) -> Arc<rustls::ClientConfig> {
         devgate_client::tls_config(std::slice::from_ref(&self.ca), None).unwrap()
     }
@@ -121,13 +125,31 @@ pub enum Msg {
 pub struct ServerConn {
     pub stream: TlsStream<TcpStream>,
     pub peer: SocketAddr,
+    pub method: String,
     pub path: String,
     pub key: Option<String>,
+    pub content_length: Option<u64>,
     buf: Vec<u8>,
     decoder: Decoder,
 }
 
 impl ServerConn {
+    /// The request body (`Content-Length` bytes; empty without one).
+    pub async fn read_body(&mut self) -> Vec<u8> {
+        let len = usize::try_from(self.content_length.unwrap_or(0)).unwrap();
+        while self.buf.len() < len {
+            let mut chunk = [0u8; 8192];
+            let n = self.stream.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "client closed after {} of {len} body bytes",
+                self.buf.len()
+            );
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        self.buf.drain(..len).collect()
+    }
+
     /// Answers `101 Switching Protocols`.
     pub async fn accept_upgrade(&mut self) {
         let key = self.key.clone().expect("upgrade request without a key");
@@ -248,7 +270,7 @@ where
             .await
             .map_err(|e| format!("server TLS: {e}"))?;
         let mut buf = Vec::new();
-        let (path, key, head_len) = loop {
+        let (method, path, key, content_length, head_len) = loop {
             if let http::Parsed::Complete {
                 request,
                 header_len,
@@ -256,8 +278,10 @@ where
                 .map_err(|e| e.to_string())?
             {
                 break (
+                    request.method.to_owned(),
                     request.path.to_owned(),
                     request.websocket_key.map(str::to_owned),
+                    request.content_length,
                     header_len,
                 );
             }
@@ -275,8 +299,10 @@ where
         let conn = ServerConn {
             stream,
             peer,
+            method,
             path,
             key,
+            content_length,
             buf,
             decoder: Decoder::new(ws::Role::Server, 2 << 20),
         };

@@ -1,0 +1,403 @@
+//! `devgate cert …`: bring-your-own chains (import, check), server-certificate renewal and
+//! the root exchange (stage, activate, finish) — all without downtime: the commands write
+//! files, `devgate reload` (or SIGHUP) swaps them in, established sessions stay.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use devgate_pki::{ChainReport, PkiPaths};
+
+use crate::tls::unix_now;
+
+/// `devgate cert …`
+#[derive(Subcommand, Debug)]
+pub enum CertCommand {
+    /// Validate and install an operator's chain (server certificate, intermediates, root)
+    /// and key. Prints one line per fault and exits non-zero on a bad chain.
+    Import {
+        /// State directory.
+        #[arg(long, env = "DEVGATE_DATA_DIR")]
+        data_dir: PathBuf,
+        /// PEM chain: server certificate first, then intermediates, then the root.
+        #[arg(long)]
+        chain: PathBuf,
+        /// PEM private key of the server certificate.
+        #[arg(long)]
+        key: PathBuf,
+        /// Names the certificate must cover (default: the SANs of the installed one).
+        #[arg(long, value_delimiter = ',')]
+        name: Vec<String>,
+        /// Stage it as the next chain of a root exchange instead of installing it now.
+        #[arg(long)]
+        stage: bool,
+    },
+    /// Validate the installed server chain and key.
+    Check {
+        /// State directory.
+        #[arg(long, env = "DEVGATE_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Names the certificate must cover (default: its own SANs).
+        #[arg(long, value_delimiter = ',')]
+        name: Vec<String>,
+    },
+    /// Issue a new server certificate from the installed root (same names unless given).
+    Renew {
+        /// State directory.
+        #[arg(long, env = "DEVGATE_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Names for the new certificate (default: those of the current one).
+        #[arg(long, value_delimiter = ',')]
+        name: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = devgate_pki::DEFAULT_SERVER_DAYS)]
+        days: u32,
+    },
+    /// Root exchange, step 1: create the next root and server chain under pki/next/ and
+    /// a trust bundle (current + next root) that devices are sent on the next reload.
+    StageRoot {
+        /// State directory.
+        #[arg(long, env = "DEVGATE_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Validity of the new root in days.
+        #[arg(long, default_value_t = devgate_pki::DEFAULT_ROOT_DAYS)]
+        days: u32,
+    },
+    /// Root exchange, step 2: switch to the staged root and chain (after devices got the bundle).
+    ActivateRoot {
+        /// State directory.
+        #[arg(long, env = "DEVGATE_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// Root exchange, step 3: stop sending the trust bundle (the old root is retired).
+    FinishRoot {
+        /// State directory.
+        #[arg(long, env = "DEVGATE_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// Create a root CA for operators without a PKI.
+    CreateRoot {
+        /// Certificate output (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Key output (PEM, mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+        /// Common name.
+        #[arg(long, default_value = "devgate root CA")]
+        cn: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = devgate_pki::DEFAULT_ROOT_DAYS)]
+        days: u32,
+    },
+    /// Create a server chain signed by a root (or intermediate) for operators without a PKI.
+    CreateServer {
+        /// Issuing CA certificate (PEM; further CA certificates in the file are appended to the chain).
+        #[arg(long)]
+        ca_cert: PathBuf,
+        /// Issuing CA key.
+        #[arg(long)]
+        ca_key: PathBuf,
+        /// Host names and IPs (SANs).
+        #[arg(long, value_delimiter = ',', required = true)]
+        name: Vec<String>,
+        /// Chain output.
+        #[arg(long)]
+        chain: PathBuf,
+        /// Key output.
+        #[arg(long)]
+        key: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = devgate_pki::DEFAULT_SERVER_DAYS)]
+        days: u32,
+    },
+}
+
+const RELOAD_HINT: &str = "run `devgate reload --data-dir DIR` (or send SIGHUP) to take it into use; sessions stay connected";
+
+fn next_dir(data_dir: &Path) -> PathBuf {
+    PkiPaths::new(data_dir).dir.join("next")
+}
+
+/// The DNS and IP SANs of the first certificate in `pem_path`.
+pub fn names_of(pem_path: &Path) -> Result<Vec<String>> {
+    let certs = devgate_pki::load_certs(pem_path)?;
+    let cert = certs.first().context("no certificate")?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", pem_path.display()))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => names.push((*d).to_owned()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
+                    4 => names.push(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()),
+                    16 => {
+                        let mut a = [0u8; 16];
+                        a.copy_from_slice(b);
+                        names.push(std::net::Ipv6Addr::from(a).to_string());
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(names)
+}
+
+fn print_report(report: &ChainReport) {
+    for f in &report.faults {
+        eprintln!("{}", f.message);
+    }
+}
+
+fn copy_atomic(from: &Path, to: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = to.with_extension("tmp");
+    std::fs::copy(from, &tmp)
+        .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, to).with_context(|| format!("installing {}", to.display()))?;
+    Ok(())
+}
+
+fn write_bundle(data_dir: &Path, roots: &[&Path]) -> Result<()> {
+    let mut pem = String::new();
+    for r in roots {
+        pem.push_str(
+            &std::fs::read_to_string(r).with_context(|| format!("reading {}", r.display()))?,
+        );
+    }
+    let path = crate::reload::trust_bundle_path(data_dir);
+    std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Runs a `cert` subcommand.
+pub fn run(cmd: CertCommand) -> Result<()> {
+    let now = unix_now();
+    match cmd {
+        CertCommand::Import {
+            data_dir,
+            chain,
+            key,
+            name,
+            stage,
+        } => {
+            let paths = PkiPaths::new(&data_dir);
+            let names = if name.is_empty() {
+                names_of(&paths.server_cert())?
+            } else {
+                name
+            };
+            let report = devgate_pki::validate_server_chain_files(&chain, &key, &names, now);
+            if !report.is_ok() {
+                print_report(&report);
+                bail!(
+                    "{} fault(s): the chain was not installed",
+                    report.faults.len()
+                );
+            }
+            let certs = devgate_pki::load_certs(&chain)?;
+            let root_path = if stage {
+                next_dir(&data_dir).join("root.pem")
+            } else {
+                paths.root_cert()
+            };
+            let (server_out, key_out) = if stage {
+                std::fs::create_dir_all(next_dir(&data_dir))?;
+                (
+                    next_dir(&data_dir).join("server.pem"),
+                    next_dir(&data_dir).join("server.key"),
+                )
+            } else {
+                (paths.server_cert(), paths.server_key())
+            };
+            copy_atomic(&chain, &server_out, 0o644)?;
+            copy_atomic(&key, &key_out, 0o600)?;
+            // The last certificate is the root (validation insists on it): keep it where
+            // `devgate fingerprint` and the trust bundle look.
+            if let Some(root) = certs.last() {
+                let same_root = devgate_pki::load_certs(&paths.root_cert())
+                    .ok()
+                    .and_then(|c| c.first().cloned())
+                    .is_some_and(|r| r == *root);
+                if stage {
+                    std::fs::write(&root_path, crate::tls::cert_pem(root.as_ref()))?;
+                    write_bundle(&data_dir, &[&paths.root_cert(), &root_path])?;
+                    println!(
+                        "staged; devices are sent the trust bundle on reload; then run `devgate cert activate-root`"
+                    );
+                } else if !same_root {
+                    let prev = paths.dir.join("previous-root.pem");
+                    let _ = std::fs::copy(paths.root_cert(), &prev);
+                    std::fs::write(&root_path, crate::tls::cert_pem(root.as_ref()))?;
+                    eprintln!(
+                        "warning: this chain has a different root; devices that do not trust it yet will refuse the gateway (use --stage for a root exchange)"
+                    );
+                }
+            }
+            if let Some(fp) = report.root_fingerprint {
+                println!("Root fingerprint: {fp}");
+            }
+            println!("installed {}; {RELOAD_HINT}", server_out.display());
+            Ok(())
+        }
+        CertCommand::Check { data_dir, name } => {
+            let paths = PkiPaths::new(&data_dir);
+            let names = if name.is_empty() {
+                names_of(&paths.server_cert())?
+            } else {
+                name
+            };
+            let report = devgate_pki::validate_server_chain_files(
+                &paths.server_cert(),
+                &paths.server_key(),
+                &names,
+                now,
+            );
+            if !report.is_ok() {
+                print_report(&report);
+                bail!("{} fault(s) in the installed chain", report.faults.len());
+            }
+            if let Some(ee) = report.end_entity {
+                println!(
+                    "ok: {} valid until {}, covers {}",
+                    ee.subject,
+                    ee.not_after,
+                    names.join(", ")
+                );
+            }
+            Ok(())
+        }
+        CertCommand::Renew {
+            data_dir,
+            name,
+            days,
+        } => {
+            let paths = PkiPaths::new(&data_dir);
+            let names = if name.is_empty() {
+                names_of(&paths.server_cert())?
+            } else {
+                name
+            };
+            let tmp = paths.dir.join("renew");
+            std::fs::create_dir_all(&tmp)?;
+            let (chain, key) = (tmp.join("server.pem"), tmp.join("server.key"));
+            let _ = std::fs::remove_file(&chain);
+            let _ = std::fs::remove_file(&key);
+            devgate_pki::create_server(
+                &paths.root_cert(),
+                &paths.root_key(),
+                &names,
+                days,
+                &chain,
+                &key,
+            )?;
+            std::fs::rename(&key, paths.server_key())?;
+            std::fs::rename(&chain, paths.server_cert())?;
+            let _ = std::fs::remove_dir(&tmp);
+            println!(
+                "renewed the server certificate for {} ({days} days); {RELOAD_HINT}",
+                names.join(", ")
+            );
+            Ok(())
+        }
+        CertCommand::StageRoot { data_dir, days } => {
+            let paths = PkiPaths::new(&data_dir);
+            let names = names_of(&paths.server_cert())?;
+            let next = next_dir(&data_dir);
+            if next.exists() {
+                bail!(
+                    "{} exists: a root exchange is already staged (activate it, or remove the directory to start over)",
+                    next.display()
+                );
+            }
+            std::fs::create_dir_all(&next)?;
+            let fp = devgate_pki::create_root(
+                &next.join("root.pem"),
+                &next.join("root.key"),
+                "devgate root CA",
+                days,
+            )?;
+            devgate_pki::create_server(
+                &next.join("root.pem"),
+                &next.join("root.key"),
+                &names,
+                devgate_pki::DEFAULT_SERVER_DAYS,
+                &next.join("server.pem"),
+                &next.join("server.key"),
+            )?;
+            write_bundle(&data_dir, &[&paths.root_cert(), &next.join("root.pem")])?;
+            println!("Next root fingerprint: {fp}");
+            println!(
+                "staged; {RELOAD_HINT}; devices are then sent the trust bundle. When they have it, run `devgate cert activate-root`."
+            );
+            Ok(())
+        }
+        CertCommand::ActivateRoot { data_dir } => {
+            let paths = PkiPaths::new(&data_dir);
+            let next = next_dir(&data_dir);
+            if !next.join("server.pem").exists() {
+                bail!(
+                    "nothing staged in {}: run `devgate cert stage-root` (or `cert import --stage`) first",
+                    next.display()
+                );
+            }
+            let prev_cert = paths.dir.join("previous-root.pem");
+            std::fs::copy(paths.root_cert(), &prev_cert)?;
+            if paths.root_key().exists() && next.join("root.key").exists() {
+                copy_atomic(
+                    &paths.root_key(),
+                    &paths.dir.join("previous-root.key"),
+                    0o600,
+                )?;
+                std::fs::rename(next.join("root.key"), paths.root_key())?;
+            }
+            std::fs::rename(next.join("server.key"), paths.server_key())?;
+            std::fs::rename(next.join("server.pem"), paths.server_cert())?;
+            std::fs::rename(next.join("root.pem"), paths.root_cert())?;
+            let _ = std::fs::remove_dir_all(&next);
+            write_bundle(&data_dir, &[&paths.root_cert(), &prev_cert])?;
+            println!(
+                "Root fingerprint: {}",
+                devgate_pki::fingerprint_file(&paths.root_cert())?
+            );
+            println!(
+                "activated; {RELOAD_HINT}. Run `devgate cert finish-root` once no device needs the old root."
+            );
+            Ok(())
+        }
+        CertCommand::FinishRoot { data_dir } => {
+            let bundle = crate::reload::trust_bundle_path(&data_dir);
+            if bundle.exists() {
+                std::fs::remove_file(&bundle)?;
+            }
+            println!("trust bundle removed; {RELOAD_HINT}");
+            Ok(())
+        }
+        CertCommand::CreateRoot {
+            cert,
+            key,
+            cn,
+            days,
+        } => {
+            let fp = devgate_pki::create_root(&cert, &key, &cn, days)?;
+            println!("Root fingerprint: {fp}");
+            Ok(())
+        }
+        CertCommand::CreateServer {
+            ca_cert,
+            ca_key,
+            name,
+            chain,
+            key,
+            days,
+        } => {
+            devgate_pki::create_server(&ca_cert, &ca_key, &name, days, &chain, &key)?;
+            println!("{}\n{}", chain.display(), key.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Zero-downtime certificate rotation: 1,000 connected devices survive a server
+//! certificate renewal and a root exchange without a single reconnect.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use devgate_client::{Body, ConnectOptions, Connection, Frame, Incoming, Role, tls_config};
+use devgate_tests::{Gateway, devgate};
+
+const DEVICES: usize = 1000;
+
+#[derive(Default)]
+struct Counters {
+    bundles: AtomicUsize,
+    closed: AtomicUsize,
+}
+
+fn spawn_device(mut dev: Connection, counters: Arc<Counters>) {
+    tokio::spawn(async move {
+        loop {
+            let r = match dev.recv().await {
+                Ok(Incoming::Frame(r)) => r,
+                _ => {
+                    counters.closed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            let f = r.frame();
+            match f.body {
+                Body::Command { payload }
+                    if dev.send(&Frame::response("", f.id, payload)).await.is_err() =>
+                {
+                    counters.closed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Body::Control { payload } => {
+                    let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+                    if v["op"] == "trust_bundle"
+                        && v["roots"].as_array().is_some_and(|r| r.len() == 2)
+                    {
+                        counters.bundles.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+}
+
+/// Sends a command to every device and waits for all responses.
+async fn all_routable(mgr: &mut Connection, base: u32) -> Result<()> {
+    let units: Vec<String> = (0..DEVICES).map(|i| format!("rot-{i:04}")).collect();
+    let frames: Vec<Frame<'_>> = units
+        .iter()
+        .enumerate()
+        .map(|(i, u)| Frame::command(u, base + i as u32, b"ping"))
+        .collect();
+    for chunk in frames.chunks(100) {
+        mgr.send_batch(chunk).await?;
+    }
+    let mut answered = HashSet::new();
+    while answered.len() < DEVICES {
+        let Some(Incoming::Frame(r)) = mgr.recv_timeout(Duration::from_secs(20)).await? else {
+            bail!("only {} of {DEVICES} devices answered", answered.len());
+        };
+        if let Body::Response { .. } = r.frame().body {
+            answered.insert(r.frame().id);
+        } else if let Body::Error { code, .. } = r.frame().body {
+            bail!("error frame {code:?} for {}", r.frame().unit);
+        }
+    }
+    Ok(())
+}
+
+async fn server_leaf(
+    gw: &Gateway,
+    roots: &[rustls_pki_types::CertificateDer<'static>],
+) -> Result<Vec<u8>> {
+    let paths = devgate_pki::PkiPaths::new(gw.data.path());
+    let ident = (
+        devgate_pki::load_certs(&paths.manager_cert())?,
+        devgate_pki::load_key(&paths.manager_key())?,
+    );
+    let conn = devgate_client::connect(
+        &ConnectOptions::new(gw.addr, "localhost", Role::Manager),
+        tls_config(roots, Some(ident))?,
+    )
+    .await?;
+    let certs = conn.peer_certificates().context("no peer certificates")?;
+    Ok(certs.first().context("empty chain")?.as_ref().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_devices_survive_renewal_and_root_exchange_without_reconnecting() -> Result<()> {
+    let gw = Gateway::start("")?;
+    let dir = gw.data_arg();
+    let old_roots = devgate_tests::roots(gw.data.path())?;
+    let mut mgr = gw.manager().await?;
+    let counters = Arc::new(Counters::default());
+    for i in 0..DEVICES {
+        let dev = gw.device(&format!("rot-{i:04}")).await?;
+        spawn_device(dev, counters.clone());
+    }
+    all_routable(&mut mgr, 0).await?;
+    let leaf_before = server_leaf(&gw, &old_roots).await?;
+    let sessions = |gw: &Gateway| -> Result<u64> {
+        gw.status()?["counters"]["device_sessions"]
+            .as_u64()
+            .context("counter")
+    };
+    assert_eq!(sessions(&gw)?, DEVICES as u64);
+
+    // 1. Renewal: a new server certificate from the same root.
+    let (ok, _, err) = devgate(&["cert", "renew", "--data-dir", &dir])?;
+    assert!(ok, "{err}");
+    gw.reload();
+    assert!(
+        gw.wait_for_log("reloaded certificates", Duration::from_secs(5)),
+        "{}",
+        gw.logs()
+    );
+    let leaf_after = server_leaf(&gw, &old_roots).await?;
+    assert_ne!(
+        leaf_before, leaf_after,
+        "new connections still get the old certificate"
+    );
+    all_routable(&mut mgr, 10_000).await?;
+    assert_eq!(
+        counters.closed.load(Ordering::Relaxed),
+        0,
+        "devices were disconnected by the renewal"
+    );
+
+    // 2. Root exchange: stage, every device gets the bundle, activate.
+    let (ok, out, err) = devgate(&["cert", "stage-root", "--data-dir", &dir])?;
+    assert!(ok, "{err}");
+    assert!(out.contains("Next root fingerprint: "));
+    gw.reload();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counters.bundles.load(Ordering::Relaxed) < DEVICES && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The manager keeps reading so that it answers keep-alives.
+        let _ = mgr.recv_timeout(Duration::from_millis(1)).await?;
+    }
+    assert_eq!(
+        counters.bundles.load(Ordering::Relaxed),
+        DEVICES,
+        "not every device received the trust bundle"
+    );
+    let (ok, _, err) = devgate(&["cert", "activate-root", "--data-dir", &dir])?;
+    assert!(ok, "{err}");
+    gw.reload();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    all_routable(&mut mgr, 20_000).await?;
+    assert_eq!(
+        counters.closed.load(Ordering::Relaxed),
+        0,
+        "devices were disconnected by the root exchange"
+    );
+    assert_eq!(sessions(&gw)?, DEVICES as u64, "devices reconnected");
+
+    // New connections use the new chain: a client trusting only the new root connects, one
+    // trusting only the old root does not.
+    let new_roots = devgate_tests::roots(gw.data.path())?;
+    assert_ne!(new_roots, old_roots);
+    server_leaf(&gw, &new_roots)
+        .await
+        .context("connecting with the new root")?;
+    assert!(
+        server_leaf(&gw, &old_roots).await.is_err(),
+        "the old root still verifies the new chain"
+    );
+    let (_, fp, _) = devgate(&["fingerprint", "--data-dir", &dir])?;
+    assert_ne!(
+        fp.trim(),
+        format!("Root fingerprint: {}", gw.data.fingerprint)
+    );
+    Ok(())
+}
