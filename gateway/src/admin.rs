@@ -183,8 +183,25 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             "devices_refused": shared.devices_refused(now),
         },
         "certificates": certificates,
+        "store": store_status(shared),
+        "trust_bundle": shared.trust_bundle.load().is_some(),
+        "revoked_units": shared.revoked.len(),
         "counters": snapshot(shared),
     })
+}
+
+fn store_status(shared: &Shared) -> serde_json::Value {
+    match shared.store.get() {
+        None => serde_json::json!({ "backend": "sqlite", "healthy": false, "error": "not opened" }),
+        Some(store) => match store.health() {
+            Ok(()) => serde_json::json!({
+                "backend": "sqlite",
+                "path": crate::store::sqlite::SqliteStore::path_in(&shared.config.data_dir),
+                "healthy": true,
+            }),
+            Err(e) => serde_json::json!({ "backend": "sqlite", "healthy": false, "error": e.to_string() }),
+        },
+    }
 }
 
 /// The `/metrics` page in Prometheus text format.

@@ -27,6 +27,8 @@ enum Scenario {
     Connect,
     /// Devices plus managers exchanging commands and responses.
     Steady,
+    /// N devices enroll with a first-authentication key (`--key`); reports enrollments/s.
+    Enroll,
 }
 
 #[derive(Parser, Debug)]
@@ -77,6 +79,9 @@ struct Args {
     /// Write every figure as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// First-authentication key for `enroll` (a multi-use key: `devgate keys create --multi`).
+    #[arg(long)]
+    key: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -98,6 +103,7 @@ struct Report {
     rtt_p99_us: u64,
     rtt_p999_us: u64,
     rtt_max_us: u64,
+    enrollments_per_sec: f64,
     gateway_rss_before_kib: Option<u64>,
     gateway_rss_after_kib: Option<u64>,
     gateway_rss_per_session_bytes: Option<f64>,
@@ -154,6 +160,10 @@ fn print_summary(r: &Report) {
         "connect             {:.2} s ({:.0}/s)",
         r.connect_secs, r.connects_per_sec
     );
+    if r.scenario == "enroll" {
+        println!("enrollments         {} in {:.2} s ({:.0}/s)", r.sessions, r.connect_secs, r.enrollments_per_sec);
+        println!("enrollment latency  p50 {} µs  p99 {} µs", r.rtt_p50_us, r.rtt_p99_us);
+    }
     if r.scenario == "steady" {
         println!("commands answered   {} of {}", r.responses, r.commands);
         println!("frames routed/s     {:.0}", r.frames_per_sec);
@@ -240,6 +250,9 @@ async fn run(args: &Args) -> Result<Report> {
     if !args.duration.is_finite() || args.duration <= 0.0 {
         bail!("--duration must be a positive number of seconds");
     }
+    if args.scenario == Scenario::Enroll {
+        return enroll_scenario(args).await;
+    }
     let fleet = load_fleet(&args.data_dir)?;
     let errors = Arc::new(Errors::default());
     let device_tls = issue_devices(&fleet, args.devices)?;
@@ -322,7 +335,7 @@ async fn run(args: &Args) -> Result<Report> {
     report.connects_per_sec = ok as f64 / report.connect_secs.max(1e-9);
 
     match args.scenario {
-        Scenario::Connect => {
+        Scenario::Connect | Scenario::Enroll => {
             // Let the gateway settle (handshake buffers freed), then read its memory.
             tokio::time::sleep(Duration::from_secs_f64(args.duration.clamp(1.0, 5.0))).await;
             report.gateway_rss_after_kib = args.gateway_pid.and_then(rss_kib);
@@ -553,4 +566,56 @@ async fn steady(
         report.rtt_max_us = h.max();
     }
     Ok(())
+}
+
+/// Enrolls `--devices` devices with `--key`, `--concurrency` at a time.
+async fn enroll_scenario(args: &Args) -> Result<Report> {
+    let key = args.key.clone().context("enroll needs --key (a multi-use key)")?;
+    let roots = devgate_pki::load_certs(&PkiPaths::new(&args.data_dir).root_cert())?;
+    let errors = Arc::new(Errors::default());
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let ok = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(args.devices);
+    for i in 0..args.devices {
+        let (gate, errors, hist, ok, roots, key) = (gate.clone(), errors.clone(), hist.clone(), ok.clone(), roots.clone(), key.clone());
+        let (addr, name) = (args.gateway, args.server_name.clone());
+        tasks.push(tokio::spawn(async move {
+            let Ok(_permit) = gate.acquire().await else { return };
+            let t = Instant::now();
+            match devgate_client::enroll(addr, &name, &roots, &format!("enr-{i:06}"), &key).await {
+                Ok(_) => {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut h) = hist.lock() {
+                        let _ = h.record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX).max(1));
+                    }
+                }
+                Err(e) => errors.add(&format!("enroll: {}", error_kind(&e.to_string()))),
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let mut report = Report {
+        scenario: "enroll".into(),
+        devices: args.devices,
+        sessions: usize::try_from(ok.load(Ordering::Relaxed)).unwrap_or(usize::MAX),
+        connect_secs: secs,
+        ..Report::default()
+    };
+    report.enrollments_per_sec = report.sessions as f64 / secs.max(1e-9);
+    report.connects_per_sec = report.enrollments_per_sec;
+    if let Ok(h) = hist.lock() {
+        report.rtt_p50_us = h.value_at_quantile(0.50);
+        report.rtt_p90_us = h.value_at_quantile(0.90);
+        report.rtt_p99_us = h.value_at_quantile(0.99);
+        report.rtt_p999_us = h.value_at_quantile(0.999);
+        report.rtt_max_us = h.max();
+    }
+    report.errors_by_kind = errors.snapshot();
+    report.errors = report.errors_by_kind.values().sum();
+    Ok(report)
 }
