@@ -199,7 +199,9 @@ fn store_status(shared: &Shared) -> serde_json::Value {
                 "path": crate::store::sqlite::SqliteStore::path_in(&shared.config.data_dir),
                 "healthy": true,
             }),
-            Err(e) => serde_json::json!({ "backend": "sqlite", "healthy": false, "error": e.to_string() }),
+            Err(e) => {
+                serde_json::json!({ "backend": "sqlite", "healthy": false, "error": e.to_string() })
+            }
         },
     }
 }

@@ -71,7 +71,21 @@ pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>
 /// Runs the gateway until SIGTERM/SIGINT.
 pub fn serve(config: Config) -> Result<()> {
     let nofile = raise_nofile_limit();
-    let tls = crate::tls::load(&config.data_dir)?;
+    let tls = match crate::tls::load(&config.data_dir) {
+        Ok(tls) => tls,
+        // A data dir with CAs but no usable server chain: keep answering check-status (err).
+        Err(e)
+            if devgate_pki::PkiPaths::new(&config.data_dir)
+                .device_ca_cert()
+                .exists() =>
+        {
+            tracing::error!(
+                "no usable server certificate ({e:#}): answering with a temporary self-signed one; check-status says err until a valid chain is installed (devgate cert renew or cert import, then devgate reload)"
+            );
+            crate::tls::without_server_certificate(&config.data_dir)?
+        }
+        Err(e) => return Err(e),
+    };
     if !tls.server_cert_valid_now() {
         warn!(
             "the server certificate is outside its validity dates: check-status reports err until it is renewed"

@@ -57,20 +57,8 @@ pub fn load(data_dir: &Path) -> Result<TlsMaterial> {
     }
     let chain = devgate_pki::load_certs(&paths.server_cert())?;
     let key = devgate_pki::load_key(&paths.server_key())?;
-    let device_ca = first_cert(&paths.device_ca_cert())?;
-    let manager_ca = first_cert(&paths.manager_ca_cert())?;
-
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(device_ca.clone())
-        .with_context(|| format!("device CA {}", paths.device_ca_cert().display()))?;
-    roots
-        .add(manager_ca.clone())
-        .with_context(|| format!("manager CA {}", paths.manager_ca_cert().display()))?;
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-        .allow_unauthenticated()
-        .build()
-        .context("building the client certificate verifier")?;
+    let client = ClientSide::load(&paths)?;
+    let (device_ca, manager_ca, verifier) = (client.device_ca, client.manager_ca, client.verifier);
 
     let server_cert = chain
         .first()
@@ -116,6 +104,70 @@ pub fn load(data_dir: &Path) -> Result<TlsMaterial> {
         certificates,
         server_not_before,
         server_not_after,
+    })
+}
+
+/// What the gateway verifies clients with: the device CA and the manager CA.
+struct ClientSide {
+    device_ca: rustls_pki_types::CertificateDer<'static>,
+    manager_ca: rustls_pki_types::CertificateDer<'static>,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl ClientSide {
+    fn load(paths: &PkiPaths) -> Result<Self> {
+        let device_ca = first_cert(&paths.device_ca_cert())?;
+        let manager_ca = first_cert(&paths.manager_ca_cert())?;
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(device_ca.clone())
+            .with_context(|| format!("device CA {}", paths.device_ca_cert().display()))?;
+        roots
+            .add(manager_ca.clone())
+            .with_context(|| format!("manager CA {}", paths.manager_ca_cert().display()))?;
+        let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+            .allow_unauthenticated()
+            .build()
+            .context("building the client certificate verifier")?;
+        Ok(Self {
+            device_ca,
+            manager_ca,
+            verifier,
+        })
+    }
+}
+
+/// TLS material for a gateway whose server certificate is missing or unusable: a
+/// temporary self-signed certificate, so that `/usg/check-status` can still answer `err`
+/// (monitoring probes do not verify it; devices and managers refuse it).
+pub fn without_server_certificate(data_dir: &Path) -> Result<TlsMaterial> {
+    let paths = PkiPaths::new(data_dir);
+    let client = ClientSide::load(&paths)?;
+    let key = rcgen::KeyPair::generate().context("generating a temporary key")?;
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .context("temporary certificate")?;
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        "devgate without a valid certificate",
+    );
+    let cert = params.self_signed(&key).context("temporary certificate")?;
+    let key_der = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| anyhow::anyhow!("temporary key: {e}"))?;
+    let mut config = ServerConfig::builder_with_protocol_versions(&[
+        &rustls::version::TLS13,
+        &rustls::version::TLS12,
+    ])
+    .with_client_cert_verifier(client.verifier)
+    .with_single_cert(vec![cert.der().clone()], key_der)
+    .context("temporary certificate")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsMaterial {
+        server_config: Arc::new(config),
+        classifier: PeerClassifier::new(&client.device_ca, &client.manager_ca)?,
+        certificates: Vec::new(),
+        // Never valid: check-status says err.
+        server_not_before: i64::MAX,
+        server_not_after: i64::MIN,
     })
 }
 

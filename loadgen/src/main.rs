@@ -161,8 +161,14 @@ fn print_summary(r: &Report) {
         r.connect_secs, r.connects_per_sec
     );
     if r.scenario == "enroll" {
-        println!("enrollments         {} in {:.2} s ({:.0}/s)", r.sessions, r.connect_secs, r.enrollments_per_sec);
-        println!("enrollment latency  p50 {} µs  p99 {} µs", r.rtt_p50_us, r.rtt_p99_us);
+        println!(
+            "enrollments         {} in {:.2} s ({:.0}/s)",
+            r.sessions, r.connect_secs, r.enrollments_per_sec
+        );
+        println!(
+            "enrollment latency  p50 {} µs  p99 {} µs",
+            r.rtt_p50_us, r.rtt_p99_us
+        );
     }
     if r.scenario == "steady" {
         println!("commands answered   {} of {}", r.responses, r.commands);
@@ -570,25 +576,43 @@ async fn steady(
 
 /// Enrolls `--devices` devices with `--key`, `--concurrency` at a time.
 async fn enroll_scenario(args: &Args) -> Result<Report> {
-    let key = args.key.clone().context("enroll needs --key (a multi-use key)")?;
+    let key = args
+        .key
+        .clone()
+        .context("enroll needs --key (a multi-use key)")?;
     let roots = devgate_pki::load_certs(&PkiPaths::new(&args.data_dir).root_cert())?;
     let errors = Arc::new(Errors::default());
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
     let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let ok = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(args.devices);
     for i in 0..args.devices {
-        let (gate, errors, hist, ok, roots, key) = (gate.clone(), errors.clone(), hist.clone(), ok.clone(), roots.clone(), key.clone());
+        let (gate, errors, hist, ok, roots, key) = (
+            gate.clone(),
+            errors.clone(),
+            hist.clone(),
+            ok.clone(),
+            roots.clone(),
+            key.clone(),
+        );
         let (addr, name) = (args.gateway, args.server_name.clone());
         tasks.push(tokio::spawn(async move {
-            let Ok(_permit) = gate.acquire().await else { return };
+            let Ok(_permit) = gate.acquire().await else {
+                return;
+            };
             let t = Instant::now();
             match devgate_client::enroll(addr, &name, &roots, &format!("enr-{i:06}"), &key).await {
                 Ok(_) => {
                     ok.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut h) = hist.lock() {
-                        let _ = h.record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX).max(1));
+                        let _ = h.record(
+                            u64::try_from(t.elapsed().as_micros())
+                                .unwrap_or(u64::MAX)
+                                .max(1),
+                        );
                     }
                 }
                 Err(e) => errors.add(&format!("enroll: {}", error_kind(&e.to_string()))),

@@ -148,6 +148,7 @@ impl Gateway {
                 let mut tx = Some(tx);
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     if line.contains("serving")
+                        && line.contains("listen=")
                         && let Some(tx) = tx.take()
                     {
                         let _ = tx.send(line.clone());

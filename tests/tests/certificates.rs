@@ -95,6 +95,41 @@ async fn check_status_is_err_with_an_expired_server_certificate() -> Result<()> 
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_status_is_err_when_the_server_certificate_is_missing() -> Result<()> {
+    let data = DataDir::init()?;
+    let paths = PkiPaths::new(data.path());
+    std::fs::remove_file(paths.server_cert())?;
+    let gw = Gateway::start_in(data, "[managers]\nstartup_wait_secs = 0\n")?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let schemes = provider
+        .signature_verification_algorithms
+        .supported_schemes();
+    let tls = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnything(schemes)))
+        .with_no_client_auth();
+    let (status, body) = devgate_client::http_get(
+        gw.addr,
+        "localhost",
+        std::sync::Arc::new(tls),
+        "/usg/check-status",
+    )
+    .await?;
+    assert_eq!(status, 200);
+    assert_eq!(String::from_utf8(body)?, r#"{"status":"err"}"#);
+    assert!(
+        gw.wait_for_log("no usable server certificate", Duration::from_secs(2)),
+        "{}",
+        gw.logs()
+    );
+    assert!(
+        gw.manager().await.is_err(),
+        "a manager accepted the temporary certificate"
+    );
+    Ok(())
+}
+
 #[test]
 fn serve_without_a_pki_explains_what_to_do() -> Result<()> {
     let dir = tempfile::tempdir()?;
