@@ -46,6 +46,20 @@ impl ServerCertVerifier for AcceptAnything {
     }
 }
 
+/// The TLS configuration of a monitoring probe.
+fn probe_tls() -> std::sync::Arc<rustls::ClientConfig> {
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let schemes = provider
+        .signature_verification_algorithms
+        .supported_schemes();
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnything(schemes)))
+            .with_no_client_auth(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_status_is_err_with_an_expired_server_certificate() -> Result<()> {
     let data = DataDir::init()?;
@@ -68,21 +82,8 @@ async fn check_status_is_err_with_an_expired_server_certificate() -> Result<()> 
     std::fs::write(paths.server_key(), key.serialize_pem())?;
 
     let gw = Gateway::start_in(data, "[managers]\nstartup_wait_secs = 0\n")?;
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
-    let schemes = provider
-        .signature_verification_algorithms
-        .supported_schemes();
-    let tls = rustls::ClientConfig::builder()
-        .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnything(schemes)))
-        .with_no_client_auth();
-    let (status, body) = devgate_client::http_get(
-        gw.addr,
-        "localhost",
-        std::sync::Arc::new(tls),
-        "/usg/check-status",
-    )
-    .await?;
+    let (status, body) =
+        devgate_client::http_get(gw.addr, "localhost", probe_tls(), "/usg/check-status").await?;
     assert_eq!(status, 200);
     assert_eq!(String::from_utf8(body)?, r#"{"status":"err"}"#);
     assert!(
@@ -101,21 +102,8 @@ async fn check_status_is_err_when_the_server_certificate_is_missing() -> Result<
     let paths = PkiPaths::new(data.path());
     std::fs::remove_file(paths.server_cert())?;
     let gw = Gateway::start_in(data, "[managers]\nstartup_wait_secs = 0\n")?;
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
-    let schemes = provider
-        .signature_verification_algorithms
-        .supported_schemes();
-    let tls = rustls::ClientConfig::builder()
-        .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnything(schemes)))
-        .with_no_client_auth();
-    let (status, body) = devgate_client::http_get(
-        gw.addr,
-        "localhost",
-        std::sync::Arc::new(tls),
-        "/usg/check-status",
-    )
-    .await?;
+    let (status, body) =
+        devgate_client::http_get(gw.addr, "localhost", probe_tls(), "/usg/check-status").await?;
     assert_eq!(status, 200);
     assert_eq!(String::from_utf8(body)?, r#"{"status":"err"}"#);
     assert!(

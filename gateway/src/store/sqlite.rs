@@ -107,6 +107,18 @@ impl SqliteStore {
     }
 }
 
+/// Whether the latest revocation event of `unit` revokes it.
+fn is_revoked(conn: &Connection, unit: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT revoked FROM revocations WHERE unit = ?1 ORDER BY seq DESC LIMIT 1",
+            params![unit],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .is_some_and(|r| r != 0))
+}
+
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
@@ -192,14 +204,7 @@ impl Store for SqliteStore {
         let id = key_id(secret);
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let unit_revoked: bool = tx
-            .query_row(
-                "SELECT revoked FROM revocations WHERE unit = ?1 ORDER BY seq DESC LIMIT 1",
-                params![unit],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()?
-            .is_some_and(|r| r != 0);
+        let unit_revoked = is_revoked(&tx, unit)?;
         let row = tx
             .query_row(
                 "SELECT salt, hash, kind, unit, expires_at, revoked_at, used_by, used_at FROM keys WHERE id = ?1",
@@ -278,14 +283,7 @@ impl Store for SqliteStore {
     fn revoke_device(&self, unit: &str, now: i64) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let revoked = tx
-            .query_row(
-                "SELECT revoked FROM revocations WHERE unit = ?1 ORDER BY seq DESC LIMIT 1",
-                params![unit],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()?
-            .is_some_and(|r| r != 0);
+        let revoked = is_revoked(&tx, unit)?;
         if revoked {
             return Ok(false);
         }
@@ -300,14 +298,7 @@ impl Store for SqliteStore {
     fn unrevoke_device(&self, unit: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let revoked = tx
-            .query_row(
-                "SELECT revoked FROM revocations WHERE unit = ?1 ORDER BY seq DESC LIMIT 1",
-                params![unit],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()?
-            .is_some_and(|r| r != 0);
+        let revoked = is_revoked(&tx, unit)?;
         if !revoked {
             return Ok(false);
         }
