@@ -95,7 +95,7 @@ pub fn serve(config: Config) -> Result<()> {
         .with_context(|| format!("cannot bind the admin listener on {}", config.admin))?;
     let admin_addr = admin.local_addr()?;
 
-    let guard: Box<dyn crate::guard::Guard> = Box::new(crate::guard::Unguarded);
+    let guard = crate::guard::build(&config.xdp, &[public.port()]);
     let shared = Arc::new(Shared::new(config, tls, workers, max_connections, guard));
     let now = Instant::now();
     let mut threads = Vec::with_capacity(workers);
@@ -125,6 +125,7 @@ pub fn serve(config: Config) -> Result<()> {
     for t in threads {
         let _ = t.join();
     }
+    shared.guard.shutdown();
     info!(
         "stopped after {:.1} s",
         shared.started.elapsed().as_secs_f64()
