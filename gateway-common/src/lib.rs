@@ -10,7 +10,7 @@
 //! | [`MAP_CONFIG`] | array[1] | 0 → [`XdpConfig`] | user space (limits, admit flag) |
 //! | [`MAP_PORTS`] | hash | port (host order, `u16`) → 1 | user space: the gateway's ports |
 //! | [`MAP_ALLOW`] | LPM trie | [`AllowKey`] → 1 | user space: the allow-list |
-//! | [`MAP_MANAGERS`] | LPM trie | [`SourceKey`] → 1 | user space: sources that bypass shedding |
+//! | [`MAP_SOURCES`] | LPM trie | [`SourceKey`] → `SOURCE_*` flags | user space: manager and exempt networks |
 //! | [`MAP_CONNS`] | hash | [`SourceKey`] → established connections (`u32`) | user space |
 //! | [`MAP_RATE`] | LRU hash | [`SourceKey`] → GCRA theoretical arrival time (ns) | XDP |
 //! | [`MAP_STATS`] | per-CPU array | [`Counter`] index → packets (`u64`) | XDP |
@@ -29,8 +29,14 @@ pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_PORTS: &str = "PORTS";
 /// The allow-list (other ports, optionally from a source range).
 pub const MAP_ALLOW: &str = "ALLOW";
-/// Source ranges that bypass the device-limit shedding (managers).
-pub const MAP_MANAGERS: &str = "MANAGERS";
+/// Source networks with special treatment: `SOURCE_*` flags. A longest-prefix match
+/// returns one entry, so user space stores in each the flags of every configured
+/// network that contains it.
+pub const MAP_SOURCES: &str = "SOURCES";
+/// A manager network: its SYNs pass while the device limit is reached.
+pub const SOURCE_MANAGER: u8 = 1;
+/// Exempt from the per-source limits (a site's NAT with many devices behind it).
+pub const SOURCE_EXEMPT: u8 = 2;
 /// Established connections per source.
 pub const MAP_CONNS: &str = "CONNS";
 /// New-connection rate state per source.
@@ -40,7 +46,7 @@ pub const MAP_STATS: &str = "STATS";
 
 /// Capacity of [`MAP_PORTS`].
 pub const MAX_PORTS: u32 = 64;
-/// Capacity of [`MAP_ALLOW`] and [`MAP_MANAGERS`].
+/// Capacity of [`MAP_ALLOW`] and [`MAP_SOURCES`].
 pub const MAX_RULES: u32 = 1024;
 /// Capacity of [`MAP_CONNS`] and [`MAP_RATE`]; a BTF map's size is fixed in the object.
 pub const MAX_SOURCES: u32 = 65_536;
@@ -50,7 +56,7 @@ pub const MAX_SOURCES: u32 = 65_536;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct XdpConfig {
     /// 1 while new connections are admitted; 0 while the device limit is reached (SYNs to
-    /// the gateway's ports are dropped unless the source is in [`MAP_MANAGERS`]).
+    /// the gateway's ports are dropped unless the source is a [`SOURCE_MANAGER`]).
     pub accepting: u32,
     /// A SYN is dropped when its source already has this many established connections
     /// (0 = no limit).
@@ -193,7 +199,10 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding() {
-        assert_eq!(core::mem::size_of::<XdpConfig>(), 4 + 4 + 8 + 8 + 16 + 2 + 2 + 4);
+        assert_eq!(
+            core::mem::size_of::<XdpConfig>(),
+            4 + 4 + 8 + 8 + 16 + 2 + 2 + 4
+        );
         assert_eq!(core::mem::size_of::<SourceKey>(), 16);
         assert_eq!(core::mem::size_of::<AllowKey>(), 20);
     }

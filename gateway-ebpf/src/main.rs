@@ -4,7 +4,8 @@
 //! - TCP to one of the gateway's ports: a SYN (SYN without ACK, a new connection) is
 //!   dropped while the device limit is reached (unless its source is a manager range),
 //!   when its source already holds `max_conns_per_ip` established connections, or when it
-//!   exceeds its source's new-connection rate; anything else (established traffic) passes.
+//!   exceeds its source's new-connection rate (sources in an exempt network skip the
+//!   last two); anything else (established traffic) passes.
 //! - TCP or UDP to any other port: passes if the allow-list has (protocol, port, source);
 //!   passes if it is a reply to the host's own outbound traffic (ephemeral destination
 //!   port, and for TCP the ACK flag); otherwise it is dropped.
@@ -35,7 +36,7 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
 use gateway_common::{
     ALLOW_KEY_HEAD_BITS, AllowKey, COUNTERS, Counter, MAX_PORTS, MAX_RULES, MAX_SOURCES,
-    SourceKey, XdpConfig, mapped_v4,
+    SOURCE_EXEMPT, SOURCE_MANAGER, SourceKey, XdpConfig, mapped_v4,
 };
 
 #[map]
@@ -45,7 +46,7 @@ static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_PORTS, 0);
 #[map]
 static ALLOW: LpmTrie<AllowKey, u8> = LpmTrie::with_max_entries(MAX_RULES, 0);
 #[map]
-static MANAGERS: LpmTrie<SourceKey, u8> = LpmTrie::with_max_entries(MAX_RULES, 0);
+static SOURCES: LpmTrie<SourceKey, u8> = LpmTrie::with_max_entries(MAX_RULES, 0);
 #[map]
 static CONNS: HashMap<SourceKey, u32> = HashMap::with_max_entries(MAX_SOURCES, 0);
 #[map]
@@ -356,7 +357,8 @@ fn l4(
     if ALLOW.get(&allow).is_some() {
         return Ok(pass(Counter::PassAllowed));
     }
-    let reply_port = cfg.reply_port_hi != 0 && port >= cfg.reply_port_lo && port <= cfg.reply_port_hi;
+    let reply_port =
+        cfg.reply_port_hi != 0 && port >= cfg.reply_port_lo && port <= cfg.reply_port_hi;
     // A TCP reply carries ACK (a SYN-ACK too); a bare SYN to an ephemeral port is a scan.
     if reply_port && (proto == IPPROTO_UDP || flags & TCP_ACK != 0) {
         return Ok(pass(Counter::PassReply));
@@ -367,11 +369,15 @@ fn l4(
 /// A new connection to a gateway port.
 #[inline(always)]
 fn syn(src: [u8; 16], key: [u8; 16], cfg: &XdpConfig) -> u32 {
-    if cfg.accepting == 0 {
-        let manager = Key::new(128, SourceKey { addr: src });
-        if MANAGERS.get(&manager).is_none() {
-            return drop(Counter::DropDeviceLimit);
-        }
+    let flags = SOURCES
+        .get(Key::new(128, SourceKey { addr: src }))
+        .copied()
+        .unwrap_or(0);
+    if cfg.accepting == 0 && flags & SOURCE_MANAGER == 0 {
+        return drop(Counter::DropDeviceLimit);
+    }
+    if flags & SOURCE_EXEMPT != 0 {
+        return pass(Counter::PassSyn);
     }
     let key = SourceKey { addr: key };
     if cfg.max_conns_per_ip != 0 {

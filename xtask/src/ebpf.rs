@@ -28,8 +28,8 @@ pub(crate) fn task(task: &str, args: &[String]) -> Result<()> {
 
 fn toolchain(root: &Path) -> Result<String> {
     let path = root.join("gateway-ebpf/TOOLCHAIN");
-    let name = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let name =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     Ok(name.trim().to_owned())
 }
 
@@ -67,7 +67,12 @@ pub(crate) fn build_ebpf() -> Result<()> {
     }
     cmd.env(
         "CARGO_ENCODED_RUSTFLAGS",
-        ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+        [
+            "--cfg=bpf_target_arch=\"x86_64\"",
+            "-Cdebuginfo=2",
+            "-Clink-arg=--btf",
+        ]
+        .join("\x1f"),
     );
     crate::run(&mut cmd).context(
         "building the XDP program failed (toolchain missing? run scripts/install-ebpf-toolchain.sh)",

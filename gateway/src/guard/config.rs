@@ -69,6 +69,9 @@ pub struct GuardConfig {
     /// Source networks (CIDR, e.g. "10.0.0.0/8") that may connect while the device limit
     /// is reached: the managers' addresses.
     pub manager_sources: Vec<String>,
+    /// Source networks exempt from `max_conns_per_ip` and `new_conns_per_sec`: e.g. a
+    /// site whose devices all come through one NAT address.
+    pub exempt_sources: Vec<String>,
     /// Other traffic let through, e.g. "tcp/22 from 10.0.0.0/8", "udp/123".
     /// Everything else to a port that is not the gateway's is dropped, except replies to
     /// the host's own outbound traffic (ephemeral destination ports).
@@ -91,6 +94,7 @@ impl Default for GuardConfig {
             new_conns_burst: 0,
             shed_at_device_limit: true,
             manager_sources: Vec::new(),
+            exempt_sources: Vec::new(),
             // DHCP client replies (v4 and v6) go to fixed ports, not ephemeral ones;
             // dropping them would lose the host's address lease.
             allow: vec!["udp/68".into(), "udp/546".into()],
@@ -142,6 +146,11 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         mask(source_bytes(ip), self.prefix) == self.addr
     }
+
+    /// Whether `other` lies wholly in this network.
+    pub fn covers(&self, other: &Self) -> bool {
+        self.prefix <= other.prefix && mask(other.addr, self.prefix) == self.addr
+    }
 }
 
 /// One allow-list rule: protocol, port, and the sources it applies to.
@@ -163,9 +172,9 @@ impl AllowRule {
             Some((w, f)) => (w.trim(), Some(Cidr::parse(f.trim())?)),
             None => (s, None),
         };
-        let (proto, port) = what
-            .split_once('/')
-            .ok_or_else(|| format!("\"{s}\": expected PROTO/PORT [from CIDR], e.g. \"tcp/22 from 10.0.0.0/8\""))?;
+        let (proto, port) = what.split_once('/').ok_or_else(|| {
+            format!("\"{s}\": expected PROTO/PORT [from CIDR], e.g. \"tcp/22 from 10.0.0.0/8\"")
+        })?;
         let proto = match proto {
             "tcp" => 6,
             "udp" => 17,
@@ -215,7 +224,15 @@ impl GuardConfig {
 
     /// Parsed `manager_sources`.
     pub fn managers(&self) -> Result<Vec<Cidr>, String> {
-        self.manager_sources.iter().map(|s| Cidr::parse(s)).collect()
+        self.manager_sources
+            .iter()
+            .map(|s| Cidr::parse(s))
+            .collect()
+    }
+
+    /// Parsed `exempt_sources`.
+    pub fn exempt(&self) -> Result<Vec<Cidr>, String> {
+        self.exempt_sources.iter().map(|s| Cidr::parse(s)).collect()
     }
 
     /// Parsed `allow`.
@@ -253,7 +270,9 @@ impl GuardConfig {
         if iface.len() >= 16 || iface.contains(['/', '\0', ' ']) {
             return Err(invalid(
                 "xdp.interface",
-                format!("\"{iface}\" is not an interface name (at most 15 characters, no '/' or spaces)"),
+                format!(
+                    "\"{iface}\" is not an interface name (at most 15 characters, no '/' or spaces)"
+                ),
             ));
         }
         if self.mode != Mode::Userspace && self.mode != Mode::Auto && iface.is_empty() {
@@ -283,6 +302,9 @@ impl GuardConfig {
         if let Err(e) = self.managers() {
             return Err(invalid("xdp.manager_sources", e));
         }
+        if let Err(e) = self.exempt() {
+            return Err(invalid("xdp.exempt_sources", e));
+        }
         match self.allow_rules() {
             Err(e) => return Err(invalid("xdp.allow", e)),
             Ok(rules) if rules.len() > gateway_common::MAX_RULES as usize => {
@@ -290,10 +312,12 @@ impl GuardConfig {
             }
             Ok(_) => {}
         }
-        if self.manager_sources.len() > gateway_common::MAX_RULES as usize {
+        if self.manager_sources.len() + self.exempt_sources.len()
+            > gateway_common::MAX_RULES as usize
+        {
             return Err(invalid(
                 "xdp.manager_sources",
-                "too many networks (at most 1024)",
+                "too many networks (at most 1024 with xdp.exempt_sources)",
             ));
         }
         Ok(())
@@ -341,7 +365,10 @@ mod tests {
         assert!(err.contains("xdp.allow"), "{err}");
         cfg.allow.clear();
         cfg.mode = Mode::Native;
-        let err = cfg.validate().expect_err("native without iface").to_string();
+        let err = cfg
+            .validate()
+            .expect_err("native without iface")
+            .to_string();
         assert!(err.contains("xdp.mode"), "{err}");
         cfg.interface = "eth0".into();
         cfg.validate().expect("valid");

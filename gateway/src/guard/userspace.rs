@@ -70,6 +70,7 @@ pub struct Limiter {
     v6_prefix: u32,
     shed_at_device_limit: bool,
     managers: Vec<Cidr>,
+    exempt: Vec<Cidr>,
     max_per_shard: usize,
     shards: Box<[Shard]>,
     accepting: AtomicBool,
@@ -90,6 +91,7 @@ impl Limiter {
             v6_prefix: u32::from(cfg.ipv6_prefix_len),
             shed_at_device_limit: cfg.shed_at_device_limit,
             managers: cfg.managers().unwrap_or_default(),
+            exempt: cfg.exempt().unwrap_or_default(),
             max_per_shard: (cfg.max_sources as usize).div_ceil(SHARDS),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             accepting: AtomicBool::new(true),
@@ -155,8 +157,8 @@ impl Limiter {
         }
         let rate = check_rate && self.interval_ns != 0;
         let key = self.key(ip);
-        let now_ns = u64::try_from(now.saturating_duration_since(self.epoch).as_nanos())
-            .unwrap_or(u64::MAX);
+        let now_ns =
+            u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
         let mut table = self
             .shard(&key)
             .lock()
@@ -171,11 +173,12 @@ impl Limiter {
                 return Ok(());
             }
         }
+        let exempt = !self.exempt.is_empty() && self.exempt.iter().any(|c| c.contains(ip));
         let source = table.entry(key).or_default();
-        if self.max_conns_per_ip != 0 && source.conns >= self.max_conns_per_ip {
+        if !exempt && self.max_conns_per_ip != 0 && source.conns >= self.max_conns_per_ip {
             return Err(Refusal::PerIp);
         }
-        if rate {
+        if rate && !exempt {
             let tat = source.tat.max(now_ns);
             if tat - now_ns > self.tau_ns {
                 return Err(Refusal::Rate);
@@ -262,6 +265,7 @@ impl Limiter {
                 "new_conns_burst": if cfg.new_conns_per_sec == 0 { 0 } else { cfg.burst() },
                 "shed_at_device_limit": cfg.shed_at_device_limit,
                 "manager_sources": cfg.manager_sources,
+                "exempt_sources": cfg.exempt_sources,
                 "ipv6_prefix_len": cfg.ipv6_prefix_len,
             },
             "tracked_sources": sources,
@@ -278,7 +282,11 @@ impl Limiter {
             "# HELP devgate_guard_refused_total Connections the guard refused in user space, by reason.\n# TYPE devgate_guard_refused_total counter"
         );
         for (r, n) in self.refused() {
-            let _ = writeln!(out, "devgate_guard_refused_total{{reason=\"{}\"}} {n}", r.name());
+            let _ = writeln!(
+                out,
+                "devgate_guard_refused_total{{reason=\"{}\"}} {n}",
+                r.name()
+            );
         }
         let (sources, _) = self.tracked();
         let _ = writeln!(
@@ -372,6 +380,7 @@ mod tests {
             new_conns_per_sec: rate,
             new_conns_burst: burst,
             manager_sources: vec!["192.0.2.0/24".into()],
+            exempt_sources: vec!["203.0.113.0/24".into()],
             ..GuardConfig::default()
         }
     }
@@ -398,6 +407,23 @@ mod tests {
         assert_eq!(l.conns_of(a), 0);
         assert_eq!(l.tracked().0, 1, "only the other source is left");
         assert_eq!(l.refused()[1].1, 1);
+    }
+
+    #[test]
+    fn exempt_networks_skip_the_per_source_limits() {
+        let l = Limiter::new(&cfg(1, 1, 1));
+        let now = Instant::now();
+        let nat = ip("203.0.113.7");
+        for _ in 0..10 {
+            assert!(l.admit(nat, now, true, &|_, _| {}).is_ok());
+        }
+        assert_eq!(l.conns_of(nat), 10, "still counted");
+        l.set_accepting(false);
+        assert_eq!(
+            l.admit(nat, now, true, &|_, _| {}),
+            Err(Refusal::DeviceLimit),
+            "exempt from per-source limits, not from shedding"
+        );
     }
 
     #[test]

@@ -20,14 +20,14 @@ use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use gateway_common::{
-    ALLOW_KEY_HEAD_BITS, AllowKey, COUNTERS, Counter, MAP_ALLOW, MAP_CONFIG, MAP_CONNS,
-    MAP_MANAGERS, MAP_PORTS, MAP_RATE, MAP_STATS, PROGRAM, SourceKey, XdpConfig,
+    ALLOW_KEY_HEAD_BITS, AllowKey, COUNTERS, Counter, MAP_ALLOW, MAP_CONFIG, MAP_CONNS, MAP_PORTS,
+    MAP_RATE, MAP_SOURCES, MAP_STATS, PROGRAM, SOURCE_EXEMPT, SOURCE_MANAGER, SourceKey, XdpConfig,
 };
 use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::Guard;
-use super::config::{GuardConfig, Mode, mask};
+use super::config::{Cidr, GuardConfig, Mode, mask};
 use super::userspace::{Limiter, gcra};
 
 /// The mode the program is attached in.
@@ -51,7 +51,9 @@ struct Loaded {
 
 impl std::fmt::Debug for Loaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loaded").field("config", &self.value).finish()
+        f.debug_struct("Loaded")
+            .field("config", &self.value)
+            .finish()
     }
 }
 
@@ -252,11 +254,27 @@ impl XdpGuard {
                 .insert(&key, 1, 0)
                 .map_err(|e| format!("writing the allow-list: {}", chain(&e)))?;
         }
-        let mut managers: LpmTrie<MapData, SourceKey, u8> = take(&mut ebpf, MAP_MANAGERS)?;
-        for net in cfg.managers()? {
-            managers
-                .insert(&Key::new(net.prefix, SourceKey { addr: net.addr }), 1, 0)
-                .map_err(|e| format!("writing the manager networks: {}", chain(&e)))?;
+        let mut sources: LpmTrie<MapData, SourceKey, u8> = take(&mut ebpf, MAP_SOURCES)?;
+        let nets: Vec<(Cidr, u8)> = cfg
+            .managers()?
+            .into_iter()
+            .map(|c| (c, SOURCE_MANAGER))
+            .chain(cfg.exempt()?.into_iter().map(|c| (c, SOURCE_EXEMPT)))
+            .collect();
+        for (net, _) in &nets {
+            // The trie returns only the longest match: give it the flags of every
+            // configured network that contains it.
+            let flags = nets
+                .iter()
+                .filter(|(outer, _)| outer.covers(net))
+                .fold(0, |f, (_, flag)| f | flag);
+            sources
+                .insert(
+                    &Key::new(net.prefix, SourceKey { addr: net.addr }),
+                    flags,
+                    0,
+                )
+                .map_err(|e| format!("writing the manager/exempt networks: {}", chain(&e)))?;
         }
         let conns: HashMap<MapData, SourceKey, u32> = take(&mut ebpf, MAP_CONNS)?;
         let stats: PerCpuArray<MapData, u64> = take(&mut ebpf, MAP_STATS)?;
