@@ -27,6 +27,8 @@ pub struct Config {
     pub keepalive: Keepalive,
     /// Behaviour while no manager is connected.
     pub managers: Managers,
+    /// The connection guard: XDP program, per-source limits (`[xdp]`).
+    pub xdp: crate::guard::config::GuardConfig,
 }
 
 /// Limits that keep a gateway alive under load and abuse.
@@ -86,6 +88,7 @@ impl Default for Config {
             limits: Limits::default(),
             keepalive: Keepalive::default(),
             managers: Managers::default(),
+            xdp: Default::default(),
         }
     }
 }
@@ -227,6 +230,7 @@ impl Config {
                 "must be at least 100 ms",
             ));
         }
+        self.xdp.validate()?;
         if self.workers > 1024 {
             return Err(invalid(
                 "workers",

@@ -84,6 +84,12 @@ struct ServeOpts {
     /// Log format.
     #[arg(long, default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
+    /// Attach the XDP guard to this public interface (overrides `xdp.interface`).
+    #[arg(long, value_name = "IFACE")]
+    xdp: Option<String>,
+    /// XDP attach mode (overrides `xdp.mode`; default: native, else generic).
+    #[arg(long, value_parser = ["auto", "native", "generic", "userspace"])]
+    xdp_mode: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,6 +178,12 @@ fn serve(opts: ServeOpts) -> Result<()> {
     }
     if let Some(w) = opts.workers {
         config.workers = w;
+    }
+    if let Some(i) = opts.xdp {
+        config.xdp.interface = i;
+    }
+    if let Some(m) = opts.xdp_mode {
+        config.xdp.mode = m.parse().map_err(anyhow::Error::msg)?;
     }
     config.validate()?;
     gateway::server::serve(config)

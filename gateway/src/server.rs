@@ -109,7 +109,7 @@ pub fn serve(config: Config) -> Result<()> {
         .with_context(|| format!("cannot bind the admin listener on {}", config.admin))?;
     let admin_addr = admin.local_addr()?;
 
-    let guard: Box<dyn crate::guard::Guard> = Box::new(crate::guard::Unguarded);
+    let guard = crate::guard::build(&config.xdp, &[public.port()]);
     let shared = Arc::new(Shared::new(config, tls, workers, max_connections, guard));
     let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::sqlite::SqliteStore::open(
         &shared.config.data_dir,
@@ -147,6 +147,7 @@ pub fn serve(config: Config) -> Result<()> {
     for t in threads {
         let _ = t.join();
     }
+    shared.guard.shutdown();
     info!(
         "stopped after {:.1} s",
         shared.started.elapsed().as_secs_f64()

@@ -187,8 +187,9 @@ pub struct Shared {
     /// Per worker: milliseconds after `started` of its last loop turn (the watchdog's
     /// proof that the data path is alive).
     pub heartbeats: Box<[AtomicU64]>,
-    /// Whether the guard was last told to accept new connections.
-    accepting: AtomicBool,
+    /// Whether the guard was last told to accept new connections. A mutex, not an
+    /// atomic: the guard must be told the changes in the order they happened.
+    accepting: Mutex<bool>,
     /// Units whose credentials are revoked (mirrored from the store's revocation log).
     pub revoked: DashMap<Arc<str>, ()>,
     /// Jobs for the control plane's store thread.
@@ -247,7 +248,7 @@ impl Shared {
             manager_seen: AtomicBool::new(false),
             guard,
             heartbeats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
-            accepting: AtomicBool::new(true),
+            accepting: Mutex::new(true),
             revoked: DashMap::new(),
             jobs: OnceLock::new(),
             store: OnceLock::new(),
@@ -278,11 +279,17 @@ impl Shared {
     /// Tells the guard whether new connections are admitted, on every change of
     /// "device limit reached".
     pub fn refresh_accepting(&self) {
+        let mut last = self
+            .accepting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Read under the lock: the last caller sees the last count and tells the guard.
         let at_limit = self
             .device_limit()
             .is_some_and(|limit| self.device_count.load(Ordering::Acquire) as u64 >= limit);
         let accepting = !at_limit;
-        if self.accepting.swap(accepting, Ordering::AcqRel) != accepting {
+        if *last != accepting {
+            *last = accepting;
             self.guard.set_accepting(accepting);
         }
     }

@@ -3,6 +3,11 @@
 //!
 //! The binary is found next to the test executable (`target/<profile>/devgate`), or at
 //! `$DEVGATE_BIN`; `cargo xtask test` builds it first.
+//!
+//! [`netns`] adds network namespaces with a veth pair, for the XDP tests: a gateway
+//! started with [`Gateway::start_in_netns`] runs inside one.
+
+pub mod netns;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -109,6 +114,8 @@ pub struct Gateway {
     logs: Arc<Mutex<String>>,
     roots: Vec<rustls_pki_types::CertificateDer<'static>>,
     device_ca: Arc<ClientCa>,
+    /// The network namespace it runs in, if not the test's own.
+    netns: Option<String>,
 }
 
 /// The trust anchors a client of `data` uses.
@@ -124,11 +131,31 @@ impl Gateway {
 
     /// Starts a gateway on an existing data directory.
     pub fn start_in(data: DataDir, config: &str) -> Result<Self> {
-        let cfg_path = data.path().join("devgate.toml");
         let text =
             format!("listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 2\n{config}\n");
+        Self::spawn(data, &text, None)
+    }
+
+    /// Starts a gateway inside network namespace `ns` (`ip netns exec`) with the whole
+    /// configuration file `config` (it must set `listen` and `admin`). The admin
+    /// listener is reached from inside the namespace; clients must connect from a
+    /// namespace that routes to the listener (see [`netns::block_on_in`]).
+    pub fn start_in_netns(data: DataDir, ns: &str, config: &str) -> Result<Self> {
+        Self::spawn(data, config, Some(ns))
+    }
+
+    fn spawn(data: DataDir, text: &str, netns: Option<&str>) -> Result<Self> {
+        let cfg_path = data.path().join("devgate.toml");
         std::fs::write(&cfg_path, text)?;
-        let mut child = Command::new(binary("devgate"))
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary("devgate"));
+                c
+            }
+            None => Command::new(binary("devgate")),
+        };
+        let mut child = command
             .arg("serve")
             .arg("--data-dir")
             .arg(data.path())
@@ -192,6 +219,7 @@ impl Gateway {
             logs,
             roots,
             device_ca,
+            netns: netns.map(str::to_owned),
         })
     }
 
@@ -256,7 +284,10 @@ impl Gateway {
 
     /// GET on the admin listener; returns status and body.
     pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
-        let mut s = TcpStream::connect(self.admin)?;
+        let mut s = match &self.netns {
+            Some(ns) => netns::in_netns(ns, || Ok(TcpStream::connect(self.admin)?))?,
+            None => TcpStream::connect(self.admin)?,
+        };
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         write!(
             s,

@@ -2,6 +2,7 @@
 //!
 //! - `test`  — builds the binaries the end-to-end tests start, then runs every test.
 //! - `ci`    — what `.ci/run` runs: formatting, clippy with warnings denied, `test`.
+//! - `build-ebpf`, `flood-bench` — the XDP program and its benchmark (see `ebpf.rs`).
 //! - `demo`  — builds release binaries, creates a data dir under `target/demo`, starts
 //!   the gateway on embedded defaults, runs a small fleet against it with the load
 //!   generator, prints what happened and stops the gateway.
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+mod ebpf;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = workspace_root();
@@ -20,6 +23,7 @@ fn main() -> Result<()> {
         Some("test") => test(&args[1..]),
         Some("ci") => ci(),
         Some("demo") => demo(&args[1..]),
+        Some(t @ ("build-ebpf" | "flood-bench")) => ebpf::task(t, &args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <test|ci|demo> [args]\n  test [cargo test args]  build the binaries and run all tests\n  ci                      fmt check, clippy -D warnings, test\n  demo [--devices N] [--seconds S]  run the gateway with a demo fleet"
