@@ -84,8 +84,8 @@ struct ServeOpts {
     /// Data-path worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
-    /// Log format.
-    #[arg(long, default_value = "plain", value_parser = ["plain", "json"])]
+    /// Log format (plain lines; under systemd without timestamps, with journal priorities).
+    #[arg(long, env = "DEVGATE_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
 }
 
@@ -123,7 +123,8 @@ enum ManagersCommand {
 
 #[derive(Subcommand, Debug)]
 enum ConfigCommand {
-    /// Print the effective configuration (defaults merged with FILE).
+    /// Print the effective configuration (defaults, FILE or /etc/devgate/devgate.toml if
+    /// present, environment overrides DEVGATE_<KEY> / DEVGATE_<SECTION>__<KEY>).
     Show {
         /// Configuration file.
         #[arg(long)]
@@ -195,10 +196,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Config {
             command: ConfigCommand::Show { config },
         } => {
-            let cfg = match config {
-                Some(path) => Config::load(&path)?,
-                None => Config::default(),
-            };
+            let (cfg, source) = Config::load_effective(config.as_deref())?;
+            println!("# effective configuration: {source}");
             print!("{}", cfg.to_toml());
             Ok(())
         }
@@ -232,11 +231,9 @@ fn write_credential(issued: &devgate_pki::IssuedCert, out: &Path, name: &str) ->
 }
 
 fn serve(opts: ServeOpts) -> Result<()> {
-    init_logging(&opts.log_format);
-    let mut config = match &opts.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
+    gateway::ops::logging::init(&opts.log_format);
+    let (mut config, source) = Config::load_effective(opts.config.as_deref())?;
+    tracing::info!("configuration: {source}");
     if let Some(d) = opts.data_dir {
         config.data_dir = d;
     }
@@ -251,18 +248,4 @@ fn serve(opts: ServeOpts) -> Result<()> {
     }
     config.validate()?;
     gateway::server::serve(config)
-}
-
-fn init_logging(format: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("DEVGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
