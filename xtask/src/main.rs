@@ -5,6 +5,9 @@
 //! - `demo`  — builds release binaries, creates a data dir under `target/demo`, starts
 //!   the gateway on embedded defaults, runs a small fleet against it with the load
 //!   generator, prints what happened and stops the gateway.
+//! - `deb`   — the Debian package (`package.rs`).
+
+mod package;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,9 +23,10 @@ fn main() -> Result<()> {
         Some("test") => test(&args[1..]),
         Some("ci") => ci(),
         Some("demo") => demo(&args[1..]),
+        Some("deb") => package::deb(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|ci|demo> [args]\n  test [cargo test args]  build the binaries and run all tests\n  ci                      fmt check, clippy -D warnings, test\n  demo [--devices N] [--seconds S]  run the gateway with a demo fleet"
+                "usage: cargo xtask <test|ci|demo|deb> [args]\n  test [cargo test args]  build the binaries and run all tests\n  ci                      fmt check, clippy -D warnings, test\n  demo [--devices N] [--seconds S]  run the gateway with a demo fleet\n  deb                     build the Debian package (target/debian/)"
             );
             bail!("unknown or missing task");
         }
@@ -86,6 +90,8 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 fn ci() -> Result<()> {
+    // System packages and cargo-deb the tests need (idempotent; root installs them).
+    run(&mut Command::new("scripts/setup.sh"))?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -180,11 +186,19 @@ fn demo(args: &[String]) -> Result<()> {
             "--json",
         ])
         .arg(&report))?;
-    let status = http_get(admin, "/v1/status")?;
-    let status = serde_json::from_str::<serde_json::Value>(&status)
-        .and_then(|v| serde_json::to_string_pretty(&v))
-        .unwrap_or(status);
-    println!("\n/v1/status on {admin}:\n{status}");
+    // What an operator sees: the one-screen summary and a few Prometheus series.
+    println!();
+    run(Command::new(bin.join("devgate")).args(["status", "--admin", admin]))?;
+    let metrics = http_get(admin, "/metrics")?;
+    println!("\nfrom http://{admin}/metrics:");
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("devgate_connections{")
+            || l.starts_with("devgate_frames_total{")
+            || l.starts_with("devgate_device_response_duration_seconds_count")
+            || l.starts_with("devgate_handshakes_total{result=\"ok\"}")
+    }) {
+        println!("  {line}");
+    }
     println!("\nloadgen report: {}", report.display());
     drop(gateway);
     Ok(())
