@@ -100,6 +100,12 @@ impl Gateway {
 
     /// Starts a gateway on an existing data directory.
     pub fn start_in(data: DataDir, config: &str) -> Result<Self> {
+        Self::start_in_env(data, config, &[])
+    }
+
+    /// Starts a gateway on an existing data directory with extra environment variables
+    /// (e.g. `NOTIFY_SOCKET`, `DEVGATE_LIMITS__DEVICE_LIMIT`).
+    pub fn start_in_env(data: DataDir, config: &str, env: &[(&str, &str)]) -> Result<Self> {
         let cfg_path = data.path().join("devgate.toml");
         let text =
             format!("listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 2\n{config}\n");
@@ -111,6 +117,7 @@ impl Gateway {
             .arg("--config")
             .arg(&cfg_path)
             .env("DEVGATE_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
