@@ -158,13 +158,15 @@ pub fn install(opts: &InstallOpts) -> Result<()> {
     let exe = std::env::current_exe().context("locating the running executable")?;
     let bin = t.at(INSTALLED_BIN);
     let same_file = std::fs::canonicalize(&exe).ok() == std::fs::canonicalize(&bin).ok();
-    if same_file {
+    let bin_changed = if same_file {
         step(INSTALLED_BIN, "unchanged (running from it)");
+        false
     } else {
         let bytes = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
         let wrote = write_if_changed(&bin, &bytes, 0o755)?;
         step(INSTALLED_BIN, if wrote { "written" } else { "unchanged" });
-    }
+        wrote
+    };
 
     // 2. The service user.
     if t.staged {
@@ -269,9 +271,10 @@ pub fn install(opts: &InstallOpts) -> Result<()> {
             if !active {
                 run(Command::new("systemctl").args(["start", "devgate.service"]))?;
                 step("systemctl start devgate", "started");
-            } else if unit_changed {
+            } else if unit_changed || bin_changed {
+                // An upgrade: a graceful restart (devices reconnect with backoff).
                 run(Command::new("systemctl").args(["restart", "devgate.service"]))?;
-                step("systemctl restart devgate", "restarted (unit changed)");
+                step("systemctl restart devgate", "restarted (new binary or unit)");
             } else {
                 step("systemctl start devgate", "already running");
             }
