@@ -46,6 +46,8 @@ if ! command -v promtool >/dev/null; then
     apt_update
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
+    # apt downloads as its sandbox user _apt when that user can write the directory.
+    chown _apt "$tmp" 2>/dev/null || true
     (cd "$tmp" && apt-get download -q prometheus)
     dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
     install -m 0755 "$tmp/usr/bin/promtool" /usr/local/bin/promtool
