@@ -274,7 +274,10 @@ pub fn install(opts: &InstallOpts) -> Result<()> {
             } else if unit_changed || bin_changed {
                 // An upgrade: a graceful restart (devices reconnect with backoff).
                 run(Command::new("systemctl").args(["restart", "devgate.service"]))?;
-                step("systemctl restart devgate", "restarted (new binary or unit)");
+                step(
+                    "systemctl restart devgate",
+                    "restarted (new binary or unit)",
+                );
             } else {
                 step("systemctl start devgate", "already running");
             }
