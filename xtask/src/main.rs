@@ -167,7 +167,8 @@ fn demo(args: &[String]) -> Result<()> {
     wait_for_port(listen, Duration::from_secs(10))?;
     let pid = gateway.0.id().to_string();
     let report = data.join("loadgen.json");
-    run(Command::new(bin.join("devgate-loadgen"))
+    let mut loadgen = Command::new(bin.join("devgate-loadgen"));
+    loadgen
         .args(["steady", "--gateway", listen, "--data-dir"])
         .arg(data)
         .args([
@@ -185,10 +186,27 @@ fn demo(args: &[String]) -> Result<()> {
             &pid,
             "--json",
         ])
-        .arg(&report))?;
-    // What an operator sees: the one-screen summary and a few Prometheus series.
-    println!();
+        .arg(&report);
+    eprintln!("$ {loadgen:?}");
+    let mut loadgen = loadgen.spawn().context("starting the load generator")?;
+    // What an operator sees while the fleet is connected: the one-screen summary.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline && loadgen.try_wait()?.is_none() {
+        let connected = http_get(admin, "/v1/status")
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .is_some_and(|v| v["devices"] == devices && v["managers"] == 1);
+        if connected {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("\n$ devgate status    (while the fleet is connected)");
     run(Command::new(bin.join("devgate")).args(["status", "--admin", admin]))?;
+    let done = loadgen.wait()?;
+    if !done.success() {
+        bail!("the load generator failed with {done}");
+    }
     let metrics = http_get(admin, "/metrics")?;
     println!("\nfrom http://{admin}/metrics:");
     for line in metrics.lines().filter(|l| {

@@ -52,8 +52,16 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        write!(writer, "<{}>", syslog_priority(*event.metadata().level()))?;
-        self.0.format_event(ctx, writer, event)
+        // Formatted into a buffer first: without a timestamp the right-aligned level
+        // (" INFO") would start the journal message with a space.
+        let mut line = String::new();
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        write!(
+            writer,
+            "<{}>{}",
+            syslog_priority(*event.metadata().level()),
+            line.trim_start()
+        )
     }
 }
 

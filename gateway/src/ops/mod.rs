@@ -195,7 +195,9 @@ pub fn summary(v: &Value) -> String {
         v["uptime_secs"]
             .as_u64()
             .map_or_else(|| "?".into(), duration),
-        num(&v["pid"]),
+        v["pid"]
+            .as_u64()
+            .map_or_else(|| "?".into(), |p| p.to_string()),
         if v["shutting_down"].as_bool() == Some(true) {
             "  (shutting down)"
         } else {
