@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing devgate needs on a fresh machine of this kind
-# (Debian 12, rustup stable). Idempotent; CI runs it before the tests.
+# (Debian 12, rustup stable). Idempotent; CI runs it before the tests (`cargo xtask ci`
+# runs it first).
 set -euo pipefail
 
 # Toolchain components used by `cargo xtask ci`.
@@ -14,16 +15,60 @@ done
 # first time, under a second after that.
 "$(dirname "$0")/install-ebpf-toolchain.sh"
 
-# System tools the tests use: openssl (PKI cross-checks), ip (XDP tests' namespaces).
+# System tools the tests use:
+#   openssl          PKI cross-checks
+#   ip (iproute2)    the XDP tests' network namespaces
+#   systemd          systemd-analyze verify (unit file), and the service manager that
+#                    tests/tests/ops_systemd.rs boots in a throwaway namespace
+#   dpkg-deb         (dpkg, always present) inspecting the .deb
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v ip >/dev/null || need+=(iproute2)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v unshare >/dev/null || need+=(util-linux)
+command -v nsenter >/dev/null || need+=(util-linux)
+updated=0
+apt_update() {
+  if [ "$updated" -eq 0 ]; then
+    apt-get update -q
+    updated=1
+  fi
+}
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
-    apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
   else
     echo "setup: please install: ${need[*]}" >&2
     exit 1
   fi
+fi
+
+# promtool (checks /metrics, the example alert rules and scrape config). It ships in
+# Debian's `prometheus` package, which would also install and enable a Prometheus server;
+# only the promtool binary (static) is taken from that package.
+if ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" -eq 0 ]; then
+    apt_update
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    # apt downloads as its sandbox user _apt when that user can write the directory.
+    chown _apt "$tmp" 2>/dev/null || true
+    (cd "$tmp" && apt-get download -q prometheus)
+    dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
+    install -m 0755 "$tmp/usr/bin/promtool" /usr/local/bin/promtool
+    rm -rf "$tmp"
+    trap - EXIT
+    echo "setup: installed /usr/local/bin/promtool ($(promtool --version 2>&1 | head -n1))"
+  else
+    echo "setup: please install promtool (Debian package prometheus)" >&2
+    exit 1
+  fi
+fi
+
+# cargo-deb builds the Debian package (`cargo xtask deb`, tests/tests/ops_deb.rs).
+# Pinned so that CI builds the same package every time; --locked uses its tested lockfile.
+CARGO_DEB_VERSION=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+  cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"
 fi

@@ -156,6 +156,191 @@ pub enum ConfigError {
         /// What is wrong and what is allowed.
         message: String,
     },
+    /// An environment override names no key or has a value of the wrong type.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable, e.g. `DEVGATE_LIMITS__DEVICE_LIMIT`.
+        var: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The configuration file read when no `--config` is given and it exists.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/devgate/devgate.toml";
+
+/// Prefix of environment overrides: `DEVGATE_<KEY>` for a top-level key,
+/// `DEVGATE_<SECTION>__<KEY>` (two underscores) for a key in a section.
+pub const ENV_PREFIX: &str = "DEVGATE_";
+
+/// Where the effective configuration came from.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// The file read, if any.
+    pub file: Option<PathBuf>,
+    /// Environment variables that overrode keys.
+    pub env: Vec<String>,
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "defaults")?;
+        if let Some(file) = &self.file {
+            write!(f, " < {}", file.display())?;
+        }
+        if !self.env.is_empty() {
+            write!(f, " < environment ({})", self.env.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses an environment value as the type the key already has, so that `"5000"` stays a
+/// number and `"0.0.0.0:443"` a string without the operator quoting anything.
+fn env_value(existing: Option<&toml::Value>, raw: &str) -> Result<toml::Value, String> {
+    use toml::Value;
+    let fragment = || {
+        toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+    };
+    match existing {
+        Some(Value::String(_)) => Ok(Value::String(raw.to_owned())),
+        Some(Value::Integer(_)) => raw
+            .trim()
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| format!("expected an integer, got {raw:?}")),
+        Some(Value::Float(_)) => raw
+            .trim()
+            .parse::<f64>()
+            .map(Value::Float)
+            .map_err(|_| format!("expected a number, got {raw:?}")),
+        Some(Value::Boolean(_)) => match raw.trim() {
+            "true" | "1" | "yes" | "on" => Ok(Value::Boolean(true)),
+            "false" | "0" | "no" | "off" => Ok(Value::Boolean(false)),
+            _ => Err(format!("expected true or false, got {raw:?}")),
+        },
+        Some(Value::Table(_)) => {
+            Err("names a section; set its keys with DEVGATE_<SECTION>__<KEY>".to_owned())
+        }
+        Some(Value::Array(_)) => fragment()
+            .filter(Value::is_array)
+            .ok_or_else(|| format!("expected a TOML array such as [\"a\", \"b\"], got {raw:?}")),
+        // A key without a value in the defaults (an unset option): take the value as TOML
+        // if it parses, else as a string; unknown keys fail when the result is read back.
+        Some(Value::Datetime(_)) | None => {
+            Ok(fragment().unwrap_or_else(|| Value::String(raw.to_owned())))
+        }
+    }
+}
+
+/// `key limits.device_limit (line 3): invalid type: …` — the TOML parser reports a
+/// position and a message; operators want the dotted key.
+fn parse_error_message(text: &str, e: &toml::de::Error) -> String {
+    let fallback = || e.to_string().trim_end().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return fallback();
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line_no = before.matches('\n').count() + 1;
+    let mut section = String::new();
+    for line in before.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim_matches(['[', ']', ' ']).to_owned();
+        }
+    }
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'))
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    match key {
+        Some(k) if section.is_empty() => format!("key {k} (line {line_no}): {}", e.message()),
+        Some(k) => format!("key {section}.{k} (line {line_no}): {}", e.message()),
+        None => format!("line {line_no}: {}", e.message()),
+    }
+}
+
+impl Config {
+    /// The effective configuration of `devgate serve` and `devgate config show`: the
+    /// defaults, then `file` (or [`DEFAULT_CONFIG_PATH`] if it exists and no file is
+    /// given), then the environment overrides; validated.
+    pub fn load_effective(file: Option<&Path>) -> Result<(Self, ConfigSource), ConfigError> {
+        let default = Path::new(DEFAULT_CONFIG_PATH);
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| default.exists().then(|| default.to_path_buf()));
+        let base = match &file {
+            Some(path) => Self::load(path)?,
+            None => Self::default(),
+        };
+        let vars = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        let (cfg, env) = base.with_env_overrides(vars)?;
+        cfg.validate()?;
+        Ok((cfg, ConfigSource { file, env }))
+    }
+
+    /// Applies `DEVGATE_…` overrides from `vars`; returns the configuration and the
+    /// variables used. Single-word variables that are not top-level keys
+    /// (`DEVGATE_CONFIG`, `DEVGATE_LOG`) are not configuration and are skipped;
+    /// `DEVGATE_<SECTION>__<KEY>` must name a key.
+    pub fn with_env_overrides(
+        self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Self, Vec<String>), ConfigError> {
+        let mut vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        if vars.is_empty() {
+            return Ok((self, Vec::new()));
+        }
+        vars.sort();
+        let mut table = match toml::Value::try_from(&self) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => return Ok((self, Vec::new())),
+        };
+        let mut cfg = self;
+        let mut applied = Vec::new();
+        for (var, raw) in vars {
+            let err = |message: String| ConfigError::Env {
+                var: var.clone(),
+                message,
+            };
+            let path: Vec<String> = var[ENV_PREFIX.len()..]
+                .split("__")
+                .map(str::to_ascii_lowercase)
+                .collect();
+            if path.len() == 1 && !table.contains_key(&path[0]) {
+                continue;
+            }
+            let Some((key, sections)) = path.split_last() else {
+                continue;
+            };
+            if path.iter().any(String::is_empty) {
+                return Err(err("empty key name (DEVGATE_<SECTION>__<KEY>)".to_owned()));
+            }
+            let mut t = &mut table;
+            for s in sections {
+                t = match t.get_mut(s) {
+                    Some(toml::Value::Table(inner)) => inner,
+                    _ => return Err(err(format!("no section [{s}] in the configuration"))),
+                };
+            }
+            let value = env_value(t.get(key), &raw)
+                .map_err(|m| err(format!("key {}: {m}", path.join("."))))?;
+            t.insert(key.clone(), value);
+            // Read back after each variable so that an error names the variable at fault.
+            cfg = toml::Value::Table(table.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| err(e.to_string().trim_end().replace('\n', " ")))?;
+            applied.push(var);
+        }
+        Ok((cfg, applied))
+    }
 }
 
 impl Config {
@@ -167,7 +352,7 @@ impl Config {
         })?;
         let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
+            message: parse_error_message(&text, &e),
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -271,6 +456,57 @@ mod tests {
     fn unknown_key_is_named() {
         let err = toml::from_str::<Config>("[limits]\ndevice_limt = 3\n").expect_err("typo");
         assert!(err.to_string().contains("device_limt"), "{err}");
+    }
+
+    #[test]
+    fn file_errors_name_the_dotted_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "workers = 2\n\n[limits]\ndevice_limit = \"x\"\n").expect("write");
+        let err = Config::load(&path).expect_err("wrong type").to_string();
+        assert!(err.contains("key limits.device_limit (line 4)"), "{err}");
+        std::fs::write(&path, "[keepalive]\nping_intervl_ms = 5\n").expect("write");
+        let err = Config::load(&path).expect_err("typo").to_string();
+        assert!(err.contains("keepalive.ping_intervl_ms"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_keys_by_type_and_names_the_variable_at_fault() {
+        let vars = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let (cfg, used) = Config::default()
+            .with_env_overrides(vars(&[
+                ("DEVGATE_LIMITS__DEVICE_LIMIT", "50000"),
+                ("DEVGATE_LISTEN", "0.0.0.0:443"),
+                ("DEVGATE_LOG", "debug"),
+                ("DEVGATE_CONFIG", "/x.toml"),
+                ("OTHER", "1"),
+            ]))
+            .expect("valid overrides");
+        assert_eq!(cfg.limits.device_limit, 50_000);
+        assert_eq!(cfg.listen.port(), 443);
+        assert_eq!(used, ["DEVGATE_LIMITS__DEVICE_LIMIT", "DEVGATE_LISTEN"]);
+        for (var, value, needle) in [
+            (
+                "DEVGATE_LIMITS__DEVICE_LIMIT",
+                "many",
+                "expected an integer",
+            ),
+            ("DEVGATE_LIMITS__DEVICE_LIMT", "1", "device_limt"),
+            ("DEVGATE_NOPE__X", "1", "no section [nope]"),
+            ("DEVGATE_LIMITS", "1", "section"),
+            ("DEVGATE_LISTEN", "not an address", "DEVGATE_LISTEN"),
+        ] {
+            let err = Config::default()
+                .with_env_overrides(vars(&[(var, value)]))
+                .map(|_| ())
+                .expect_err(var)
+                .to_string();
+            assert!(err.contains(var) && err.contains(needle), "{var}: {err}");
+        }
     }
 
     #[test]

@@ -20,7 +20,9 @@
 //! - [`creds`] — credential commands (`keys`, `devices`, `managers`, `reload`).
 //! - [`tls`] — rustls configuration and the certificate facts status reports.
 //! - [`admin`] — the control plane's admin listener: `/v1/status` and `/metrics`.
-//! - [`ops`] — operator commands against a running gateway (`devgate status`).
+//! - [`ops`] — what makes it a well-behaved daemon and what operators run: systemd
+//!   notification and the data-path watchdog, rate-limited warnings, journald-friendly
+//!   logs, `devgate status`, `devgate install` / `uninstall`.
 //! - [`reload`] — SIGHUP: certificates and the trust bundle swapped in, sessions kept.
 //! - [`server`] — start-up (listeners, workers, admin) and graceful shutdown.
 //! - [`config`] — the TOML configuration and its defaults.

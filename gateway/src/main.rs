@@ -81,8 +81,8 @@ struct ServeOpts {
     /// Data-path worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
-    /// Log format.
-    #[arg(long, default_value = "plain", value_parser = ["plain", "json"])]
+    /// Log format (plain lines; under systemd without timestamps, with journal priorities).
+    #[arg(long, env = "DEVGATE_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
     /// Attach the XDP guard to this public interface (overrides `xdp.interface`).
     #[arg(long, value_name = "IFACE")]
@@ -94,7 +94,8 @@ struct ServeOpts {
 
 #[derive(Subcommand, Debug)]
 enum ConfigCommand {
-    /// Print the effective configuration (defaults merged with FILE).
+    /// Print the effective configuration (defaults, FILE or /etc/devgate/devgate.toml if
+    /// present, environment overrides DEVGATE_<KEY> / DEVGATE_<SECTION>__<KEY>).
     Show {
         /// Configuration file.
         #[arg(long)]
@@ -144,10 +145,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Config {
             command: ConfigCommand::Show { config },
         } => {
-            let cfg = match config {
-                Some(path) => Config::load(&path)?,
-                None => Config::default(),
-            };
+            let (cfg, source) = Config::load_effective(config.as_deref())?;
+            println!("# effective configuration: {source}");
             print!("{}", cfg.to_toml());
             Ok(())
         }
@@ -162,11 +161,9 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn serve(opts: ServeOpts) -> Result<()> {
-    init_logging(&opts.log_format);
-    let mut config = match &opts.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
+    gateway::ops::logging::init(&opts.log_format);
+    let (mut config, source) = Config::load_effective(opts.config.as_deref())?;
+    tracing::info!("configuration: {source}");
     if let Some(d) = opts.data_dir {
         config.data_dir = d;
     }
@@ -187,18 +184,4 @@ fn serve(opts: ServeOpts) -> Result<()> {
     }
     config.validate()?;
     gateway::server::serve(config)
-}
-
-fn init_logging(format: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("DEVGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

@@ -134,7 +134,7 @@ pub fn serve(config: Config) -> Result<()> {
             .context("starting a worker thread")?;
         threads.push(thread);
     }
-    crate::admin::start(shared.clone(), admin)?;
+    crate::admin::start(shared.clone(), admin, public)?;
     info!(
         listen = %public,
         admin = %admin_addr,
@@ -176,6 +176,7 @@ pub fn begin_shutdown(shared: &Shared) {
         return;
     }
     info!("shutting down: closing sessions");
+    crate::ops::notify::stopping();
     for inbox in shared.inboxes.iter() {
         inbox.wake_now();
     }

@@ -177,7 +177,7 @@ impl Worker {
                 tls
             }
             Err(e) => {
-                warn!(%peer, "cannot start TLS session: {e}");
+                crate::warn_limited!(%peer, "cannot start TLS session: {e}");
                 self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
                 self.shared.guard.closed(peer.ip());
                 return None;
@@ -559,7 +559,7 @@ impl Worker {
             Err(QueueRefusal::Overflow) => {
                 let peer = conn.peer;
                 bump(&self.stats().slow_consumers);
-                warn!(%peer, "peer reads too slowly: {hard} bytes queued, disconnecting it");
+                crate::warn_limited!(%peer, "peer reads too slowly: {hard} bytes queued, disconnecting it");
                 let _ = now;
                 self.deferred_close.push((
                     slot,
@@ -1917,10 +1917,20 @@ impl Worker {
         match &phase {
             Phase::Closing => return,
             Phase::Handshake | Phase::Waiting => {}
-            Phase::Session(_) => {
+            Phase::Session(session) => {
                 if let Some((code, reason)) = ending.close_frame() {
                     // The close frame and close_notify go out ahead of anything still queued.
                     conn.out = OutQueue::default();
+                    // A manager is told why before the close, so it can fail over at once.
+                    if ending == Ending::Gateway(CloseReason::Shutdown)
+                        && matches!(session.role, Role::Manager(_))
+                    {
+                        let why = "the gateway is shutting down; reconnect to another instance";
+                        let f = encode_ws_frame(&Frame::error("", 0, ErrorCode::ShuttingDown, why));
+                        conn.out
+                            .push(f, Priority::Essential, usize::MAX, usize::MAX)
+                            .ok();
+                    }
                     conn.out
                         .push(
                             close_frame(code, reason),

@@ -131,9 +131,15 @@ impl Gateway {
 
     /// Starts a gateway on an existing data directory.
     pub fn start_in(data: DataDir, config: &str) -> Result<Self> {
+        Self::start_in_env(data, config, &[])
+    }
+
+    /// Starts a gateway on an existing data directory with extra environment variables
+    /// (e.g. `NOTIFY_SOCKET`, `DEVGATE_LIMITS__DEVICE_LIMIT`).
+    pub fn start_in_env(data: DataDir, config: &str, env: &[(&str, &str)]) -> Result<Self> {
         let text =
             format!("listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 2\n{config}\n");
-        Self::spawn(data, &text, None)
+        Self::spawn(data, &text, None, env)
     }
 
     /// Starts a gateway inside network namespace `ns` (`ip netns exec`) with the whole
@@ -141,10 +147,10 @@ impl Gateway {
     /// listener is reached from inside the namespace; clients must connect from a
     /// namespace that routes to the listener (see [`netns::block_on_in`]).
     pub fn start_in_netns(data: DataDir, ns: &str, config: &str) -> Result<Self> {
-        Self::spawn(data, config, Some(ns))
+        Self::spawn(data, config, Some(ns), &[])
     }
 
-    fn spawn(data: DataDir, text: &str, netns: Option<&str>) -> Result<Self> {
+    fn spawn(data: DataDir, text: &str, netns: Option<&str>, env: &[(&str, &str)]) -> Result<Self> {
         let cfg_path = data.path().join("devgate.toml");
         std::fs::write(&cfg_path, text)?;
         let mut command = match netns {
@@ -162,6 +168,7 @@ impl Gateway {
             .arg("--config")
             .arg(&cfg_path)
             .env("DEVGATE_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -6,6 +6,9 @@
 //! - `demo`  — builds release binaries, creates a data dir under `target/demo`, starts
 //!   the gateway on embedded defaults, runs a small fleet against it with the load
 //!   generator, prints what happened and stops the gateway.
+//! - `deb`   — the Debian package (`package.rs`).
+
+mod package;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,9 +27,10 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("demo") => demo(&args[1..]),
         Some(t @ ("build-ebpf" | "flood-bench")) => ebpf::task(t, &args[1..]),
+        Some("deb") => package::deb(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|ci|demo> [args]\n  test [cargo test args]  build the binaries and run all tests\n  ci                      fmt check, clippy -D warnings, test\n  demo [--devices N] [--seconds S]  run the gateway with a demo fleet"
+                "usage: cargo xtask <test|ci|demo|deb> [args]\n  test [cargo test args]  build the binaries and run all tests\n  ci                      fmt check, clippy -D warnings, test\n  demo [--devices N] [--seconds S]  run the gateway with a demo fleet\n  deb                     build the Debian package (target/debian/)"
             );
             bail!("unknown or missing task");
         }
@@ -90,6 +94,8 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 fn ci() -> Result<()> {
+    // System packages and cargo-deb the tests need (idempotent; root installs them).
+    run(&mut Command::new("scripts/setup.sh"))?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -165,7 +171,8 @@ fn demo(args: &[String]) -> Result<()> {
     wait_for_port(listen, Duration::from_secs(10))?;
     let pid = gateway.0.id().to_string();
     let report = data.join("loadgen.json");
-    run(Command::new(bin.join("devgate-loadgen"))
+    let mut loadgen = Command::new(bin.join("devgate-loadgen"));
+    loadgen
         .args(["steady", "--gateway", listen, "--data-dir"])
         .arg(data)
         .args([
@@ -183,12 +190,37 @@ fn demo(args: &[String]) -> Result<()> {
             &pid,
             "--json",
         ])
-        .arg(&report))?;
-    let status = http_get(admin, "/v1/status")?;
-    let status = serde_json::from_str::<serde_json::Value>(&status)
-        .and_then(|v| serde_json::to_string_pretty(&v))
-        .unwrap_or(status);
-    println!("\n/v1/status on {admin}:\n{status}");
+        .arg(&report);
+    eprintln!("$ {loadgen:?}");
+    let mut loadgen = loadgen.spawn().context("starting the load generator")?;
+    // What an operator sees while the fleet is connected: the one-screen summary.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline && loadgen.try_wait()?.is_none() {
+        let connected = http_get(admin, "/v1/status")
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .is_some_and(|v| v["devices"] == devices && v["managers"] == 1);
+        if connected {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("\n$ devgate status    (while the fleet is connected)");
+    run(Command::new(bin.join("devgate")).args(["status", "--admin", admin]))?;
+    let done = loadgen.wait()?;
+    if !done.success() {
+        bail!("the load generator failed with {done}");
+    }
+    let metrics = http_get(admin, "/metrics")?;
+    println!("\nfrom http://{admin}/metrics:");
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("devgate_connections{")
+            || l.starts_with("devgate_frames_total{")
+            || l.starts_with("devgate_device_response_duration_seconds_count")
+            || l.starts_with("devgate_handshakes_total{result=\"ok\"}")
+    }) {
+        println!("  {line}");
+    }
     println!("\nloadgen report: {}", report.display());
     drop(gateway);
     Ok(())

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::shared::Wake;
 use crate::worker::{Flush, Worker};
@@ -26,7 +26,7 @@ struct MioWake(Waker);
 impl Wake for MioWake {
     fn wake(&self) {
         if let Err(e) = self.0.wake() {
-            warn!("cannot wake worker: {e}");
+            crate::warn_limited!("cannot wake worker: {e}");
         }
     }
 }
@@ -165,7 +165,7 @@ fn accept_batch(
                     poll.registry()
                         .register(&mut stream, token(slot), Interest::READABLE)
                 {
-                    warn!(%peer, "cannot register connection: {e}");
+                    crate::warn_limited!(%peer, "cannot register connection: {e}");
                     worker.on_error(slot, &e, now);
                     continue;
                 }
@@ -182,7 +182,7 @@ fn accept_batch(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off until the next turn rather than spin.
-                warn!("accept failed: {e}");
+                crate::warn_limited!("accept failed: {e}");
                 return false;
             }
         }
