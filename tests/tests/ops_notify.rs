@@ -106,7 +106,7 @@ fn ready_watchdog_reload_and_stopping_over_a_path_socket() -> Result<()> {
     let (reloading, _) = l.wait_for("RELOADING=1", Duration::from_secs(5))?;
     assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
     l.wait_for("READY=1", Duration::from_secs(5))?;
-    assert!(gw.wait_for_log("reload complete", Duration::from_secs(5)));
+    assert!(gw.wait_for_log("reloaded certificates", Duration::from_secs(5)));
     let check = gw.status()?["check_status"].clone();
     assert!(
         check == "init" || check == "warn",

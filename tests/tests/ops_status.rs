@@ -139,7 +139,7 @@ async fn devgate_status_prints_a_one_screen_summary() -> Result<()> {
         "command round trip",
         "certificates:",
         "    server ",
-        "store files",
+        "store sqlite",
         "watchdog off (not under systemd)",
         "no problems",
     ] {

@@ -273,7 +273,7 @@ async fn the_package_runs_under_a_real_systemd() -> Result<()> {
     assert!(entries.iter().any(|e| {
         e["MESSAGE"]
             .as_str()
-            .is_some_and(|m| m.contains("reload complete"))
+            .is_some_and(|m| m.contains("reloaded certificates"))
     }));
 
     // systemd-analyze security: report the exposure score of the hardened unit.
