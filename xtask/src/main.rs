@@ -96,6 +96,8 @@ fn test(extra: &[String]) -> Result<()> {
 fn ci() -> Result<()> {
     // System packages and cargo-deb the tests need (idempotent; root installs them).
     run(&mut Command::new("scripts/setup.sh"))?;
+    // The XDP object the XDP tests attach (setup.sh installed its toolchain).
+    ebpf::task("build-ebpf", &[])?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
         "clippy",
