@@ -133,8 +133,13 @@ stop)
     rm -f "$dir/pid"
   fi
   if [ -f "$dir/cgroup" ]; then
+    # The groups empty only once the last process is reaped: retry for a while.
     for d in $(cgroup_dirs "$(cat "$dir/cgroup")"); do
-      [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
+      for _ in $(seq 100); do
+        [ -d "$d" ] || break
+        find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
+        [ -d "$d" ] && sleep 0.05
+      done
     done
     rm -f "$dir/cgroup"
   fi

@@ -32,9 +32,19 @@ impl Sandbox {
 
     fn start() -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let out = run_ok(Command::new(Self::script()).arg("start").arg(dir.path()))?;
-        let pid = String::from_utf8_lossy(&out.stdout).trim().parse()?;
-        Ok(Self { dir, pid })
+        let started = run_ok(Command::new(Self::script()).arg("start").arg(dir.path()))
+            .and_then(|out| Ok(String::from_utf8_lossy(&out.stdout).trim().parse::<u32>()?));
+        match started {
+            Ok(pid) => Ok(Self { dir, pid }),
+            Err(e) => {
+                // Half-started: power off whatever came up and remove its cgroups.
+                let _ = Command::new(Self::script())
+                    .arg("stop")
+                    .arg(dir.path())
+                    .status();
+                Err(e.context("starting the systemd sandbox"))
+            }
+        }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
