@@ -114,7 +114,10 @@ fn loadgen(args: &Args, net: &NetPair, data: &Path, out: &Path) -> Result<Value>
         .args(["netns", "exec", &net.client])
         .arg(binary("devgate-loadgen"))
         .arg("steady")
-        .args(["--gateway", &SocketAddr::new(SERVER_V4.into(), PORT).to_string()])
+        .args([
+            "--gateway",
+            &SocketAddr::new(SERVER_V4.into(), PORT).to_string(),
+        ])
         .arg("--data-dir")
         .arg(data)
         .args(["--devices", &args.devices.to_string(), "--managers", "1"])
@@ -282,7 +285,10 @@ fn main() -> Result<()> {
         }
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&json!({ "runs": rows }))?)?;
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&json!({ "runs": rows }))?,
+        )?;
         println!("\nJSON: {}", path.display());
     }
     Ok(())
