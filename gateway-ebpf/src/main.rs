@@ -28,6 +28,7 @@
 
 use core::mem::size_of;
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::{map, xdp};
@@ -47,8 +48,11 @@ static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_PORTS, 0);
 static ALLOW: LpmTrie<AllowKey, u8> = LpmTrie::with_max_entries(MAX_RULES, 0);
 #[map]
 static SOURCES: LpmTrie<SourceKey, u8> = LpmTrie::with_max_entries(MAX_RULES, 0);
+/// Not preallocated: only user space inserts (sources with connections), so memory follows
+/// the sources actually connected, and entries are freed by RCU (a lookup never sees a
+/// recycled element).
 #[map]
-static CONNS: HashMap<SourceKey, u32> = HashMap::with_max_entries(MAX_SOURCES, 0);
+static CONNS: HashMap<SourceKey, u32> = HashMap::with_max_entries(MAX_SOURCES, BPF_F_NO_PREALLOC);
 #[map]
 static RATE: LruHashMap<SourceKey, u64> = LruHashMap::with_max_entries(MAX_SOURCES, 0);
 #[map]
@@ -381,7 +385,8 @@ fn syn(src: [u8; 16], key: [u8; 16], cfg: &XdpConfig) -> u32 {
     }
     let key = SourceKey { addr: key };
     if cfg.max_conns_per_ip != 0 {
-        // SAFETY: a u32 written whole by user space; a torn read is impossible.
+        // SAFETY: a u32 written whole by user space (no torn read), in a map without
+        // preallocation (no element reuse while we hold the pointer).
         if let Some(n) = unsafe { CONNS.get(&key) }
             && *n >= cfg.max_conns_per_ip
         {

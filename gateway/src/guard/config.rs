@@ -79,7 +79,8 @@ pub struct GuardConfig {
     /// IPv6 sources are counted per prefix of this length (one host often has a /64).
     pub ipv6_prefix_len: u8,
     /// Sources tracked at once (per-source counts and rate state, in user space and in
-    /// the BPF maps).
+    /// the BPF maps). The program's rate map is preallocated: about 100 bytes of kernel
+    /// memory per entry (~25 MiB at the default).
     pub max_sources: u32,
 }
 
