@@ -55,26 +55,30 @@ async fn stream_carries_64_mib_each_way_with_slow_readers_and_bounded_gateway_me
         })
     };
 
-    // Device: accept the stream, read slowly, echo everything back under the manager's credit.
+    // Device: accept the stream and echo everything back under the manager's credit. It
+    // returns credit to the manager only once it has echoed the data (slowly), so what it
+    // holds is bounded by the window — and its reader never waits on the echo, so credit
+    // frames from the manager are always read.
     let device = tokio::spawn(async move {
         let credit = Arc::new(Semaphore::new(0));
-        let (echo_tx, echo_rx) = mpsc::channel::<Vec<u8>>(8);
+        let (echo_tx, echo_rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let mut echo_rx = Some(echo_rx);
-        let mut stream_id = 0;
         let mut got = 0usize;
-        let mut since_grant = 0usize;
         let mut hasher = Sha256::new();
         let mut echo_task = None;
-        while got < TOTAL {
-            let r = match drx.recv().await? {
-                Incoming::Frame(r) => r,
-                Incoming::Closed { code, reason } => bail!("device closed: {code:?} {reason}"),
+        loop {
+            let r = match drx.recv_timeout(Duration::from_secs(30)).await? {
+                Some(Incoming::Frame(r)) => r,
+                Some(Incoming::Closed { code, reason }) => {
+                    bail!("device closed: {code:?} {reason}")
+                }
+                None => bail!("device: nothing for 30 s after {got} bytes"),
             };
             let f = r.frame();
             match f.body {
                 Body::StreamOpen { window, payload } => {
                     assert_eq!(payload, b"echo");
-                    stream_id = f.id;
+                    let stream_id = f.id;
                     credit.add_permits(window as usize);
                     dtx.send(&Frame::stream_window("", stream_id, WINDOW))
                         .await?;
@@ -83,9 +87,17 @@ async fn stream_carries_64_mib_each_way_with_slow_readers_and_bounded_gateway_me
                         bail!("second StreamOpen")
                     };
                     echo_task = Some(tokio::spawn(async move {
+                        let mut since_grant = 0usize;
                         while let Some(data) = echo_rx.recv().await {
                             credit.acquire_many(data.len() as u32).await?.forget();
                             dtx.send(&Frame::stream_data("", stream_id, &data)).await?;
+                            since_grant += data.len();
+                            if since_grant >= GRANT {
+                                tokio::time::sleep(SLOW).await;
+                                dtx.send(&Frame::stream_window("", stream_id, since_grant as u32))
+                                    .await?;
+                                since_grant = 0;
+                            }
                         }
                         anyhow::Ok(())
                     }));
@@ -94,31 +106,16 @@ async fn stream_carries_64_mib_each_way_with_slow_readers_and_bounded_gateway_me
                 Body::StreamData { payload } => {
                     hasher.update(payload);
                     got += payload.len();
-                    since_grant += payload.len();
-                    echo_tx.send(payload.to_vec()).await?;
-                    if since_grant >= GRANT {
-                        tokio::time::sleep(SLOW).await;
-                        dtx.send(&Frame::stream_window("", stream_id, since_grant as u32))
-                            .await?;
-                        since_grant = 0;
-                    }
+                    echo_tx.send(payload.to_vec())?;
                 }
+                Body::StreamClose { .. } => break,
                 other => bail!("device got {other:?}"),
             }
         }
+        assert_eq!(got, TOTAL);
         drop(echo_tx);
         if let Some(t) = echo_task {
             t.await??;
-        }
-        // Keep serving credit frames until the manager closes the stream.
-        loop {
-            match drx.recv_timeout(Duration::from_secs(30)).await? {
-                Some(Incoming::Frame(r)) if matches!(r.frame().body, Body::StreamClose { .. }) => {
-                    break;
-                }
-                Some(Incoming::Frame(_)) => {}
-                _ => bail!("device: no stream close"),
-            }
         }
         anyhow::Ok(hasher.finalize().to_vec())
     });
