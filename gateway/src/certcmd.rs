@@ -146,6 +146,15 @@ pub fn names_of(pem_path: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// The names given on the command line, or else those of the installed server certificate.
+fn names_or_installed(paths: &PkiPaths, given: Vec<String>) -> Result<Vec<String>> {
+    if given.is_empty() {
+        names_of(&paths.server_cert())
+    } else {
+        Ok(given)
+    }
+}
+
 fn print_report(report: &ChainReport) {
     for f in &report.faults {
         eprintln!("{}", f.message);
@@ -186,11 +195,7 @@ pub fn run(cmd: CertCommand) -> Result<()> {
             stage,
         } => {
             let paths = PkiPaths::new(&data_dir);
-            let names = if name.is_empty() {
-                names_of(&paths.server_cert())?
-            } else {
-                name
-            };
+            let names = names_or_installed(&paths, name)?;
             let report = devgate_pki::validate_server_chain_files(&chain, &key, &names, now);
             if !report.is_ok() {
                 print_report(&report);
@@ -246,11 +251,7 @@ pub fn run(cmd: CertCommand) -> Result<()> {
         }
         CertCommand::Check { data_dir, name } => {
             let paths = PkiPaths::new(&data_dir);
-            let names = if name.is_empty() {
-                names_of(&paths.server_cert())?
-            } else {
-                name
-            };
+            let names = names_or_installed(&paths, name)?;
             let report = devgate_pki::validate_server_chain_files(
                 &paths.server_cert(),
                 &paths.server_key(),
@@ -277,11 +278,7 @@ pub fn run(cmd: CertCommand) -> Result<()> {
             days,
         } => {
             let paths = PkiPaths::new(&data_dir);
-            let names = if name.is_empty() {
-                names_of(&paths.server_cert())?
-            } else {
-                name
-            };
+            let names = names_or_installed(&paths, name)?;
             let tmp = paths.dir.join("renew");
             std::fs::create_dir_all(&tmp)?;
             let (chain, key) = (tmp.join("server.pem"), tmp.join("server.key"));
