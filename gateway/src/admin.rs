@@ -302,7 +302,8 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "started_at_unix": unix_now.saturating_sub(i64::try_from(uptime).unwrap_or(0)),
         "check_status": shared.check_status(now).as_str(),
         "shutting_down": shared.shutting_down.load(Ordering::Relaxed),
-        "data_path": "epoll",
+        "data_path": shared.data_path.name,
+        "data_path_reason": shared.data_path.reason,
         "tls_offload": "user",
         "tls_offload_reason": "kernel TLS offload is not part of the epoll data path; records are sealed by rustls in user space",
         "xdp": shared.guard.status(),
@@ -455,7 +456,7 @@ pub fn metrics_text(shared: &Shared) -> String {
         "build_info",
         &[
             ("version", env!("CARGO_PKG_VERSION")),
-            ("data_path", "epoll"),
+            ("data_path", shared.data_path.name),
             ("tls_offload", "user"),
         ],
         1,

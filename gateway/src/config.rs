@@ -21,6 +21,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Data-path worker threads; 0 means one per available core.
     pub workers: usize,
+    /// The I/O driver: `auto` (io_uring where the kernel allows it, else epoll),
+    /// `io_uring` (fail to start without it) or `epoll`.
+    pub data_path: DataPathChoice,
     /// Connection limits and protocol bounds.
     pub limits: Limits,
     /// Keep-alive and dead-peer detection.
@@ -29,6 +32,35 @@ pub struct Config {
     pub managers: Managers,
     /// The connection guard: XDP program, per-source limits (`[xdp]`).
     pub xdp: crate::guard::config::GuardConfig,
+}
+
+/// Which I/O driver runs the data path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataPathChoice {
+    /// io_uring when the probe passes, else epoll (the reason goes to the log and status).
+    #[serde(rename = "auto")]
+    Auto,
+    /// io_uring or refuse to start.
+    #[serde(rename = "io_uring")]
+    IoUring,
+    /// The portable epoll driver.
+    #[serde(rename = "epoll")]
+    Epoll,
+}
+
+impl std::str::FromStr for DataPathChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "io_uring" | "io-uring" | "uring" => Ok(Self::IoUring),
+            "epoll" => Ok(Self::Epoll),
+            other => Err(format!(
+                "data path {other:?}: expected auto, io_uring or epoll"
+            )),
+        }
+    }
 }
 
 /// Limits that keep a gateway alive under load and abuse.
@@ -85,6 +117,7 @@ impl Default for Config {
             admin: SocketAddr::from(([127, 0, 0, 1], 9180)),
             data_dir: PathBuf::from("/var/lib/devgate"),
             workers: 0,
+            data_path: DataPathChoice::Auto,
             limits: Limits::default(),
             keepalive: Keepalive::default(),
             managers: Managers::default(),

@@ -81,6 +81,10 @@ struct ServeOpts {
     /// Data-path worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// I/O driver (overrides `data_path`): auto = io_uring where the kernel allows it,
+    /// else epoll.
+    #[arg(long, value_parser = ["auto", "io_uring", "epoll"])]
+    data_path: Option<String>,
     /// Log format (plain lines; under systemd without timestamps, with journal priorities).
     #[arg(long, env = "DEVGATE_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
@@ -175,6 +179,9 @@ fn serve(opts: ServeOpts) -> Result<()> {
     }
     if let Some(w) = opts.workers {
         config.workers = w;
+    }
+    if let Some(d) = opts.data_path {
+        config.data_path = d.parse().map_err(anyhow::Error::msg)?;
     }
     if let Some(i) = opts.xdp {
         config.xdp.interface = i;

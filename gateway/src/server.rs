@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
-use crate::config::Config;
-use crate::shared::Shared;
+use crate::config::{Config, DataPathChoice};
+use crate::shared::{DataPath, Shared};
 use crate::worker::Worker;
 
 /// Listen backlog; large so that a reconnect storm queues in the kernel, not in SYN drops.
@@ -68,6 +68,41 @@ pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>
     Ok(listeners)
 }
 
+/// Largest direct-descriptor table one io_uring worker registers.
+const MAX_FILE_TABLE: u64 = 1 << 20;
+
+/// Picks the I/O driver: io_uring if wanted and the kernel lets us, else epoll.
+fn choose_data_path(choice: DataPathChoice) -> Result<DataPath> {
+    match choice {
+        DataPathChoice::Epoll => Ok(DataPath {
+            name: "epoll",
+            reason: Some("selected by configuration (data_path = \"epoll\")".into()),
+        }),
+        DataPathChoice::IoUring => match crate::driver::uring::probe() {
+            Ok(()) => Ok(DataPath {
+                name: "io_uring",
+                reason: None,
+            }),
+            Err(reason) => bail!(
+                "data_path = \"io_uring\" was asked for but {reason}; use data_path = \"auto\" or \"epoll\""
+            ),
+        },
+        DataPathChoice::Auto => match crate::driver::uring::probe() {
+            Ok(()) => Ok(DataPath {
+                name: "io_uring",
+                reason: None,
+            }),
+            Err(reason) => {
+                warn!("io_uring unavailable, using the epoll data path: {reason}");
+                Ok(DataPath {
+                    name: "epoll",
+                    reason: Some(reason),
+                })
+            }
+        },
+    }
+}
+
 /// Runs the gateway until SIGTERM/SIGINT.
 pub fn serve(config: Config) -> Result<()> {
     let nofile = raise_nofile_limit();
@@ -92,11 +127,18 @@ pub fn serve(config: Config) -> Result<()> {
         );
     }
     let workers = config.worker_count();
-    // Leave headroom for the listeners, the admin listener and files.
+    let data_path = choose_data_path(config.data_path)?;
+    // Each io_uring worker keeps its sockets in its ring's own file table (direct
+    // descriptors), which may be as large as RLIMIT_NOFILE; the epoll driver's sockets
+    // all share the process's descriptor table.
+    let table_size = u32::try_from(nofile.min(MAX_FILE_TABLE)).unwrap_or(u32::MAX);
+    let fd_bound = match data_path.name {
+        "io_uring" => u64::from(table_size).saturating_mul(workers as u64),
+        // Leave headroom for the listeners, the admin listener and files.
+        _ => nofile.saturating_sub(64),
+    };
     let max_connections = match config.limits.max_connections {
-        0 => usize::try_from(nofile.saturating_sub(64))
-            .unwrap_or(usize::MAX)
-            .max(64),
+        0 => usize::try_from(fd_bound).unwrap_or(usize::MAX).max(64),
         n => usize::try_from(n).unwrap_or(usize::MAX),
     };
     let listeners = bind_listeners(config.listen, workers)?;
@@ -110,7 +152,9 @@ pub fn serve(config: Config) -> Result<()> {
     let admin_addr = admin.local_addr()?;
 
     let guard = crate::guard::build(&config.xdp, &[public.port()]);
-    let shared = Arc::new(Shared::new(config, tls, workers, max_connections, guard));
+    let mut shared = Shared::new(config, tls, workers, max_connections, guard);
+    shared.data_path = data_path.clone();
+    let shared = Arc::new(shared);
     let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::sqlite::SqliteStore::open(
         &shared.config.data_dir,
     )?);
@@ -120,6 +164,7 @@ pub fn serve(config: Config) -> Result<()> {
     write_pidfile(&shared.config.data_dir);
     crate::reload::load_trust_bundle(&shared)?;
     let now = Instant::now();
+    let use_uring = data_path.name == "io_uring";
     let mut threads = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
         let id = u16::try_from(id).context("too many workers")?;
@@ -127,8 +172,16 @@ pub fn serve(config: Config) -> Result<()> {
         let thread = std::thread::Builder::new()
             .name(format!("devgate-w{id}"))
             .spawn(move || {
-                if let Err(e) = crate::driver::epoll::run(worker, listener) {
+                let result = if use_uring {
+                    crate::driver::uring::run(worker, listener, table_size)
+                } else {
+                    crate::driver::epoll::run(worker, listener)
+                };
+                if let Err(e) = result {
                     tracing::error!(worker = id, "data-path worker failed: {e}");
+                    // A data path without this worker would strand its connections and
+                    // half the listeners: stop, and let the service manager restart us.
+                    std::process::exit(1);
                 }
             })
             .context("starting a worker thread")?;
@@ -140,7 +193,7 @@ pub fn serve(config: Config) -> Result<()> {
         admin = %admin_addr,
         workers,
         max_connections,
-        data_path = "epoll",
+        data_path = data_path.name,
         "devgate {} serving",
         env!("CARGO_PKG_VERSION")
     );

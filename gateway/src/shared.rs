@@ -38,6 +38,24 @@ pub trait Wake: Send + Sync {
     fn wake(&self);
 }
 
+/// The I/O driver in use, for status and metrics.
+#[derive(Debug, Clone)]
+pub struct DataPath {
+    /// `io_uring` or `epoll`.
+    pub name: &'static str,
+    /// Why epoll runs although io_uring was wanted (`auto`), if it does.
+    pub reason: Option<String>,
+}
+
+impl Default for DataPath {
+    fn default() -> Self {
+        Self {
+            name: "epoll",
+            reason: None,
+        }
+    }
+}
+
 /// A worker's bounded, lock-free inbox.
 ///
 /// Wake-ups are batched: a sender only wakes the worker if it announced that it is about
@@ -151,6 +169,8 @@ const NEVER: u64 = u64::MAX;
 pub struct Shared {
     /// Effective configuration.
     pub config: Config,
+    /// Which I/O driver runs the data path, and why not io_uring if it does not.
+    pub data_path: DataPath,
     /// TLS configuration and certificate facts (swapped whole on reload).
     pub tls: ArcSwap<TlsMaterial>,
     /// The session map: unit ID → the connection that currently owns it.
@@ -226,6 +246,7 @@ impl Shared {
         let device_limit = config.limits.device_limit;
         Self {
             config,
+            data_path: DataPath::default(),
             tls: ArcSwap::from_pointee(tls),
             devices: DashMap::new(),
             managers: ArcSwap::from_pointee(Vec::new()),

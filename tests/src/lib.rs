@@ -139,7 +139,14 @@ impl Gateway {
     pub fn start_in_env(data: DataDir, config: &str, env: &[(&str, &str)]) -> Result<Self> {
         let text =
             format!("listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 2\n{config}\n");
-        Self::spawn(data, &text, None, env)
+        Self::spawn(data, &text, None, env, &[])
+    }
+
+    /// Like [`Gateway::start_in`] with extra `devgate serve` arguments.
+    pub fn start_with_args(data: DataDir, config: &str, args: &[&str]) -> Result<Self> {
+        let text =
+            format!("listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 2\n{config}\n");
+        Self::spawn(data, &text, None, &[], args)
     }
 
     /// Starts a gateway inside network namespace `ns` (`ip netns exec`) with the whole
@@ -147,10 +154,16 @@ impl Gateway {
     /// listener is reached from inside the namespace; clients must connect from a
     /// namespace that routes to the listener (see [`netns::block_on_in`]).
     pub fn start_in_netns(data: DataDir, ns: &str, config: &str) -> Result<Self> {
-        Self::spawn(data, config, Some(ns), &[])
+        Self::spawn(data, config, Some(ns), &[], &[])
     }
 
-    fn spawn(data: DataDir, text: &str, netns: Option<&str>, env: &[(&str, &str)]) -> Result<Self> {
+    fn spawn(
+        data: DataDir,
+        text: &str,
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<Self> {
         let cfg_path = data.path().join("devgate.toml");
         std::fs::write(&cfg_path, text)?;
         let mut command = match netns {
@@ -167,6 +180,7 @@ impl Gateway {
             .arg(data.path())
             .arg("--config")
             .arg(&cfg_path)
+            .args(args)
             .env("DEVGATE_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())

@@ -28,7 +28,7 @@ async fn status_json_has_every_documented_field() -> Result<()> {
     assert_eq!(s["pid"], gw.pid());
     assert_eq!(s["check_status"], "ok");
     assert_eq!(s["shutting_down"], false);
-    assert_eq!(s["data_path"], "epoll");
+    assert_eq!(s["data_path"], expected_data_path(&s));
     assert_eq!(s["tls_offload"], "user");
     assert!(s["tls_offload_reason"].is_string());
     assert!(s["xdp"]["mode"].is_string(), "{}", s["xdp"]);
@@ -130,7 +130,7 @@ async fn devgate_status_prints_a_one_screen_summary() -> Result<()> {
     assert!(lines.iter().all(|l| l.chars().count() <= 160), "{summary}");
     for needle in [
         "status OK",
-        "data path epoll",
+        "data path ",
         "TLS user space",
         "XDP ",
         "devices 3 (limit unlimited)",
@@ -238,5 +238,59 @@ async fn shutdown_tells_managers_then_closes_everyone_with_going_away() -> Resul
         );
     }
     assert!(!logs_before_stop.contains("PRIVATE KEY"));
+    Ok(())
+}
+
+/// The driver the suite runs on: epoll when `DEVGATE_DATA_PATH=epoll` (CI runs the
+/// end-to-end suites on both), else io_uring unless the probe said why not.
+fn expected_data_path(status: &Value) -> &'static str {
+    if std::env::var("DEVGATE_DATA_PATH").as_deref() == Ok("epoll") {
+        return "epoll";
+    }
+    if status["data_path"] == "epoll" {
+        // Only acceptable with the probe's reason (a kernel without io_uring).
+        assert!(
+            status["data_path_reason"].is_string(),
+            "epoll without a reason: {status}"
+        );
+        return "epoll";
+    }
+    "io_uring"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_path_is_reported_and_epoll_can_be_forced() -> Result<()> {
+    if std::env::var("DEVGATE_DATA_PATH").is_ok() {
+        return Ok(()); // the environment would override the files below
+    }
+    let gw = Gateway::start("data_path = \"epoll\"")?;
+    let s = gw.status()?;
+    assert_eq!(s["data_path"], "epoll", "{s}");
+    assert!(
+        s["data_path_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("configuration")),
+        "{s}"
+    );
+    drop(gw);
+
+    let gw = Gateway::start_in(DataDir::init()?, "data_path = \"auto\"")?;
+    let s = gw.status()?;
+    let auto = s["data_path"].as_str().unwrap_or_default().to_owned();
+    assert!(auto == "io_uring" || auto == "epoll", "{s}");
+    let (_, metrics) = gw.admin_get("/metrics")?;
+    assert!(
+        metrics.contains(&format!("data_path=\"{auto}\"")),
+        "no data_path label in build_info"
+    );
+    drop(gw);
+
+    // The contract's flag overrides the file.
+    let gw = Gateway::start_with_args(
+        DataDir::init()?,
+        "data_path = \"auto\"",
+        &["--data-path", "epoll"],
+    )?;
+    assert_eq!(gw.status()?["data_path"], "epoll");
     Ok(())
 }

@@ -4,3 +4,4 @@
 //! into the same `Worker` interface.
 
 pub mod epoll;
+pub mod uring;
