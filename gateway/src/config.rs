@@ -69,7 +69,8 @@ impl std::str::FromStr for DataPathChoice {
 pub struct Limits {
     /// Maximum connected devices; 0 = unlimited. Changeable at run time by a manager.
     pub device_limit: u64,
-    /// Maximum open connections of any kind (handshakes included); 0 = derived from RLIMIT_NOFILE.
+    /// Maximum open connections of any kind (handshakes included); 0 = derived from
+    /// RLIMIT_NOFILE (per worker on io_uring, whose workers each own a file table).
     pub max_connections: u64,
     /// Time allowed for the TLS handshake plus the HTTP request head.
     pub handshake_timeout_ms: u64,

@@ -126,12 +126,27 @@ pub fn serve(config: Config) -> Result<()> {
             "the server certificate is outside its validity dates: check-status reports err until it is renewed"
         );
     }
-    let workers = config.worker_count();
     let data_path = choose_data_path(config.data_path)?;
     // Each io_uring worker keeps its sockets in its ring's own file table (direct
     // descriptors), which may be as large as RLIMIT_NOFILE; the epoll driver's sockets
     // all share the process's descriptor table.
     let table_size = u32::try_from(nofile.min(MAX_FILE_TABLE)).unwrap_or(u32::MAX);
+    let mut workers = config.worker_count();
+    if config.workers == 0 && data_path.name == "io_uring" && config.limits.max_connections > 0 {
+        // Enough rings for the connections asked for, even where RLIMIT_NOFILE is low.
+        let rings = config
+            .limits
+            .max_connections
+            .div_ceil(u64::from(table_size.max(1)));
+        let rings = usize::try_from(rings).unwrap_or(usize::MAX).min(1024);
+        if rings > workers {
+            info!(
+                "{rings} workers (not {workers}): each holds at most {table_size} connections (RLIMIT_NOFILE) and limits.max_connections is {}",
+                config.limits.max_connections
+            );
+            workers = rings;
+        }
+    }
     let fd_bound = match data_path.name {
         "io_uring" => u64::from(table_size).saturating_mul(workers as u64),
         // Leave headroom for the listeners, the admin listener and files.

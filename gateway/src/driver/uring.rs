@@ -38,10 +38,12 @@ use crate::worker::{Flush, Worker};
 const RING_ENTRIES: u32 = 4096;
 /// Buffer group id of the receive buffer ring.
 const RECV_GROUP: u16 = 0;
-/// Receive buffers in the ring (a power of two) and their size. 256 × 16 KiB = 4 MiB
-/// per worker, touched only as traffic needs it.
+/// Receive buffers in the ring (a power of two) and their size: 256 × 8 KiB = 2 MiB per
+/// worker, shared by all its connections. The kernel hands them out in ring order, so
+/// all of them get touched under traffic; more would only cost memory (a batch that
+/// needs more re-arms after `ENOBUFS`), larger ones only help bulk streams.
 const RECV_BUFFERS: u16 = 256;
-const RECV_BUFFER_SIZE: usize = 16 * 1024;
+const RECV_BUFFER_SIZE: usize = 8 * 1024;
 /// Largest single send; larger queues go out in several.
 const SEND_CHUNK: usize = 256 * 1024;
 /// Send buffers kept for reuse (larger ones are freed).
