@@ -7,6 +7,7 @@
 //!   the gateway on embedded defaults, runs a small fleet against it with the load
 //!   generator, prints what happened and stops the gateway.
 //! - `deb`   — the Debian package (`package.rs`).
+//! - `datapath-bench` — io_uring against epoll in one run (`datapath.rs`).
 
 mod package;
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+mod datapath;
 mod ebpf;
 
 fn main() -> Result<()> {
@@ -28,6 +30,7 @@ fn main() -> Result<()> {
         Some("demo") => demo(&args[1..]),
         Some(t @ ("build-ebpf" | "flood-bench")) => ebpf::task(t, &args[1..]),
         Some("deb") => package::deb(&args[1..]),
+        Some("datapath-bench") => datapath::task(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <test|ci|demo|deb> [args]\n  test [cargo test args]  build the binaries and run all tests\n  ci                      fmt check, clippy -D warnings, test\n  demo [--devices N] [--seconds S]  run the gateway with a demo fleet\n  deb                     build the Debian package (target/debian/)"

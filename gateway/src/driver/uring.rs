@@ -104,16 +104,20 @@ pub fn probe() -> Result<(), String> {
 
 /// A ring for this thread: single issuer with deferred task work (completions are
 /// processed only when the worker asks, which saves interrupts) where the kernel has it.
+/// The task-run flag matters: deferred work runs only in an enter that asks for events,
+/// and the flag is how a non-waiting submit learns that it must ask.
 fn build_ring(entries: u32) -> io::Result<IoUring> {
     IoUring::builder()
         .setup_cqsize(entries * 4)
         .setup_single_issuer()
         .setup_defer_taskrun()
+        .setup_taskrun_flag()
         .build(entries)
         .or_else(|_| {
             IoUring::builder()
                 .setup_cqsize(entries * 4)
                 .setup_coop_taskrun()
+                .setup_taskrun_flag()
                 .build(entries)
         })
 }
