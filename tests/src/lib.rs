@@ -139,14 +139,22 @@ impl Gateway {
     pub fn start_in_env(data: DataDir, config: &str, env: &[(&str, &str)]) -> Result<Self> {
         let text =
             format!("listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 2\n{config}\n");
-        Self::spawn(data, &text, None, env, &[])
+        Self::spawn(data, &text, None, env, &[], None)
     }
 
     /// Like [`Gateway::start_in`] with extra `devgate serve` arguments.
     pub fn start_with_args(data: DataDir, config: &str, args: &[&str]) -> Result<Self> {
         let text =
             format!("listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 2\n{config}\n");
-        Self::spawn(data, &text, None, &[], args)
+        Self::spawn(data, &text, None, &[], args, None)
+    }
+
+    /// Like [`Gateway::start`] in a process whose `RLIMIT_NOFILE` (soft and hard) is
+    /// `nofile`, as on a machine with a low descriptor limit.
+    pub fn start_with_nofile(config: &str, nofile: u64) -> Result<Self> {
+        let text =
+            format!("listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 2\n{config}\n");
+        Self::spawn(DataDir::init()?, &text, None, &[], &[], Some(nofile))
     }
 
     /// Starts a gateway inside network namespace `ns` (`ip netns exec`) with the whole
@@ -154,7 +162,7 @@ impl Gateway {
     /// listener is reached from inside the namespace; clients must connect from a
     /// namespace that routes to the listener (see [`netns::block_on_in`]).
     pub fn start_in_netns(data: DataDir, ns: &str, config: &str) -> Result<Self> {
-        Self::spawn(data, config, Some(ns), &[], &[])
+        Self::spawn(data, config, Some(ns), &[], &[], None)
     }
 
     fn spawn(
@@ -163,6 +171,7 @@ impl Gateway {
         netns: Option<&str>,
         env: &[(&str, &str)],
         args: &[&str],
+        nofile: Option<u64>,
     ) -> Result<Self> {
         let cfg_path = data.path().join("devgate.toml");
         std::fs::write(&cfg_path, text)?;
@@ -174,6 +183,22 @@ impl Gateway {
             }
             None => Command::new(binary("devgate")),
         };
+        if let Some(limit) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit (async-signal-safe) runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = command
             .arg("serve")
             .arg("--data-dir")
