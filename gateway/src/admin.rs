@@ -654,6 +654,8 @@ fn counter_help(name: &str) -> &'static str {
         "error_frames" => "Error frames sent to peers.",
         "protocol_errors" => "Peers closed for WebSocket or devgate protocol violations.",
         "inbox_full" => "Messages that could not be handed to another worker (inbox full).",
+        "messages_local" => "Routed messages that stayed on their worker.",
+        "messages_cross_worker" => "Routed messages handed to another worker (a cross-core hop).",
         "responses_routed" => "Command responses routed back to the asking manager.",
         "request_timeouts" => "Commands failed by the request timeout.",
         _ => "Gateway counter (see docs/OPERATIONS.md).",

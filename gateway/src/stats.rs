@@ -78,6 +78,10 @@ counters! {
     protocol_errors,
     /// Messages that could not be handed to another worker (inbox full).
     inbox_full,
+    /// Messages for a connection of the same worker (no queue hop, no wake-up).
+    messages_local,
+    /// Messages handed to another worker's inbox (a cross-core hop).
+    messages_cross_worker,
     /// Commands answered with a response routed back to the asking manager.
     responses_routed,
     /// Commands failed by the request timeout.

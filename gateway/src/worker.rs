@@ -493,9 +493,11 @@ impl Worker {
     /// through the owner's inbox.
     fn deliver(&mut self, msg: Msg) {
         if msg.to.worker == self.id {
+            bump(&self.stats().messages_local);
             self.local.push_back(msg);
             return;
         }
+        bump(&self.stats().messages_cross_worker);
         let Some(inbox) = self.shared.inboxes.get(usize::from(msg.to.worker)) else {
             return;
         };
