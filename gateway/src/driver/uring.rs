@@ -59,6 +59,9 @@ const OP_SEND: u8 = 3;
 const OP_CLOSE: u8 = 4;
 const OP_WAKE: u8 = 5;
 const OP_CANCEL: u8 = 6;
+/// A closing socket's last words, sent without waiting: tagged apart from `OP_SEND` so
+/// that a cancel aimed at an earlier, blocking send cannot catch them.
+const OP_LAST_SEND: u8 = 7;
 
 fn user_data(op: u8, slot: u32) -> u64 {
     (u64::from(op) << 56) | u64::from(slot)
@@ -297,7 +300,12 @@ struct Socket {
     send: Option<(Vec<u8>, usize)>,
     /// Worker asked to close; the socket goes once its operations have completed.
     closing: bool,
+    /// The send in flight may wait for the peer (it is not `MSG_DONTWAIT`).
+    send_blocking: bool,
     send_cancelled: bool,
+    /// What the worker queued up to the close (a response, close_notify) has been
+    /// handed to the kernel, or could not be.
+    last_words_sent: bool,
     close_submitted: bool,
     closed: bool,
 }
@@ -518,12 +526,12 @@ impl Driver {
         match op {
             OP_ACCEPT => self.accepted(result, flags, now),
             OP_RECV => self.received(slot, result, flags, now),
-            OP_SEND => self.sent(slot, result, now),
+            OP_SEND | OP_LAST_SEND => self.sent(slot, result, now),
             OP_CLOSE => {
                 if let Some(Some(sock)) = self.sockets.get_mut(slot as usize) {
                     sock.closed = true;
                 }
-                self.finish_close(slot)
+                self.finish_close(slot, now)
             }
             OP_WAKE => self.arm_wake(),
             _ => Ok(()), // cancellations report nothing we act on
@@ -595,7 +603,9 @@ impl Driver {
             recv_armed: false,
             send: None,
             closing: false,
+            send_blocking: false,
             send_cancelled: false,
+            last_words_sent: false,
             close_submitted: false,
             closed: false,
         });
@@ -658,7 +668,7 @@ impl Driver {
                 .on_error(slot, &io::Error::from_raw_os_error(-result), now);
         }
         if closing {
-            return self.finish_close(slot);
+            return self.finish_close(slot, now);
         }
         Ok(())
     }
@@ -707,9 +717,12 @@ impl Driver {
         let Some(target) = &sock.target else {
             return Ok(());
         };
-        let entry = target.send(&buf, flags).user_data(user_data(OP_SEND, slot));
+        let blocking = flags & libc::MSG_DONTWAIT == 0;
+        let op = if blocking { OP_SEND } else { OP_LAST_SEND };
+        let entry = target.send(&buf, flags).user_data(user_data(op, slot));
         // The Vec's heap block does not move when the Vec itself is moved.
         sock.send = Some((buf, 0));
+        sock.send_blocking = blocking;
         self.push(&entry)
     }
 
@@ -722,9 +735,11 @@ impl Driver {
         };
         if result < 0 {
             let closing = sock.closing;
+            // Bytes after a gap would only garble the stream: no last words then.
+            sock.last_words_sent |= closing;
             self.recycle(buf);
             if closing {
-                return self.finish_close(slot);
+                return self.finish_close(slot, now);
             }
             if result != -libc::ECANCELED {
                 self.worker
@@ -744,9 +759,10 @@ impl Driver {
             }
         }
         let closing = sock.closing;
+        sock.last_words_sent |= closing && done < buf.len();
         self.recycle(buf);
         if closing {
-            return self.finish_close(slot);
+            return self.finish_close(slot, now);
         }
         // More may have been queued (or held back by the cap) meanwhile.
         self.start_send(slot, 0, now)
@@ -770,34 +786,47 @@ impl Driver {
             return Ok(());
         }
         sock.closing = true;
-        let busy = sock.send.is_some();
-        if !busy {
-            self.start_send(slot, libc::MSG_DONTWAIT, now)?;
-        }
-        self.finish_close(slot)
+        self.finish_close(slot, now)
     }
 
-    /// Moves a closing socket along: cancel what waits forever, close the descriptor,
-    /// and hand the slot back once every operation has completed.
-    fn finish_close(&mut self, slot: u32) -> io::Result<()> {
+    /// Moves a closing socket along: cancel a send that may wait forever, send the last
+    /// words once nothing else is in flight (they were queued behind that send), close the
+    /// descriptor, and hand the slot back once every operation has completed.
+    fn finish_close(&mut self, slot: u32, now: Instant) -> io::Result<()> {
         let Some(Some(sock)) = self.sockets.get_mut(slot as usize) else {
             return Ok(());
         };
         if !sock.closing {
             return Ok(());
         }
-        let mut entries = Vec::new();
         if sock.send.is_some() {
             // A send to a peer that stopped reading would wait forever.
-            if !sock.send_cancelled {
+            if sock.send_blocking && !sock.send_cancelled {
                 sock.send_cancelled = true;
-                entries.push(
-                    opcode::AsyncCancel::new(user_data(OP_SEND, slot))
-                        .build()
-                        .user_data(user_data(OP_CANCEL, slot)),
-                );
+                let cancel = opcode::AsyncCancel::new(user_data(OP_SEND, slot))
+                    .build()
+                    .user_data(user_data(OP_CANCEL, slot));
+                return self.push(&cancel);
             }
-        } else if !sock.close_submitted {
+            return Ok(());
+        }
+        if !sock.last_words_sent {
+            sock.last_words_sent = true;
+            self.start_send(slot, libc::MSG_DONTWAIT, now)?;
+            if self
+                .sockets
+                .get(slot as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| s.send.is_some())
+            {
+                return Ok(()); // its completion comes back here
+            }
+        }
+        let Some(Some(sock)) = self.sockets.get_mut(slot as usize) else {
+            return Ok(());
+        };
+        let mut entries = Vec::new();
+        if !sock.close_submitted {
             sock.close_submitted = true;
             if sock.recv_armed {
                 entries.push(
