@@ -210,6 +210,9 @@ pub(crate) fn error_kind(msg: &str) -> String {
 /// An idle or echoing session.
 async fn session(ctx: &DeviceCtx, mut conn: Connection, churn: &Notify) -> End {
     let mut phase = ctx.phase.clone();
+    // React to changes from now on only: a device back from a storm must not see
+    // the storm again.
+    phase.borrow_and_update();
     let event_every = match ctx.behaviour {
         Behaviour::Echo { event_every } => event_every,
         _ => None,
@@ -270,6 +273,7 @@ async fn session(ctx: &DeviceCtx, mut conn: Connection, churn: &Notify) -> End {
 async fn stream_session(ctx: &DeviceCtx, conn: Connection, chunk: usize, until: Duration) -> End {
     let (tx, mut rx) = conn.split();
     let mut phase = ctx.phase.clone();
+    phase.borrow_and_update();
     let stats = ctx.stats.clone();
     let mut pumps: Vec<(u32, Arc<Semaphore>, tokio::task::JoinHandle<()>)> = Vec::new();
     let mut owed: Vec<(u32, usize)> = Vec::new();

@@ -51,10 +51,6 @@ impl Fleet {
         })
     }
 
-    pub(crate) fn roots(&self) -> &[CertificateDer<'static>] {
-        &self.roots
-    }
-
     /// The first manager's TLS configuration (`pki/manager.pem`).
     pub(crate) fn manager_tls(&self, data_dir: &Path) -> Result<Arc<ClientConfig>> {
         let paths = PkiPaths::new(data_dir);

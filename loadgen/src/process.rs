@@ -6,9 +6,11 @@
 //! histograms in V2 + base64) and reads [`Down`] words (`"go"`, `"stop"`) on
 //! stdin. With one worker the same [`worker::run`] runs as a task instead.
 
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
 use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use crate::args::Args;
@@ -32,21 +34,47 @@ impl WorkerHandle {
     /// Waits for the worker to end, and says how it ended.
     pub(crate) async fn finish(mut self) -> Result<()> {
         if let Some(t) = self.task.take() {
-            return t.await.context("worker task panicked")?;
+            let abort = t.abort_handle();
+            return match tokio::time::timeout(EXIT_TIMEOUT, t).await {
+                Ok(r) => r.context("worker task panicked")?,
+                Err(_) => {
+                    abort.abort();
+                    bail!("worker did not finish within 10 s of its report")
+                }
+            };
         }
         if let Some(mut c) = self.child.take() {
-            let status = tokio::time::timeout(std::time::Duration::from_secs(10), c.wait()).await;
-            match status {
-                Ok(Ok(s)) if s.success() => {}
-                Ok(Ok(s)) => bail!("worker process exited with {s}"),
-                Ok(Err(e)) => bail!("waiting for a worker process: {e}"),
-                Err(_) => {
-                    let _ = c.kill().await;
-                    bail!("worker process did not exit within 10 s of its report");
+            let deadline = Instant::now() + EXIT_TIMEOUT;
+            loop {
+                match c.try_wait() {
+                    Ok(Some(s)) if s.success() => break,
+                    Ok(Some(s)) => bail!("worker process exited with {s}"),
+                    Ok(None) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Ok(None) => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        bail!("worker process did not exit within 10 s of its report");
+                    }
+                    Err(e) => bail!("waiting for a worker process: {e}"),
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// How long a worker process may take to exit after its report.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Drop for WorkerHandle {
+    /// A worker process never outlives its parent's interest in it.
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -63,7 +91,7 @@ pub(crate) fn spawn_workers(
         let h = if p == 1 {
             spawn_local(args, epoch_ms, up_tx.clone())
         } else {
-            spawn_child(args, i, p, epoch_ms, up_tx.clone())?
+            spawn_child(i, p, epoch_ms, up_tx.clone())?
         };
         handles.push(h);
     }
@@ -90,7 +118,6 @@ fn spawn_local(args: &Args, epoch_ms: u64, all_up: mpsc::Sender<(usize, Up)>) ->
 }
 
 fn spawn_child(
-    args: &Args,
     i: usize,
     p: usize,
     epoch_ms: u64,
@@ -103,20 +130,19 @@ fn spawn_child(
         .arg(format!("{i}/{p}"))
         .arg("--epoch-ms")
         .arg(epoch_ms.to_string())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
         .spawn()
         .context("starting a worker process")?;
     let stdout = child.stdout.take().context("worker has no stdout")?;
     let mut stdin = child.stdin.take().context("worker has no stdin")?;
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
+    // Plain threads for the pipes: a few lines a second, no need for async I/O.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             match serde_json::from_str::<Up>(&line) {
                 Ok(m) => {
-                    if all_up.send((i, m)).await.is_err() {
+                    if all_up.blocking_send((i, m)).is_err() {
                         break;
                     }
                 }
@@ -125,13 +151,12 @@ fn spawn_child(
         }
     });
     let (down_tx, mut down_rx) = mpsc::channel::<Down>(8);
-    tokio::spawn(async move {
-        while let Some(word) = down_rx.recv().await {
-            let Ok(mut line) = serde_json::to_string(&word) else {
+    std::thread::spawn(move || {
+        while let Some(word) = down_rx.blocking_recv() {
+            let Ok(line) = serde_json::to_string(&word) else {
                 break;
             };
-            line.push('\n');
-            if stdin.write_all(line.as_bytes()).await.is_err() || stdin.flush().await.is_err() {
+            if writeln!(stdin, "{line}").and_then(|()| stdin.flush()).is_err() {
                 break;
             }
         }
@@ -151,33 +176,33 @@ pub(crate) async fn child_main(args: Args, i: usize, p: usize) -> Result<()> {
     let share_of = indices.len() as f64 / args.devices.max(1) as f64;
     let (down_tx, down_rx) = mpsc::channel(8);
     let (up_tx, mut up_rx) = mpsc::channel::<Up>(1024);
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    std::thread::spawn(move || {
+        let mut lines = std::io::stdin().lock().lines();
         loop {
-            let word = match lines.next_line().await {
-                Ok(Some(line)) => serde_json::from_str::<Down>(&line).unwrap_or(Down::Stop),
+            let word = match lines.next() {
+                Some(Ok(line)) => serde_json::from_str::<Down>(&line).unwrap_or(Down::Stop),
                 // The parent went away: stop.
                 _ => Down::Stop,
             };
             let stop = word == Down::Stop;
-            if down_tx.send(word).await.is_err() || stop {
+            if down_tx.blocking_send(word).is_err() || stop {
                 break;
             }
         }
     });
-    let writer = tokio::spawn(async move {
-        let mut out = tokio::io::stdout();
-        while let Some(m) = up_rx.recv().await {
-            let Ok(mut line) = serde_json::to_string(&m) else {
+    let writer = std::thread::spawn(move || {
+        let mut out = std::io::stdout().lock();
+        while let Some(m) = up_rx.blocking_recv() {
+            let Ok(line) = serde_json::to_string(&m) else {
                 continue;
             };
-            line.push('\n');
-            if out.write_all(line.as_bytes()).await.is_err() || out.flush().await.is_err() {
+            if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
                 break;
             }
         }
     });
     let result = worker::run(args, indices, epoch_ms, share_of, down_rx, up_tx).await;
-    let _ = writer.await;
+    // `run` dropped its sender: the writer ends once the report is out.
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     result
 }

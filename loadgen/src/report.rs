@@ -132,6 +132,9 @@ pub(crate) struct TimelineEntry {
     pub(crate) errors: u64,
 }
 
+/// How late after a whole second a sample may be and still close that second.
+const SAMPLE_SLACK_MS: u64 = 200;
+
 /// Samples [`Stats`] once a second into a timeline.
 #[derive(Debug)]
 pub(crate) struct Sampler {
@@ -150,7 +153,12 @@ impl Sampler {
     }
 
     pub(crate) fn sample(&mut self, s: &Stats) {
-        let t = unix_ms().saturating_sub(self.epoch_ms).div_ceil(1000);
+        // Samples are taken just after whole seconds: entry `t` covers (t-1, t]. A
+        // final sample later in a second starts that second's entry.
+        let t = unix_ms()
+            .saturating_sub(self.epoch_ms)
+            .saturating_sub(SAMPLE_SLACK_MS)
+            .div_ceil(1000);
         let now = (
             s.frames.load(Ordering::Relaxed),
             s.handshakes.load(Ordering::Relaxed),

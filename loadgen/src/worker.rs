@@ -96,7 +96,7 @@ pub(crate) async fn run(
         epoch,
     });
     let timeline = Arc::new(std::sync::Mutex::new(Sampler::new(epoch_ms)));
-    let sampler = spawn_sampler(stats.clone(), timeline.clone(), up.clone());
+    let sampler = spawn_sampler(epoch_ms, stats.clone(), timeline.clone(), up.clone());
 
     let started = Instant::now();
     let (ready_tx, mut ready_rx) = mpsc::channel::<bool>(indices.len().max(1));
@@ -120,6 +120,7 @@ pub(crate) async fn run(
     let _ = up.send(Up::Ready { sessions, connect_secs }).await;
 
     let mut at_go = Snapshot::default();
+    let mut stopped = false;
     if wait_for(&mut down, Down::Go).await {
         if matches!(args.scenario, Scenario::Storm | Scenario::Churn) {
             at_go = Snapshot::take(&stats);
@@ -135,13 +136,19 @@ pub(crate) async fn run(
                     *h = Some(crate::report::new_hist());
                 }
                 let _ = phase_tx.send(Phase::Running);
-                churn_for(&churn, args.rate as f64 * share_of, Duration::from_secs_f64(args.duration), &mut down).await;
+                let rate = args.rate as f64 * share_of;
+                let duration = Duration::from_secs_f64(args.duration);
+                if !churn_for(&churn, rate, duration, &mut down).await {
+                    stopped = true;
+                }
             }
             _ => {
                 let _ = phase_tx.send(Phase::Running);
             }
         }
-        wait_for(&mut down, Down::Stop).await;
+        if !stopped {
+            wait_for(&mut down, Down::Stop).await;
+        }
     }
     let _ = phase_tx.send(Phase::Stop);
     // Devices notice Stop at their next await; give them a moment, then cut.
@@ -168,13 +175,17 @@ pub(crate) async fn run(
 
 /// Samples the counters once a second into `timeline` and tells the parent.
 fn spawn_sampler(
+    epoch_ms: u64,
     stats: Arc<Stats>,
     timeline: Arc<std::sync::Mutex<Sampler>>,
     up: mpsc::Sender<Up>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.tick().await;
+        // Sample on the shared clock's whole seconds, so that every process's
+        // entry `t` covers the same second.
+        let into_second = crate::report::unix_ms().saturating_sub(epoch_ms) % 1000;
+        let first = tokio::time::Instant::now() + Duration::from_millis(1000 - into_second);
+        let mut tick = tokio::time::interval_at(first, Duration::from_secs(1));
         loop {
             tick.tick().await;
             let entry = match timeline.lock() {
@@ -221,16 +232,16 @@ async fn wait_all_back(ctx: &DeviceCtx, expected: usize, timeout: Duration) -> (
     }
 }
 
-/// Churn: `rate` reconnects per second over random devices for `duration`
-/// (or until the parent says Stop).
+/// Churn: `rate` reconnects per second over random devices for `duration`;
+/// false when the parent said Stop (or went away) meanwhile.
 async fn churn_for(
     devices: &[Arc<Notify>],
     rate: f64,
     duration: Duration,
     down: &mut mpsc::Receiver<Down>,
-) {
+) -> bool {
     if devices.is_empty() || rate <= 0.0 {
-        return;
+        return true;
     }
     let step = Duration::from_millis(10);
     let mut tick = tokio::time::interval(step);
@@ -239,7 +250,7 @@ async fn churn_for(
     while tokio::time::Instant::now() < stop_at {
         tokio::select! {
             _ = tick.tick() => {}
-            w = down.recv() => if matches!(w, Some(Down::Stop) | None) { return },
+            w = down.recv() => if matches!(w, Some(Down::Stop) | None) { return false },
         }
         owed += rate * step.as_secs_f64();
         let n = owed.floor();
@@ -249,6 +260,7 @@ async fn churn_for(
             devices[rng.random_range(0..devices.len())].notify_one();
         }
     }
+    true
 }
 
 /// Counters at the go: storm and churn report what happened after it.

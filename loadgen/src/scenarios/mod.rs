@@ -57,9 +57,13 @@ pub(crate) async fn run(args: &Args) -> Result<Report> {
     let connect_secs = run.wait_ready(args).await?;
     report.connect_secs = connect_secs;
     let mut rss_after = args.gateway_pid.and_then(rss_kib);
+    // Go on a whole second of the shared clock: the timeline's seconds then fall
+    // either before or after it, and the storm's peak second is its own.
+    let into_second = unix_ms().saturating_sub(epoch_ms) % 1000;
+    tokio::time::sleep(Duration::from_millis(1000 - into_second)).await;
+    let go_t = (unix_ms().saturating_sub(epoch_ms) + 500) / 1000;
     run.say(Down::Go).await;
     let go = Instant::now();
-    let go_t = unix_ms().saturating_sub(epoch_ms) / 1000;
     let mut traffic = Traffic::default();
     match args.scenario {
         Scenario::Connect => {
@@ -128,13 +132,17 @@ fn peak_after(report: &Report, go_t: u64) -> u64 {
 
 /// Runs the operator's restart command through `sh -c` and checks it worked.
 async fn run_restart(cmd: &str) -> Result<()> {
-    let status = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .stdin(std::process::Stdio::null())
-        .status()
-        .await
-        .with_context(|| format!("running --restart-cmd {cmd:?}"))?;
+    let shell = cmd.to_owned();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&shell)
+            .stdin(std::process::Stdio::null())
+            .status()
+    })
+    .await
+    .context("the restart command's thread panicked")?
+    .with_context(|| format!("running --restart-cmd {cmd:?}"))?;
     if !status.success() {
         bail!("--restart-cmd {cmd:?} failed with {status}");
     }
