@@ -150,6 +150,10 @@ pub(crate) async fn run(
             wait_for(&mut down, Down::Stop).await;
         }
     }
+    // The last sample before the devices go: the timeline ends with the fleet as it was.
+    if let Ok(mut t) = timeline.lock() {
+        t.sample(&stats);
+    }
     let _ = phase_tx.send(Phase::Stop);
     // Devices notice Stop at their next await; give them a moment, then cut.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -158,10 +162,7 @@ pub(crate) async fn run(
     }
     sampler.abort();
     let timeline = match timeline.lock() {
-        Ok(mut t) => {
-            t.sample(&stats);
-            std::mem::replace(&mut *t, Sampler::new(epoch_ms))
-        }
+        Ok(mut t) => std::mem::replace(&mut *t, Sampler::new(epoch_ms)),
         Err(_) => Sampler::new(epoch_ms),
     };
     let mut report = WorkerReport::from_stats(&stats, timeline)?;
