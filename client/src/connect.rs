@@ -102,8 +102,8 @@ pub async fn connect(
         deadline,
         tcp_connect_with(opts.addr, opts.bind, opts.before_bind),
     )
-        .await
-        .map_err(|_| ClientError::Timeout("TCP connect to the gateway"))??;
+    .await
+    .map_err(|_| ClientError::Timeout("TCP connect to the gateway"))??;
     let mut stream = timeout_at(
         deadline,
         tls_handshake(tcp, opts.addr, &opts.server_name, tls),

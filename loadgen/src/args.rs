@@ -166,7 +166,10 @@ impl Args {
         }
         match self.scenario {
             Scenario::Steady | Scenario::Stream if self.managers == 0 => {
-                bail!("{} needs at least one manager (--managers)", self.scenario.name())
+                bail!(
+                    "{} needs at least one manager (--managers)",
+                    self.scenario.name()
+                )
             }
             Scenario::Storm => match (&self.restart_cmd, self.drop) {
                 (Some(_), true) => bail!("storm takes either --restart-cmd or --drop, not both"),

@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use devgate_client::{
-    Backoff, Body, ConnectOptions, Connection, Frame, Incoming, Role, Sender,
-};
+use devgate_client::{Backoff, Body, ConnectOptions, Connection, Frame, Incoming, Role, Sender};
 use rustls::{ClientConfig, HandshakeKind};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
@@ -59,10 +57,7 @@ pub(crate) struct DeviceCtx {
 }
 
 impl DeviceCtx {
-    pub(crate) fn new_options(
-        gateway: std::net::SocketAddr,
-        server_name: &str,
-    ) -> ConnectOptions {
+    pub(crate) fn new_options(gateway: std::net::SocketAddr, server_name: &str) -> ConnectOptions {
         ConnectOptions::new(gateway, server_name, Role::Device)
     }
 
@@ -181,7 +176,8 @@ async fn connect_retrying(
             Err(e) => {
                 ctx.stats.add(&ctx.stats.retries, 1);
                 if !matches!(*ctx.phase.borrow(), Phase::Storm { .. }) {
-                    ctx.stats.error(&format!("connect: {}", error_kind(&e.to_string())));
+                    ctx.stats
+                        .error(&format!("connect: {}", error_kind(&e.to_string())));
                 }
             }
         }
@@ -218,12 +214,12 @@ async fn session(ctx: &DeviceCtx, mut conn: Connection, churn: &Notify) -> End {
         _ => None,
     };
     // Spread the first event over one period, so events do not come in waves.
-    let mut next_event = event_every.map(|p| {
-        tokio::time::Instant::now() + p.mul_f64(rand::random::<f64>())
-    });
+    let mut next_event =
+        event_every.map(|p| tokio::time::Instant::now() + p.mul_f64(rand::random::<f64>()));
     let stats = &ctx.stats;
     loop {
-        let event_at = next_event.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let event_at =
+            next_event.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             r = conn.recv() => match r {
                 Ok(Incoming::Frame(r)) => {
@@ -339,8 +335,12 @@ async fn on_stream_frame(
             if let Some((_, o)) = owed.iter_mut().find(|(id, _)| *id == f.id) {
                 *o += payload.len();
                 if *o >= CHUNK_GRANT {
-                    tx.send(&Frame::stream_window("", f.id, u32::try_from(*o).unwrap_or(u32::MAX)))
-                        .await?;
+                    tx.send(&Frame::stream_window(
+                        "",
+                        f.id,
+                        u32::try_from(*o).unwrap_or(u32::MAX),
+                    ))
+                    .await?;
                     *o = 0;
                 }
             }

@@ -74,8 +74,9 @@ impl Fleet {
             handles
                 .into_iter()
                 .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("certificate issuer thread panicked")))
+                    h.join().unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!("certificate issuer thread panicked"))
+                    })
                 })
                 .collect()
         });
@@ -122,7 +123,9 @@ struct DeviceSessions {
 
 impl fmt::Debug for DeviceSessions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeviceSessions").field("key", &self.key).finish()
+        f.debug_struct("DeviceSessions")
+            .field("key", &self.key)
+            .finish()
     }
 }
 

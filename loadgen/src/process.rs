@@ -102,7 +102,14 @@ fn spawn_local(args: &Args, epoch_ms: u64, all_up: mpsc::Sender<(usize, Up)>) ->
     let (down_tx, down_rx) = mpsc::channel(8);
     let (up_tx, mut up_rx) = mpsc::channel(1024);
     let indices = worker::share(args.devices, 0, 1);
-    let task = tokio::spawn(worker::run(args.clone(), indices, epoch_ms, 1.0, down_rx, up_tx));
+    let task = tokio::spawn(worker::run(
+        args.clone(),
+        indices,
+        epoch_ms,
+        1.0,
+        down_rx,
+        up_tx,
+    ));
     tokio::spawn(async move {
         while let Some(m) = up_rx.recv().await {
             if all_up.send((0, m)).await.is_err() {
@@ -156,7 +163,10 @@ fn spawn_child(
             let Ok(line) = serde_json::to_string(&word) else {
                 break;
             };
-            if writeln!(stdin, "{line}").and_then(|()| stdin.flush()).is_err() {
+            if writeln!(stdin, "{line}")
+                .and_then(|()| stdin.flush())
+                .is_err()
+            {
                 break;
             }
         }

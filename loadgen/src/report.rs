@@ -22,7 +22,9 @@ pub(crate) fn new_hist() -> Histogram<u64> {
 }
 
 pub(crate) fn record(h: &mut Histogram<u64>, d: Duration) {
-    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).clamp(1, HIST_MAX_US);
+    let us = u64::try_from(d.as_micros())
+        .unwrap_or(u64::MAX)
+        .clamp(1, HIST_MAX_US);
     let _ = h.record(us);
 }
 
@@ -113,7 +115,10 @@ impl Stats {
     }
 
     fn hist(m: &Mutex<Option<Histogram<u64>>>) -> Histogram<u64> {
-        m.lock().ok().and_then(|g| g.clone()).unwrap_or_else(new_hist)
+        m.lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .unwrap_or_else(new_hist)
     }
 }
 
@@ -415,7 +420,10 @@ impl Report {
             "steady" => {
                 row(
                     "commands answered",
-                    format!("{} of {} ({} events)", self.responses, self.commands, self.events),
+                    format!(
+                        "{} of {} ({} events)",
+                        self.responses, self.commands, self.events
+                    ),
                 );
                 row("frames routed/s", format!("{:.0}", self.frames_per_sec));
                 row(
@@ -467,7 +475,10 @@ impl Report {
                 ),
             );
         }
-        row("errors", format!("{} {:?}", self.errors, self.errors_by_kind));
+        row(
+            "errors",
+            format!("{} {:?}", self.errors, self.errors_by_kind),
+        );
         s
     }
 }
@@ -515,10 +526,28 @@ mod tests {
 
     #[test]
     fn timelines_add_up_by_second() {
-        let a = [TimelineEntry { t: 1, sessions: 3, frames: 10, handshakes: 3, errors: 0 }];
+        let a = [TimelineEntry {
+            t: 1,
+            sessions: 3,
+            frames: 10,
+            handshakes: 3,
+            errors: 0,
+        }];
         let b = [
-            TimelineEntry { t: 1, sessions: 2, frames: 5, handshakes: 2, errors: 1 },
-            TimelineEntry { t: 2, sessions: 2, frames: 1, handshakes: 0, errors: 0 },
+            TimelineEntry {
+                t: 1,
+                sessions: 2,
+                frames: 5,
+                handshakes: 2,
+                errors: 1,
+            },
+            TimelineEntry {
+                t: 2,
+                sessions: 2,
+                frames: 1,
+                handshakes: 0,
+                errors: 0,
+            },
         ];
         let m = merge_timelines(&[&a, &b]);
         assert_eq!(m.len(), 2);

@@ -47,9 +47,8 @@ pub(crate) fn share(devices: usize, i: usize, p: usize) -> Vec<usize> {
 fn behaviour(args: &Args) -> Behaviour {
     match args.scenario {
         Scenario::Steady => Behaviour::Echo {
-            event_every: (args.event_rate > 0).then(|| {
-                Duration::from_secs_f64(args.devices as f64 / args.event_rate as f64)
-            }),
+            event_every: (args.event_rate > 0)
+                .then(|| Duration::from_secs_f64(args.devices as f64 / args.event_rate as f64)),
         },
         Scenario::Stream => Behaviour::Stream {
             chunk: args.payload_bytes(),
@@ -69,7 +68,9 @@ pub(crate) async fn run(
     up: mpsc::Sender<Up>,
 ) -> Result<()> {
     let fleet = Fleet::load(&args.data_dir, args.resume, args.devices)?;
-    let tls = fleet.issue(&indices).context("issuing device certificates")?;
+    let tls = fleet
+        .issue(&indices)
+        .context("issuing device certificates")?;
     let stats = Arc::new(Stats::new());
     let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
     let epoch = Instant::now();
@@ -117,7 +118,12 @@ pub(crate) async fn run(
         sessions += usize::from(ok);
     }
     let connect_secs = secs_since(started);
-    let _ = up.send(Up::Ready { sessions, connect_secs }).await;
+    let _ = up
+        .send(Up::Ready {
+            sessions,
+            connect_secs,
+        })
+        .await;
 
     let mut at_go = Snapshot::default();
     let mut stopped = false;
@@ -128,7 +134,8 @@ pub(crate) async fn run(
         match args.scenario {
             Scenario::Storm => {
                 let _ = phase_tx.send(Phase::Storm { drop: args.drop });
-                let (secs, back) = wait_all_back(&ctx, sessions, Duration::from_secs_f64(args.timeout)).await;
+                let (secs, back) =
+                    wait_all_back(&ctx, sessions, Duration::from_secs_f64(args.timeout)).await;
                 let _ = up.send(Up::Back { secs, back }).await;
             }
             Scenario::Churn => {
@@ -170,7 +177,11 @@ pub(crate) async fn run(
     report.sessions = sessions;
     report.connect_secs = connect_secs;
     at_go.subtract_from(&mut report);
-    let _ = up.send(Up::Report { report: Box::new(report) }).await;
+    let _ = up
+        .send(Up::Report {
+            report: Box::new(report),
+        })
+        .await;
     Ok(())
 }
 

@@ -20,7 +20,12 @@ fn loadgen(gw: &Gateway, scenario: &str, extra: &[&str]) -> Result<Value> {
     let json = out.path().join("report.json");
     let mut child = Command::new(binary("devgate-loadgen"))
         .arg(scenario)
-        .args(["--gateway", &gw.addr.to_string(), "--data-dir", &gw.data_arg()])
+        .args([
+            "--gateway",
+            &gw.addr.to_string(),
+            "--data-dir",
+            &gw.data_arg(),
+        ])
         .args(extra)
         .arg("--json")
         .arg(&json)
@@ -40,7 +45,10 @@ fn loadgen(gw: &Gateway, scenario: &str, extra: &[&str]) -> Result<Value> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
-        bail!("devgate-loadgen {scenario} failed: {}\n{stdout}\n{stderr}", output.status);
+        bail!(
+            "devgate-loadgen {scenario} failed: {}\n{stdout}\n{stderr}",
+            output.status
+        );
     }
     eprintln!("{stdout}");
     let text = std::fs::read_to_string(&json).context("no --json report written")?;
@@ -48,16 +56,26 @@ fn loadgen(gw: &Gateway, scenario: &str, extra: &[&str]) -> Result<Value> {
 }
 
 fn u(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} is not a number in {v}"))
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {v}"))
 }
 
 fn f(v: &Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or_else(|| panic!("{key} is not a number in {v}"))
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {v}"))
 }
 
 /// The fields the contract promises, in every scenario's report.
 fn assert_contract(v: &Value) {
-    for key in ["sessions", "errors", "frames_per_sec", "rtt_p50_us", "rtt_p99_us"] {
+    for key in [
+        "sessions",
+        "errors",
+        "frames_per_sec",
+        "rtt_p50_us",
+        "rtt_p99_us",
+    ] {
         assert!(v[key].is_number(), "{key} missing in {v}");
     }
     assert!(v["timeline"].is_array(), "no timeline");
@@ -73,15 +91,22 @@ fn assert_no_errors(v: &Value) {
 fn connect_holds_every_session_and_reads_the_gateways_memory() -> Result<()> {
     let gw = Gateway::start("")?;
     let pid = gw.pid().to_string();
-    let v = loadgen(&gw, "connect", &["--devices", "150", "--hold", "1", "--gateway-pid", &pid])?;
+    let v = loadgen(
+        &gw,
+        "connect",
+        &["--devices", "150", "--hold", "1", "--gateway-pid", &pid],
+    )?;
     assert_contract(&v);
     assert_no_errors(&v);
     assert_eq!(u(&v, "sessions"), 150);
     assert!(f(&v, "connects_per_sec") > 0.0);
     assert!(v["gateway_rss_per_session_bytes"].is_number(), "{v}");
-    let peak = v["timeline"]
-        .as_array()
-        .map(|t| t.iter().filter_map(|e| e["sessions"].as_u64()).max().unwrap_or(0));
+    let peak = v["timeline"].as_array().map(|t| {
+        t.iter()
+            .filter_map(|e| e["sessions"].as_u64())
+            .max()
+            .unwrap_or(0)
+    });
     assert_eq!(peak, Some(150), "timeline: {}", v["timeline"]);
     Ok(())
 }
@@ -93,8 +118,18 @@ fn steady_routes_commands_responses_and_events() -> Result<()> {
         &gw,
         "steady",
         &[
-            "--devices", "100", "--managers", "2", "--duration", "2", "--window", "16",
-            "--payload", "256", "--event-rate", "200",
+            "--devices",
+            "100",
+            "--managers",
+            "2",
+            "--duration",
+            "2",
+            "--window",
+            "16",
+            "--payload",
+            "256",
+            "--event-rate",
+            "200",
         ],
     )?;
     assert_contract(&v);
@@ -111,7 +146,11 @@ fn steady_routes_commands_responses_and_events() -> Result<()> {
 #[test]
 fn steady_at_a_fixed_rate_sends_about_that_many_commands() -> Result<()> {
     let gw = Gateway::start("")?;
-    let v = loadgen(&gw, "steady", &["--devices", "50", "--duration", "2", "--rate", "500"])?;
+    let v = loadgen(
+        &gw,
+        "steady",
+        &["--devices", "50", "--duration", "2", "--rate", "500"],
+    )?;
     assert_no_errors(&v);
     let per_sec = f(&v, "commands_per_sec");
     assert!((350.0..=650.0).contains(&per_sec), "commands/s {per_sec}");
@@ -121,7 +160,11 @@ fn steady_at_a_fixed_rate_sends_about_that_many_commands() -> Result<()> {
 #[test]
 fn stream_moves_bytes_both_ways_under_flow_control() -> Result<()> {
     let gw = Gateway::start("")?;
-    let v = loadgen(&gw, "stream", &["--devices", "20", "--streams", "2", "--duration", "2"])?;
+    let v = loadgen(
+        &gw,
+        "stream",
+        &["--devices", "20", "--streams", "2", "--duration", "2"],
+    )?;
     assert_contract(&v);
     assert_no_errors(&v);
     assert!(f(&v, "bytes_per_sec") > 1e6, "{v}");
@@ -136,7 +179,10 @@ fn restart_script(gw: &Gateway, dir: &Path) -> Result<(String, std::path::PathBu
     let config = dir.join("restarted.toml");
     std::fs::write(
         &config,
-        format!("listen = \"{}\"\nadmin = \"127.0.0.1:0\"\nworkers = 2\n", gw.addr),
+        format!(
+            "listen = \"{}\"\nadmin = \"127.0.0.1:0\"\nworkers = 2\n",
+            gw.addr
+        ),
     )?;
     let pidfile = dir.join("gateway.pid");
     let log = dir.join("restarted.log");
@@ -181,8 +227,16 @@ fn storm_brings_every_device_back_after_a_real_gateway_restart() -> Result<()> {
         &gw,
         "storm",
         &[
-            "--devices", "150", "--restart-cmd", &script, "--backoff-min-ms", "50",
-            "--backoff-max-ms", "1000", "--timeout", "30",
+            "--devices",
+            "150",
+            "--restart-cmd",
+            &script,
+            "--backoff-min-ms",
+            "50",
+            "--backoff-max-ms",
+            "1000",
+            "--timeout",
+            "30",
         ],
     )?;
     assert_contract(&v);
@@ -201,7 +255,16 @@ fn storm_with_drop_and_resume_resumes_tls_sessions() -> Result<()> {
     let v = loadgen(
         &gw,
         "storm",
-        &["--devices", "100", "--drop", "--resume", "--backoff-min-ms", "20", "--backoff-max-ms", "500"],
+        &[
+            "--devices",
+            "100",
+            "--drop",
+            "--resume",
+            "--backoff-min-ms",
+            "20",
+            "--backoff-max-ms",
+            "500",
+        ],
     )?;
     assert_no_errors(&v);
     assert!(v["all_back_secs"].is_number(), "not all back: {v}");
@@ -214,7 +277,11 @@ fn storm_with_drop_and_resume_resumes_tls_sessions() -> Result<()> {
 #[test]
 fn churn_reconnects_continuously_without_errors() -> Result<()> {
     let gw = Gateway::start("")?;
-    let v = loadgen(&gw, "churn", &["--devices", "100", "--rate", "50", "--duration", "2"])?;
+    let v = loadgen(
+        &gw,
+        "churn",
+        &["--devices", "100", "--rate", "50", "--duration", "2"],
+    )?;
     assert_contract(&v);
     assert_no_errors(&v);
     assert!(u(&v, "handshakes") >= 50, "{v}");
@@ -229,8 +296,16 @@ fn two_worker_processes_add_up_to_the_whole_fleet() -> Result<()> {
         &gw,
         "steady",
         &[
-            "--devices", "200", "--processes", "2", "--sources", "2", "--duration", "2",
-            "--window", "16",
+            "--devices",
+            "200",
+            "--processes",
+            "2",
+            "--sources",
+            "2",
+            "--duration",
+            "2",
+            "--window",
+            "16",
         ],
     )?;
     assert_no_errors(&v);
@@ -239,9 +314,12 @@ fn two_worker_processes_add_up_to_the_whole_fleet() -> Result<()> {
     assert!(f(&v, "frames_per_sec") > 0.0);
     let status = gw.status()?;
     assert!(status["devices"].as_u64().is_some(), "{status}");
-    let peak = v["timeline"]
-        .as_array()
-        .map(|t| t.iter().filter_map(|e| e["sessions"].as_u64()).max().unwrap_or(0));
+    let peak = v["timeline"].as_array().map(|t| {
+        t.iter()
+            .filter_map(|e| e["sessions"].as_u64())
+            .max()
+            .unwrap_or(0)
+    });
     assert_eq!(peak, Some(200), "timeline: {}", v["timeline"]);
     Ok(())
 }
@@ -249,13 +327,28 @@ fn two_worker_processes_add_up_to_the_whole_fleet() -> Result<()> {
 #[test]
 fn bad_flags_get_a_clear_message() -> Result<()> {
     let out = Command::new(binary("devgate-loadgen"))
-        .args(["storm", "--gateway", "127.0.0.1:1", "--data-dir", "/nonexistent"])
+        .args([
+            "storm",
+            "--gateway",
+            "127.0.0.1:1",
+            "--data-dir",
+            "/nonexistent",
+        ])
         .output()?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--restart-cmd") && stderr.contains("--drop"), "{stderr}");
+    assert!(
+        stderr.contains("--restart-cmd") && stderr.contains("--drop"),
+        "{stderr}"
+    );
     let out = Command::new(binary("devgate-loadgen"))
-        .args(["connect", "--gateway", "10.1.2.3:8443", "--data-dir", "/nonexistent"])
+        .args([
+            "connect",
+            "--gateway",
+            "10.1.2.3:8443",
+            "--data-dir",
+            "/nonexistent",
+        ])
         .output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));

@@ -15,7 +15,10 @@ use crate::report::{Report, Stats, secs_since};
 
 /// Enrolls `--devices` devices with `--key`.
 pub(crate) async fn run(args: &Args) -> Result<Report> {
-    let key = args.key.clone().context("enroll needs --key (a multi-use key)")?;
+    let key = args
+        .key
+        .clone()
+        .context("enroll needs --key (a multi-use key)")?;
     let roots = devgate_pki::load_certs(&PkiPaths::new(&args.data_dir).root_cert())
         .context("reading the root certificate of --data-dir")?;
     let stats = Arc::new(Stats::new());

@@ -67,7 +67,8 @@ pub(crate) async fn run(args: &Args) -> Result<Report> {
     let mut traffic = Traffic::default();
     match args.scenario {
         Scenario::Connect => {
-            run.pump_for(Duration::from_secs_f64(args.hold_secs())).await;
+            run.pump_for(Duration::from_secs_f64(args.hold_secs()))
+                .await;
             // After the hold the gateway's handshake buffers are freed: the memory of idle sessions.
             rss_after = args.gateway_pid.and_then(rss_kib);
         }
@@ -83,7 +84,8 @@ pub(crate) async fn run(args: &Args) -> Result<Report> {
             if let Some(cmd) = &args.restart_cmd {
                 run_restart(cmd).await?;
             }
-            run.wait_back(Duration::from_secs_f64(args.timeout + 10.0)).await;
+            run.wait_back(Duration::from_secs_f64(args.timeout + 10.0))
+                .await;
         }
         Scenario::Churn => run.pump_for(Duration::from_secs_f64(args.duration)).await,
         Scenario::Enroll => {}
@@ -299,4 +301,3 @@ impl Run<'_> {
         Ok(out)
     }
 }
-

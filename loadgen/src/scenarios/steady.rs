@@ -124,7 +124,11 @@ impl Window {
 }
 
 /// Runs the traffic for `--duration` after a warm-up; returns the counts.
-pub(crate) async fn drive(args: &Args, managers: Vec<Manager>, stats: Arc<Stats>) -> Result<Traffic> {
+pub(crate) async fn drive(
+    args: &Args,
+    managers: Vec<Manager>,
+    stats: Arc<Stats>,
+) -> Result<Traffic> {
     if managers.is_empty() {
         anyhow::bail!("steady needs at least one manager");
     }
@@ -196,7 +200,10 @@ async fn read_answers(
                 break;
             }
             Err(e) => {
-                stats.error(&format!("manager: {}", crate::device::error_kind(&e.to_string())));
+                stats.error(&format!(
+                    "manager: {}",
+                    crate::device::error_kind(&e.to_string())
+                ));
                 break;
             }
             Ok(None) => break,
@@ -279,7 +286,10 @@ async fn send_commands(w: Writer) {
             w.inflight.mark(*id);
         }
         if let Err(e) = w.tx.send_batch(&frames).await {
-            w.stats.error(&format!("manager send: {}", crate::device::error_kind(&e.to_string())));
+            w.stats.error(&format!(
+                "manager send: {}",
+                crate::device::error_kind(&e.to_string())
+            ));
             break;
         }
         if w.window.contains(Instant::now()) {

@@ -22,7 +22,11 @@ use crate::stream::{CHUNK_GRANT, StreamPump, WINDOW};
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens the streams, runs them for `--duration`, closes them.
-pub(crate) async fn drive(args: &Args, managers: Vec<Manager>, stats: Arc<Stats>) -> Result<Traffic> {
+pub(crate) async fn drive(
+    args: &Args,
+    managers: Vec<Manager>,
+    stats: Arc<Stats>,
+) -> Result<Traffic> {
     let stop_at = Instant::now() + Duration::from_secs_f64(args.duration);
     let mut conns = Vec::new();
     for m in managers {
@@ -87,7 +91,10 @@ async fn one_manager(
                 break;
             }
             Err(e) => {
-                stats.error(&format!("manager: {}", crate::device::error_kind(&e.to_string())));
+                stats.error(&format!(
+                    "manager: {}",
+                    crate::device::error_kind(&e.to_string())
+                ));
                 break;
             }
             Ok(None) => break,
@@ -127,7 +134,9 @@ async fn one_manager(
                 }
             }
             Body::StreamClose { code, reason } => {
-                stats.error(&format!("stream closed by the gateway: code {code} {reason}"));
+                stats.error(&format!(
+                    "stream closed by the gateway: code {code} {reason}"
+                ));
             }
             Body::Error { code, .. } => stats.error(&format!("error frame: {}", code.as_str())),
             _ => {}
