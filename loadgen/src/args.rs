@@ -121,6 +121,11 @@ pub(crate) struct Args {
     /// Give up on devices that are not connected (or back, in a storm) after this many seconds.
     #[arg(long, default_value_t = 120.0)]
     pub(crate) timeout: f64,
+    /// Allow a gateway address outside 127.0.0.0/8 and ::1 (a gateway you own, e.g. in a
+    /// test network namespace). Without it the load generator refuses, so that a typo
+    /// cannot aim a load test at somebody else's machine.
+    #[arg(long)]
+    pub(crate) allow_remote: bool,
     /// Show a progress display even when stderr is not a terminal.
     #[arg(long)]
     pub(crate) progress: bool,
@@ -158,9 +163,10 @@ impl Args {
         if self.backoff_min_ms == 0 || self.backoff_max_ms < self.backoff_min_ms {
             bail!("--backoff-min-ms must be at least 1 and at most --backoff-max-ms");
         }
-        if !self.gateway.ip().is_loopback() {
+        if !self.gateway.ip().is_loopback() && !self.allow_remote {
             bail!(
-                "--gateway {} is not a loopback address: the load generator only targets 127.0.0.0/8 or ::1",
+                "--gateway {} is not a loopback address: load is only sent to 127.0.0.0/8 or ::1 \
+                 unless --allow-remote says the target is yours (e.g. a test network namespace)",
                 self.gateway
             );
         }

@@ -263,6 +263,9 @@ async fn session(ctx: &DeviceCtx, mut conn: Connection, churn: &Notify) -> End {
     }
 }
 
+/// A stream's id, the peer's credit, and the task sending under it.
+type Pump = (u32, Arc<Semaphore>, tokio::task::JoinHandle<()>);
+
 /// A stream session: accept whatever streams the manager opens, count the
 /// bytes, return credit as they are consumed, and send data back under the
 /// manager's credit until `until` (from the worker's epoch).
@@ -271,7 +274,7 @@ async fn stream_session(ctx: &DeviceCtx, conn: Connection, chunk: usize, until: 
     let mut phase = ctx.phase.clone();
     phase.borrow_and_update();
     let stats = ctx.stats.clone();
-    let mut pumps: Vec<(u32, Arc<Semaphore>, tokio::task::JoinHandle<()>)> = Vec::new();
+    let mut pumps: Vec<Pump> = Vec::new();
     let mut owed: Vec<(u32, usize)> = Vec::new();
     let stop_at = ctx.epoch + until;
     let end = loop {
@@ -303,7 +306,7 @@ async fn on_stream_frame(
     tx: &Sender,
     stats: &Arc<Stats>,
     f: Frame<'_>,
-    pumps: &mut Vec<(u32, Arc<Semaphore>, tokio::task::JoinHandle<()>)>,
+    pumps: &mut Vec<Pump>,
     owed: &mut Vec<(u32, usize)>,
     chunk: usize,
     stop_at: Instant,

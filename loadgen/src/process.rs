@@ -16,6 +16,9 @@ use tokio::sync::mpsc;
 use crate::args::Args;
 use crate::worker::{self, Down, Up};
 
+/// Every worker's messages, tagged with the worker's number.
+pub(crate) type UpReceiver = mpsc::Receiver<(usize, Up)>;
+
 /// One worker, in-process or a child, as the parent sees it.
 #[derive(Debug)]
 pub(crate) struct WorkerHandle {
@@ -84,7 +87,7 @@ pub(crate) fn spawn_workers(
     args: &Args,
     p: usize,
     epoch_ms: u64,
-) -> Result<(Vec<WorkerHandle>, mpsc::Receiver<(usize, Up)>)> {
+) -> Result<(Vec<WorkerHandle>, UpReceiver)> {
     let (up_tx, up_rx) = mpsc::channel(1024);
     let mut handles = Vec::with_capacity(p);
     for i in 0..p {
