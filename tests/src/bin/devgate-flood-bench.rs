@@ -114,6 +114,8 @@ fn loadgen(args: &Args, net: &NetPair, data: &Path, out: &Path) -> Result<Value>
         .args(["netns", "exec", &net.client])
         .arg(binary("devgate-loadgen"))
         .arg("steady")
+        // The gateway is in the bench's own network namespace, not on loopback.
+        .arg("--allow-remote")
         .args([
             "--gateway",
             &SocketAddr::new(SERVER_V4.into(), PORT).to_string(),
