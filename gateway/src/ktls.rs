@@ -188,7 +188,11 @@ impl Drop for CryptoInfo {
 }
 
 impl CryptoInfo {
-    fn new(version: ProtocolVersion, seq: u64, secrets: &ConnectionTrafficSecrets) -> io::Result<Self> {
+    fn new(
+        version: ProtocolVersion,
+        seq: u64,
+        secrets: &ConnectionTrafficSecrets,
+    ) -> io::Result<Self> {
         let version = match version {
             ProtocolVersion::TLSv1_2 => TLS_1_2_VERSION,
             ProtocolVersion::TLSv1_3 => TLS_1_3_VERSION,
@@ -200,16 +204,27 @@ impl CryptoInfo {
             }
         };
         let rec_seq = seq.to_be_bytes();
-        let short = || io::Error::new(io::ErrorKind::InvalidInput, "traffic secret of unexpected size");
+        let short = || {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "traffic secret of unexpected size",
+            )
+        };
         Ok(match secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
                 let iv = iv.as_ref();
                 Self::Aes128(Aes128 {
                     version,
                     cipher: TLS_CIPHER_AES_GCM_128,
-                    iv: iv.get(4..12).and_then(|s| s.try_into().ok()).ok_or_else(short)?,
+                    iv: iv
+                        .get(4..12)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or_else(short)?,
                     key: key.as_ref().try_into().map_err(|_| short())?,
-                    salt: iv.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(short)?,
+                    salt: iv
+                        .get(..4)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or_else(short)?,
                     rec_seq,
                 })
             }
@@ -218,9 +233,15 @@ impl CryptoInfo {
                 Self::Aes256(Aes256 {
                     version,
                     cipher: TLS_CIPHER_AES_GCM_256,
-                    iv: iv.get(4..12).and_then(|s| s.try_into().ok()).ok_or_else(short)?,
+                    iv: iv
+                        .get(4..12)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or_else(short)?,
                     key: key.as_ref().try_into().map_err(|_| short())?,
-                    salt: iv.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(short)?,
+                    salt: iv
+                        .get(..4)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or_else(short)?,
                     rec_seq,
                 })
             }
@@ -246,14 +267,27 @@ impl CryptoInfo {
             Dir::Rx => TLS_RX,
         };
         let (ptr, len) = match self {
-            Self::Aes128(c) => (std::ptr::from_ref(c).cast::<libc::c_void>(), size_of::<Aes128>()),
-            Self::Aes256(c) => (std::ptr::from_ref(c).cast::<libc::c_void>(), size_of::<Aes256>()),
-            Self::Chacha(c) => (std::ptr::from_ref(c).cast::<libc::c_void>(), size_of::<Chacha>()),
+            Self::Aes128(c) => (
+                std::ptr::from_ref(c).cast::<libc::c_void>(),
+                size_of::<Aes128>(),
+            ),
+            Self::Aes256(c) => (
+                std::ptr::from_ref(c).cast::<libc::c_void>(),
+                size_of::<Aes256>(),
+            ),
+            Self::Chacha(c) => (
+                std::ptr::from_ref(c).cast::<libc::c_void>(),
+                size_of::<Chacha>(),
+            ),
         };
         let len = libc::socklen_t::try_from(len).map_err(io::Error::other)?;
         // SAFETY: `ptr` points at a live `#[repr(C)]` struct of `len` bytes.
         let rc = unsafe { libc::setsockopt(fd, SOL_TLS, opt, ptr, len) };
-        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 }
 
@@ -270,7 +304,11 @@ pub fn attach_ulp(fd: BorrowedFd<'_>) -> io::Result<()> {
             name.len() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Installs one direction's key (also used for a KeyUpdate: sequence 0, new secrets).
@@ -315,7 +353,9 @@ pub fn send_record(fd: BorrowedFd<'_>, record_type: u8, payload: &[u8]) -> io::R
     unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
         if cmsg.is_null() {
-            return Err(io::Error::other("no room for the record-type control message"));
+            return Err(io::Error::other(
+                "no room for the record-type control message",
+            ));
         }
         (*cmsg).cmsg_level = SOL_TLS;
         (*cmsg).cmsg_type = TLS_SET_RECORD_TYPE;
@@ -323,7 +363,13 @@ pub fn send_record(fd: BorrowedFd<'_>, record_type: u8, payload: &[u8]) -> io::R
         *libc::CMSG_DATA(cmsg) = record_type;
     }
     // SAFETY: msg points at live buffers for the duration of the call.
-    let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &raw const msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    let n = unsafe {
+        libc::sendmsg(
+            fd.as_raw_fd(),
+            &raw const msg,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 

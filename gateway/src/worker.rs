@@ -25,8 +25,8 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::os::fd::BorrowedFd;
 use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -40,8 +40,8 @@ use devgate_proto::ws::{self, Decoded, Message, Opcode};
 use tracing::{debug, info, warn};
 
 use crate::conn::{
-    Conn, DeviceSession, KernelTls, Tls, DeviceStream, ManagerSession, ManagerStream, OutQueue, PeerKind, Pending,
-    Phase, QueueRefusal, Role, Session,
+    Conn, DeviceSession, DeviceStream, KernelTls, ManagerSession, ManagerStream, OutQueue,
+    PeerKind, Pending, Phase, QueueRefusal, Role, Session, Tls,
 };
 use crate::msg::{CloseReason, Msg, MsgKind, Priority};
 use crate::shared::{ConnHandle, Shared};
@@ -692,7 +692,11 @@ impl Worker {
     fn offload(&mut self, slot: u32, fd: BorrowedFd<'_>, now: Instant) {
         let ciphers = self.shared.tls_offload.ciphers;
         let stats = &self.shared.stats[usize::from(self.id)];
-        let Some(conn) = self.slots.get_mut(slot as usize).and_then(|s| s.conn.as_mut()) else {
+        let Some(conn) = self
+            .slots
+            .get_mut(slot as usize)
+            .and_then(|s| s.conn.as_mut())
+        else {
             return;
         };
         let Tls::User(tls) = &conn.tls else {
@@ -710,11 +714,14 @@ impl Worker {
         let Tls::User(tls) = std::mem::replace(&mut conn.tls, Tls::Gone) else {
             return;
         };
-        let installed = tls.into_kernel().map_err(|e| e.to_string()).and_then(|(secrets, kc)| {
-            crate::ktls::install_keys(fd, kc.protocol_version(), &secrets)
-                .map(|()| kc)
-                .map_err(|e| e.to_string())
-        });
+        let installed = tls
+            .into_kernel()
+            .map_err(|e| e.to_string())
+            .and_then(|(secrets, kc)| {
+                crate::ktls::install_keys(fd, kc.protocol_version(), &secrets)
+                    .map(|()| kc)
+                    .map_err(|e| e.to_string())
+            });
         match installed {
             Ok(kc) => {
                 conn.tls = Tls::Kernel(Box::new(KernelTls {
@@ -739,7 +746,11 @@ impl Worker {
     fn on_post_handshake(&mut self, slot: u32, fd: BorrowedFd<'_>, msg: &[u8], now: Instant) {
         let rekey = self.shared.tls_offload.rekey;
         let stats = &self.shared.stats[usize::from(self.id)];
-        let Some(conn) = self.slots.get_mut(slot as usize).and_then(|s| s.conn.as_mut()) else {
+        let Some(conn) = self
+            .slots
+            .get_mut(slot as usize)
+            .and_then(|s| s.conn.as_mut())
+        else {
             return;
         };
         let peer = conn.peer;
@@ -749,7 +760,8 @@ impl Worker {
         // One handshake message per record is what peers send after the handshake.
         let (kind, body) = match msg {
             [kind, a, b, c, body @ ..]
-                if body.len() == ((usize::from(*a) << 16) | (usize::from(*b) << 8) | usize::from(*c)) =>
+                if body.len()
+                    == ((usize::from(*a) << 16) | (usize::from(*b) << 8) | usize::from(*c)) =>
             {
                 (*kind, body)
             }
@@ -769,22 +781,33 @@ impl Worker {
                     self.close(
                         slot,
                         now,
-                        Ending::Protocol(1011, "TLS key update not supported by the gateway's kernel"),
+                        Ending::Protocol(
+                            1011,
+                            "TLS key update not supported by the gateway's kernel",
+                        ),
                     );
                     return;
                 }
                 let version = k.conn.protocol_version();
-                let rx = k.conn.update_rx_secret().map_err(|e| e.to_string()).and_then(|(seq, s)| {
-                    crate::ktls::set_key(fd, crate::ktls::Dir::Rx, version, seq, &s)
-                        .map_err(|e| e.to_string())
-                });
+                let rx = k
+                    .conn
+                    .update_rx_secret()
+                    .map_err(|e| e.to_string())
+                    .and_then(|(seq, s)| {
+                        crate::ktls::set_key(fd, crate::ktls::Dir::Rx, version, seq, &s)
+                            .map_err(|e| e.to_string())
+                    });
                 let tx = rx.and_then(|()| {
                     if *requested == 0 {
                         return Ok(());
                     }
                     // Our KeyUpdate goes out under the old key, then the new key is set.
-                    crate::ktls::send_record(fd, crate::ktls::RECORD_HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0])
-                        .map_err(|e| e.to_string())?;
+                    crate::ktls::send_record(
+                        fd,
+                        crate::ktls::RECORD_HANDSHAKE,
+                        &[KEY_UPDATE, 0, 0, 1, 0],
+                    )
+                    .map_err(|e| e.to_string())?;
                     let (seq, s) = k.conn.update_tx_secret().map_err(|e| e.to_string())?;
                     crate::ktls::set_key(fd, crate::ktls::Dir::Tx, version, seq, &s)
                         .map_err(|e| e.to_string())
@@ -800,7 +823,11 @@ impl Worker {
             }
             _ => {
                 debug!(%peer, kind, "unexpected post-handshake message on kTLS socket");
-                self.close(slot, now, Ending::Protocol(1002, "unexpected TLS handshake message"));
+                self.close(
+                    slot,
+                    now,
+                    Ending::Protocol(1002, "unexpected TLS handshake message"),
+                );
             }
         }
     }

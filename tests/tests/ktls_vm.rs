@@ -28,9 +28,10 @@ const VM_TIMEOUT_SECS: u64 = 150;
 /// The extracted kernel: (`vmlinuz` path, version).
 fn kernel() -> Option<(PathBuf, String)> {
     let boot = Path::new(KERNEL_DIR).join("boot");
-    let entry = std::fs::read_dir(&boot).ok()?.filter_map(Result::ok).find(|e| {
-        e.file_name().to_string_lossy().starts_with("vmlinuz-")
-    })?;
+    let entry = std::fs::read_dir(&boot)
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))?;
     let name = entry.file_name().to_string_lossy().into_owned();
     let version = name.strip_prefix("vmlinuz-")?.to_owned();
     Some((entry.path(), version))
@@ -140,7 +141,10 @@ fn ktls_data_path_in_a_vm() -> Result<()> {
     let took = started.elapsed();
     let console = String::from_utf8_lossy(&out.stdout);
     eprintln!("kTLS VM ({version}) ran {:.1} s", took.as_secs_f64());
-    for line in console.lines().filter(|l| l.contains("KTLS_VM:") || l.contains("GUEST:")) {
+    for line in console
+        .lines()
+        .filter(|l| l.contains("KTLS_VM:") || l.contains("GUEST:"))
+    {
         eprintln!("{line}");
     }
     let lines: Vec<&str> = console

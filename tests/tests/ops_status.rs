@@ -341,15 +341,14 @@ async fn tls_offload_is_reported_with_its_reason() -> Result<()> {
         assert!(host_has_ktls(), "kernel offload without a tls ULP: {s}");
     }
     let (_, metrics) = gw.admin_get("/metrics")?;
-    assert!(metrics.contains(&format!("tls_offload=\"{mode}\"")), "{metrics}");
+    assert!(
+        metrics.contains(&format!("tls_offload=\"{mode}\"")),
+        "{metrics}"
+    );
     drop(gw);
 
     // The environment reaches the key like any other.
-    let gw = Gateway::start_in_env(
-        DataDir::init()?,
-        "",
-        &[("DEVGATE_TLS__OFFLOAD", "off")],
-    )?;
+    let gw = Gateway::start_in_env(DataDir::init()?, "", &[("DEVGATE_TLS__OFFLOAD", "off")])?;
     assert_eq!(gw.status()?["tls_offload"], "user");
     Ok(())
 }

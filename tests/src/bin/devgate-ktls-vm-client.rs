@@ -37,7 +37,12 @@ async fn connect(
     version: &'static SupportedProtocolVersion,
     suite: SupportedCipherSuite,
 ) -> Result<Connection> {
-    let tls = tls_config_with(gw.client_roots(), Some(identity), &[version], Some(vec![suite]))?;
+    let tls = tls_config_with(
+        gw.client_roots(),
+        Some(identity),
+        &[version],
+        Some(vec![suite]),
+    )?;
     let conn = devgate_client::connect(&gw.options(role), tls).await?;
     let got = conn.cipher_suite().context("no cipher suite negotiated")?;
     if got.suite() != suite.suite() {
@@ -62,7 +67,13 @@ async fn next_frame(conn: &mut Connection) -> Result<devgate_client::Received> {
 }
 
 /// One command/response round trip manager → device → manager with `payload`.
-async fn round_trip(mgr: &mut Connection, dev: &mut Connection, unit: &str, id: u32, payload: &[u8]) -> Result<()> {
+async fn round_trip(
+    mgr: &mut Connection,
+    dev: &mut Connection,
+    unit: &str,
+    id: u32,
+    payload: &[u8],
+) -> Result<()> {
     mgr.send(&Frame::command(unit, id, payload)).await?;
     let r = next_frame(dev).await?;
     let f = r.frame();
@@ -70,7 +81,11 @@ async fn round_trip(mgr: &mut Connection, dev: &mut Connection, unit: &str, id: 
         bail!("device got {:?}, wanted a command", f.body);
     };
     if got != payload {
-        bail!("command payload changed on the way ({} bytes, wanted {})", got.len(), payload.len());
+        bail!(
+            "command payload changed on the way ({} bytes, wanted {})",
+            got.len(),
+            payload.len()
+        );
     }
     dev.send(&Frame::response("", f.id, got)).await?;
     let r = next_frame(mgr).await?;
@@ -79,7 +94,11 @@ async fn round_trip(mgr: &mut Connection, dev: &mut Connection, unit: &str, id: 
         bail!("manager got {:?}, wanted a response", f.body);
     };
     if f.id != id || got != payload {
-        bail!("response {} ({} bytes) does not match command {id}", f.id, got.len());
+        bail!(
+            "response {} ({} bytes) does not match command {id}",
+            f.id,
+            got.len()
+        );
     }
     Ok(())
 }
@@ -139,7 +158,9 @@ async fn key_update(gw: &Gateway, rekey: bool) -> Result<String> {
         if n == 0 {
             bail!("round trips passed but ktls_key_updates_total is 0");
         }
-        return Ok(format!("rekeyed in the kernel ({n} key updates), 4 round trips after"));
+        return Ok(format!(
+            "rekeyed in the kernel ({n} key updates), 4 round trips after"
+        ));
     }
     // A kernel without TLS rekey: the session must end cleanly, with a reason.
     mgr.send(&Frame::command(unit, 2, b"after")).await?;
@@ -157,7 +178,9 @@ async fn key_update(gw: &Gateway, rekey: bool) -> Result<String> {
     if n == 0 {
         bail!("closed {closed:?} but tls_rekey_unsupported_total is 0");
     }
-    Ok(format!("kernel cannot rekey: closed {closed:?}, tls_rekey_unsupported_total {n}"))
+    Ok(format!(
+        "kernel cannot rekey: closed {closed:?}, tls_rekey_unsupported_total {n}"
+    ))
 }
 
 async fn run() -> u32 {
@@ -175,18 +198,53 @@ async fn run() -> u32 {
         &mut failures,
         "status_kernel",
         if status["tls_offload"] == "kernel" {
-            Ok(format!("ciphers {} rekey {rekey}", status["tls_offload_ciphers"]))
+            Ok(format!(
+                "ciphers {} rekey {rekey}",
+                status["tls_offload_ciphers"]
+            ))
         } else {
-            Err(anyhow::anyhow!("status says {} ({})", status["tls_offload"], status["tls_offload_reason"]))
+            Err(anyhow::anyhow!(
+                "status says {} ({})",
+                status["tls_offload"],
+                status["tls_offload_reason"]
+            ))
         },
     );
-    let suites: [(&str, &'static SupportedProtocolVersion, SupportedCipherSuite); 6] = [
-        ("tls13_aes128", &rustls::version::TLS13, cs::TLS13_AES_128_GCM_SHA256),
-        ("tls13_aes256", &rustls::version::TLS13, cs::TLS13_AES_256_GCM_SHA384),
-        ("tls13_chacha20", &rustls::version::TLS13, cs::TLS13_CHACHA20_POLY1305_SHA256),
-        ("tls12_aes128", &rustls::version::TLS12, cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
-        ("tls12_aes256", &rustls::version::TLS12, cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384),
-        ("tls12_chacha20", &rustls::version::TLS12, cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256),
+    let suites: [(
+        &str,
+        &'static SupportedProtocolVersion,
+        SupportedCipherSuite,
+    ); 6] = [
+        (
+            "tls13_aes128",
+            &rustls::version::TLS13,
+            cs::TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            "tls13_aes256",
+            &rustls::version::TLS13,
+            cs::TLS13_AES_256_GCM_SHA384,
+        ),
+        (
+            "tls13_chacha20",
+            &rustls::version::TLS13,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+        ),
+        (
+            "tls12_aes128",
+            &rustls::version::TLS12,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+        (
+            "tls12_aes256",
+            &rustls::version::TLS12,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        ),
+        (
+            "tls12_chacha20",
+            &rustls::version::TLS12,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ),
     ];
     for (name, version, suite) in suites {
         let r = suite_routes(&gw, &format!("vm-{name}"), version, suite).await;
@@ -197,7 +255,11 @@ async fn run() -> u32 {
         "offloaded_count",
         counter(&gw, "ktls_offloaded").and_then(|n| {
             // Two sessions per suite; enrollment-free, so every one is a WebSocket session.
-            if n >= 12 { Ok(format!("{n} sessions")) } else { bail!("only {n} sessions offloaded, wanted 12") }
+            if n >= 12 {
+                Ok(format!("{n} sessions"))
+            } else {
+                bail!("only {n} sessions offloaded, wanted 12")
+            }
         }),
     );
     let r = key_update(&gw, rekey).await;
@@ -208,12 +270,29 @@ async fn run() -> u32 {
     drop(gw);
 
     let fallback = async {
-        let gw = Gateway::start_in(DataDir::init()?, "data_path = \"epoll\"\n[tls]\noffload = \"off\"")?;
+        let gw = Gateway::start_in(
+            DataDir::init()?,
+            "data_path = \"epoll\"\n[tls]\noffload = \"off\"",
+        )?;
         let s = gw.status()?;
-        if s["tls_offload"] != "user" || !s["tls_offload_reason"].as_str().is_some_and(|r| r.contains("disabled by config")) {
-            bail!("status says {} ({})", s["tls_offload"], s["tls_offload_reason"]);
+        if s["tls_offload"] != "user"
+            || !s["tls_offload_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("disabled by config"))
+        {
+            bail!(
+                "status says {} ({})",
+                s["tls_offload"],
+                s["tls_offload_reason"]
+            );
         }
-        let r = suite_routes(&gw, "vm-fallback", &rustls::version::TLS13, cs::TLS13_AES_128_GCM_SHA256).await?;
+        let r = suite_routes(
+            &gw,
+            "vm-fallback",
+            &rustls::version::TLS13,
+            cs::TLS13_AES_128_GCM_SHA256,
+        )
+        .await?;
         let n = counter(&gw, "ktls_offloaded")?;
         if n != 0 {
             bail!("{n} sessions offloaded with offload = off");
@@ -226,7 +305,10 @@ async fn run() -> u32 {
 }
 
 fn main() {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             println!("KTLS_VM: start FAIL tokio runtime: {e}");
