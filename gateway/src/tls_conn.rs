@@ -27,7 +27,6 @@ pub struct TlsConn {
     /// Ciphertext waiting for the socket; `out_pos` bytes of it are already written.
     outgoing: Vec<u8>,
     out_pos: usize,
-    handshaking: bool,
     peer_closed: bool,
     sent_close_notify: bool,
 }
@@ -37,7 +36,7 @@ impl std::fmt::Debug for TlsConn {
         f.debug_struct("TlsConn")
             .field("incoming", &self.incoming.len())
             .field("outgoing", &(self.outgoing.len() - self.out_pos))
-            .field("handshaking", &self.handshaking)
+            .field("handshaking", &self.is_handshaking())
             .finish_non_exhaustive()
     }
 }
@@ -59,7 +58,6 @@ impl TlsConn {
             incoming: Vec::new(),
             outgoing: Vec::new(),
             out_pos: 0,
-            handshaking: true,
             peer_closed: false,
             sent_close_notify: false,
         })
@@ -67,7 +65,9 @@ impl TlsConn {
 
     /// Whether the handshake is still under way.
     pub fn is_handshaking(&self) -> bool {
-        self.handshaking
+        // rustls' own view: a TLS 1.3 server may already send (0.5-RTT) before the
+        // client's Finished, so "may write" is not "handshake done".
+        self.conn.is_handshaking()
     }
 
     /// Whether the peer sent close_notify.
@@ -117,7 +117,7 @@ impl TlsConn {
 
     /// Seals a close_notify alert (once; a no-op during the handshake).
     pub fn send_close_notify(&mut self) {
-        if self.sent_close_notify || self.handshaking {
+        if self.sent_close_notify || self.is_handshaking() {
             return;
         }
         self.sent_close_notify = true;
@@ -164,7 +164,7 @@ impl TlsConn {
     /// Whether the session can be handed to the kernel now: handshake done, nothing
     /// buffered in either direction.
     pub fn ready_for_kernel(&self) -> bool {
-        !self.handshaking && !self.wants_write() && self.incoming.is_empty() && !self.peer_closed
+        !self.is_handshaking() && !self.wants_write() && self.incoming.is_empty() && !self.peer_closed
     }
 
     /// Turns the session into rustls' kernel connection plus the traffic secrets to
@@ -254,7 +254,6 @@ impl TlsConn {
                     Ok(())
                 }
                 Ok(ConnectionState::WriteTraffic(mut wt)) => {
-                    self.handshaking = false;
                     stop = true;
                     let mut r = Ok(());
                     if let Some(plain) = job.send.take() {
