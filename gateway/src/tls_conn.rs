@@ -184,17 +184,25 @@ impl TlsConn {
 
     /// After an error rustls may still hand out an alert record; take it for the peer.
     fn collect_alert(&mut self) {
+        // Always the real buffer: rustls' handshake deframer keeps positions into it, and
+        // an empty slice in its place makes rustls panic.
         for _ in 0..4 {
-            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut []);
-            let _ = discard;
-            match state {
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut self.incoming);
+            let go_on = match state {
                 Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                    if encode_into(&mut self.outgoing, |buf| e.encode(buf)).is_err() {
-                        return;
-                    }
+                    encode_into(&mut self.outgoing, |buf| e.encode(buf)).is_ok()
                 }
-                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
-                _ => return,
+                Ok(ConnectionState::TransmitTlsData(t)) => {
+                    t.done();
+                    true
+                }
+                _ => false,
+            };
+            let used = discard.min(self.incoming.len());
+            self.incoming.drain(..used);
+            if !go_on {
+                return;
             }
         }
     }
