@@ -72,3 +72,34 @@ CARGO_DEB_VERSION=3.8.0
 if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
   cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"
 fi
+
+# The kTLS VM test (tests/tests/ktls_vm.rs): this machine's kernel has no `tls` ULP, so the
+# kernel-TLS path runs in QEMU (software emulation; KVM does not work here) on Debian's
+# cloud kernel, which has CONFIG_TLS=m. Only extracted, never installed on the host.
+KTLS_VM_DIR=/var/cache/devgate-ci/ktls-vm
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx poweroff || need+=(busybox-static)
+command -v cpio >/dev/null || need+=(cpio)
+[ -x /sbin/depmod ] || need+=(kmod)
+if [ "$(id -u)" -eq 0 ]; then
+  if [ ${#need[@]} -gt 0 ]; then
+    apt_update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
+  fi
+  if ! ls "$KTLS_VM_DIR"/kernel/boot/vmlinuz-* >/dev/null 2>&1; then
+    apt_update
+    mkdir -p "$KTLS_VM_DIR"
+    tmp=$(mktemp -d)
+    chown _apt "$tmp" 2>/dev/null || true
+    # The metapackage names the current cloud kernel; take that one.
+    pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+    (cd "$tmp" && apt-get download -q "$pkg")
+    rm -rf "$KTLS_VM_DIR/kernel"
+    dpkg-deb -x "$tmp"/linux-image-*.deb "$KTLS_VM_DIR/kernel"
+    rm -rf "$tmp"
+    echo "setup: extracted $pkg into $KTLS_VM_DIR/kernel for the kTLS VM test"
+  fi
+elif [ ${#need[@]} -gt 0 ] || ! ls "$KTLS_VM_DIR"/kernel/boot/vmlinuz-* >/dev/null 2>&1; then
+  echo "setup: the kTLS VM test needs root to install ${need[*]:-} and a Debian cloud kernel under $KTLS_VM_DIR; it skips without them" >&2
+fi

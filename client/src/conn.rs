@@ -573,6 +573,16 @@ impl Connection {
         self.stream.get_ref().1.handshake_kind()
     }
 
+    /// Asks for new TLS 1.3 traffic keys: a KeyUpdate (asking the gateway to update its
+    /// keys too) goes out ahead of the next frame sent.
+    pub fn refresh_traffic_keys(&mut self) -> Result<(), ClientError> {
+        self.stream
+            .get_mut()
+            .1
+            .refresh_traffic_keys()
+            .map_err(|e| ClientError::Tls(format!("requesting a TLS key update: {e}")))
+    }
+
     /// The negotiated cipher suite.
     pub fn cipher_suite(&self) -> Option<rustls::SupportedCipherSuite> {
         self.stream.get_ref().1.negotiated_cipher_suite()

@@ -304,8 +304,10 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "shutting_down": shared.shutting_down.load(Ordering::Relaxed),
         "data_path": shared.data_path.name,
         "data_path_reason": shared.data_path.reason,
-        "tls_offload": "user",
-        "tls_offload_reason": "kernel TLS offload is not part of the epoll data path; records are sealed by rustls in user space",
+        "tls_offload": shared.tls_offload.mode,
+        "tls_offload_reason": shared.tls_offload.reason,
+        "tls_offload_ciphers": shared.tls_offload.ciphers.names(),
+        "tls_offload_rekey": shared.tls_offload.rekey,
         "xdp": shared.guard.status(),
         "workers": shared.worker_count(),
         "devices": shared.device_count.load(Ordering::Relaxed),
@@ -457,7 +459,7 @@ pub fn metrics_text(shared: &Shared) -> String {
         &[
             ("version", env!("CARGO_PKG_VERSION")),
             ("data_path", shared.data_path.name),
-            ("tls_offload", "user"),
+            ("tls_offload", shared.tls_offload.mode),
         ],
         1,
     );

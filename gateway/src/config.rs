@@ -32,6 +32,29 @@ pub struct Config {
     pub managers: Managers,
     /// The connection guard: XDP program, per-source limits (`[xdp]`).
     pub xdp: crate::guard::config::GuardConfig,
+    /// TLS record layer (`[tls]`).
+    pub tls: TlsSection,
+}
+
+/// The `[tls]` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// Where records are sealed after the handshake: `auto` (the kernel when its `tls`
+    /// ULP and the cipher are there, else rustls) or `off` (always rustls).
+    pub offload: TlsOffloadChoice,
+}
+
+/// Kernel TLS offload choice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsOffloadChoice {
+    /// Kernel TLS where the start-up probe passes.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// Records always stay in rustls.
+    #[serde(rename = "off")]
+    Off,
 }
 
 /// Which I/O driver runs the data path.
@@ -123,6 +146,7 @@ impl Default for Config {
             keepalive: Keepalive::default(),
             managers: Managers::default(),
             xdp: Default::default(),
+            tls: TlsSection::default(),
         }
     }
 }

@@ -23,8 +23,9 @@ pub struct Conn {
     pub handle: ConnHandle,
     /// Remote address.
     pub peer: SocketAddr,
-    /// TLS state (rustls does no I/O: the worker feeds it bytes).
-    pub tls: Box<rustls::ServerConnection>,
+    /// TLS state: rustls (fed bytes by the worker; owns no buffer while idle) or, once
+    /// handed over, the kernel.
+    pub tls: Tls,
     /// Plaintext received but not yet consumed (a partial HTTP head or WebSocket frame).
     pub inbuf: Vec<u8>,
     /// Frames waiting to be encrypted and sent.
@@ -43,9 +44,56 @@ pub struct Conn {
     pub dirty: bool,
     /// Send TLS close_notify once the queue has drained (the connection is closing).
     pub notify_on_drain: bool,
+    /// Hand the record layer to the kernel once the session is upgraded and idle.
+    pub offload_wanted: bool,
+    /// In the worker's fd-work list already.
+    pub fd_queued: bool,
     /// Who the peer turned out to be (kept outside `phase`, which the router briefly
     /// empties while it works on a session).
     pub kind: PeerKind,
+}
+
+/// Where a connection's TLS records are sealed and opened.
+pub enum Tls {
+    /// rustls in user space.
+    User(Box<crate::tls_conn::TlsConn>),
+    /// The kernel (kTLS); rustls keeps only what a KeyUpdate needs.
+    Kernel(Box<KernelTls>),
+    /// rustls gave the session up but the kernel did not take it: the connection closes.
+    Gone,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::User(t) => t.fmt(f),
+            Self::Kernel(_) => f.write_str("Kernel"),
+            Self::Gone => f.write_str("Gone"),
+        }
+    }
+}
+
+impl std::fmt::Debug for KernelTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelTls")
+            .field("close_notify_pending", &self.close_notify_pending)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    /// Whether the handshake is still under way.
+    pub fn is_handshaking(&self) -> bool {
+        matches!(self, Self::User(t) if t.is_handshaking())
+    }
+}
+
+/// A session whose records the kernel seals and opens.
+pub struct KernelTls {
+    /// Derives the next traffic keys on a TLS 1.3 KeyUpdate.
+    pub conn: rustls::kernel::KernelConnection<rustls::server::ServerConnectionData>,
+    /// Send close_notify (an alert record through a control message) at the next fd work.
+    pub close_notify_pending: bool,
 }
 
 /// Who is on the other end of a connection.
@@ -240,6 +288,12 @@ impl OutQueue {
         self.bytes = after;
         self.frames.push_back(frame);
         Ok(())
+    }
+
+    /// Puts back the unsent tail of a frame (a short write), ahead of everything else.
+    pub fn push_front(&mut self, rest: Bytes) {
+        self.bytes += rest.len();
+        self.frames.push_front(rest);
     }
 
     /// Whether nothing is queued.

@@ -103,9 +103,40 @@ fn choose_data_path(choice: DataPathChoice) -> Result<DataPath> {
     }
 }
 
+/// Decides where TLS records are sealed after the handshake: the kernel if the config
+/// allows it, the probe passes and the driver can hand its sockets over; else rustls.
+fn choose_tls_offload(
+    choice: crate::config::TlsOffloadChoice,
+    data_path: &DataPath,
+) -> crate::ktls::TlsOffload {
+    use crate::ktls::TlsOffload;
+    if choice == crate::config::TlsOffloadChoice::Off {
+        return TlsOffload::user("disabled by config ([tls] offload = \"off\")");
+    }
+    let probed = crate::ktls::probe();
+    if !probed.is_kernel() {
+        info!(
+            "kernel TLS offload unavailable: {}",
+            probed.reason.as_deref().unwrap_or("?")
+        );
+        return probed;
+    }
+    if data_path.name == "io_uring" {
+        let why = "the kernel has kTLS, but the io_uring driver keeps sockets as direct descriptors and does not hand them to the kernel yet; records stay in rustls (data_path = \"epoll\" uses kTLS)";
+        warn!("{why}");
+        return TlsOffload::user(why);
+    }
+    info!(ciphers = ?probed.ciphers.names(), "kernel TLS offload on");
+    probed
+}
+
 /// Runs the gateway until SIGTERM/SIGINT.
 pub fn serve(config: Config) -> Result<()> {
     let nofile = raise_nofile_limit();
+    let data_path = choose_data_path(config.data_path)?;
+    let tls_offload = choose_tls_offload(config.tls.offload, &data_path);
+    // rustls hands out traffic secrets only to sessions whose config allows it.
+    crate::tls::set_secret_extraction(tls_offload.is_kernel());
     let tls = match crate::tls::load(&config.data_dir) {
         Ok(tls) => tls,
         // A data dir with CAs but no usable server chain: keep answering check-status (err).
@@ -126,7 +157,6 @@ pub fn serve(config: Config) -> Result<()> {
             "the server certificate is outside its validity dates: check-status reports err until it is renewed"
         );
     }
-    let data_path = choose_data_path(config.data_path)?;
     // Each io_uring worker keeps its sockets in its ring's own file table (direct
     // descriptors), which may be as large as RLIMIT_NOFILE; the epoll driver's sockets
     // all share the process's descriptor table.
@@ -169,6 +199,7 @@ pub fn serve(config: Config) -> Result<()> {
     let guard = crate::guard::build(&config.xdp, &[public.port()]);
     let mut shared = Shared::new(config, tls, workers, max_connections, guard);
     shared.data_path = data_path.clone();
+    shared.tls_offload = tls_offload.clone();
     let shared = Arc::new(shared);
     let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::sqlite::SqliteStore::open(
         &shared.config.data_dir,
@@ -209,6 +240,7 @@ pub fn serve(config: Config) -> Result<()> {
         workers,
         max_connections,
         data_path = data_path.name,
+        tls_offload = tls_offload.mode,
         "devgate {} serving",
         env!("CARGO_PKG_VERSION")
     );

@@ -171,6 +171,8 @@ pub struct Shared {
     pub config: Config,
     /// Which I/O driver runs the data path, and why not io_uring if it does not.
     pub data_path: DataPath,
+    /// Whether records are sealed by the kernel (kTLS) or rustls, and why.
+    pub tls_offload: crate::ktls::TlsOffload,
     /// TLS configuration and certificate facts (swapped whole on reload).
     pub tls: ArcSwap<TlsMaterial>,
     /// The session map: unit ID → the connection that currently owns it.
@@ -247,6 +249,7 @@ impl Shared {
         Self {
             config,
             data_path: DataPath::default(),
+            tls_offload: crate::ktls::TlsOffload::default(),
             tls: ArcSwap::from_pointee(tls),
             devices: DashMap::new(),
             managers: ArcSwap::from_pointee(Vec::new()),

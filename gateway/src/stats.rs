@@ -38,6 +38,16 @@ counters! {
     handshakes_ok,
     /// TLS handshakes that failed (bad client hello, certificate, protocol).
     handshakes_failed_tls,
+    /// Sessions whose record layer was handed to the kernel (kTLS).
+    ktls_offloaded,
+    /// Sessions that stayed in rustls although kTLS is on (cipher the kernel lacks, ULP refused).
+    ktls_not_offloaded,
+    /// Sessions closed because installing kTLS keys failed after rustls gave them up.
+    ktls_install_failed,
+    /// TLS 1.3 KeyUpdates applied to a kTLS socket.
+    ktls_key_updates,
+    /// kTLS sessions closed because the peer asked for a KeyUpdate this kernel cannot do.
+    tls_rekey_unsupported,
     /// Handshakes (TLS plus HTTP head) that ran past the handshake timeout.
     handshakes_failed_timeout,
     /// Requests refused at the HTTP layer (bad request, wrong path, missing credential).

@@ -15,6 +15,15 @@ use devgate_pki::{CertSummary, PeerClassifier, PkiPaths};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
+/// Whether server configs allow traffic-secret extraction (set once at start-up when
+/// kernel TLS is on; rustls refuses to hand out secrets otherwise).
+static SECRET_EXTRACTION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets sessions built from configs loaded from now on hand their secrets to the kernel.
+pub fn set_secret_extraction(on: bool) {
+    SECRET_EXTRACTION.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Everything loaded from the PKI directory that the data path needs.
 #[derive(Debug)]
 pub struct TlsMaterial {
@@ -81,6 +90,7 @@ pub fn load(data_dir: &Path) -> Result<TlsMaterial> {
         )
     })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.enable_secret_extraction = SECRET_EXTRACTION.load(std::sync::atomic::Ordering::Relaxed);
     // One ticket is enough for a device's next reconnect; each costs a write and a seal.
     config.send_tls13_tickets = 1;
     config.ticketer =

@@ -3,13 +3,30 @@
 //! received bytes and the current time, and asks it for bytes to send. The epoll driver
 //! and the io_uring driver run the same `Worker`.
 //!
+//! Driver interface, in the order a loop turn calls it: `accept` a socket (→ slot),
+//! `on_received` / `on_eof` / `on_error` for what the socket did, `poll_inbox` and `tick`,
+//! then `take_dirty` and `flush_to(slot, impl Write)` for every slot with bytes to send,
+//! then the socket work below, and last `take_released` (flush once more, close the socket)
+//! and `release`.
+//!
+//! Socket work (kernel TLS, [`crate::ktls`]): a few steps need a syscall on the
+//! connection's own fd, which the sans-IO core never holds. `take_fd_work` lists those slots
+//! (hand the session to the kernel; send close_notify as an alert record); the driver calls
+//! `fd_work(slot, BorrowedFd, now)` for each, but only when no send on that socket is in
+//! flight and no received bytes wait to be handed in (the hand-over switches the socket from
+//! ciphertext to plaintext). Once `is_offloaded(slot)`, reads and writes on that socket are
+//! plaintext (`on_received` and `flush_to` handle that themselves), and a read that fails
+//! with EIO means a control record: the driver calls `on_control_record(slot, fd, now)` and
+//! reads on.
+//!
 //! Routing: a frame for a connection this worker owns is handled through a local queue
 //! (no atomics, no wake-up); one for another worker's connection goes into that worker's
 //! [`Inbox`](crate::shared::Inbox) as a [`Msg`].
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,8 +40,8 @@ use devgate_proto::ws::{self, Decoded, Message, Opcode};
 use tracing::{debug, info, warn};
 
 use crate::conn::{
-    Conn, DeviceSession, DeviceStream, ManagerSession, ManagerStream, OutQueue, PeerKind, Pending,
-    Phase, QueueRefusal, Role, Session,
+    Conn, DeviceSession, DeviceStream, KernelTls, ManagerSession, ManagerStream, OutQueue,
+    PeerKind, Pending, Phase, QueueRefusal, Role, Session, Tls,
 };
 use crate::msg::{CloseReason, Msg, MsgKind, Priority};
 use crate::shared::{ConnHandle, Shared};
@@ -60,12 +77,15 @@ pub struct Worker {
     slots: Vec<Slot>,
     free: Vec<u32>,
     live: usize,
-    /// Plaintext read from rustls; complete frames are handled straight from here.
-    read_buf: Vec<u8>,
+    /// Plaintext rustls decrypted from one read; complete frames are handled straight
+    /// from here.
+    plain_in: Vec<u8>,
     /// Plaintext gathered from a queue for one TLS record.
     record_buf: Vec<u8>,
     local: VecDeque<Msg>,
     dirty: Vec<u32>,
+    /// Slots that need a syscall on their socket (kTLS hand-over, close_notify).
+    fd_pending: Vec<u32>,
     to_release: Vec<u32>,
     deferred_close: Vec<(u32, Ending)>,
     next_sweep: Instant,
@@ -115,10 +135,11 @@ impl Worker {
             slots: Vec::new(),
             free: Vec::new(),
             live: 0,
-            read_buf: vec![0; 64 * 1024],
+            plain_in: Vec::with_capacity(64 * 1024),
             record_buf: Vec::with_capacity(RECORD_PLAINTEXT),
             local: VecDeque::new(),
             dirty: Vec::new(),
+            fd_pending: Vec::new(),
             to_release: Vec::new(),
             deferred_close: Vec::new(),
             next_sweep: now,
@@ -168,14 +189,8 @@ impl Worker {
             return None;
         }
         let tls_config = self.shared.tls.load().server_config.clone();
-        let tls = match rustls::ServerConnection::new(tls_config) {
-            Ok(mut tls) => {
-                // Memory is bounded by our own queue, which feeds rustls only once its
-                // previous output is on the wire; rustls' own 64 KiB cap would instead make
-                // a single large frame fail half-written.
-                tls.set_buffer_limit(None);
-                tls
-            }
+        let tls = match crate::tls_conn::TlsConn::new(tls_config) {
+            Ok(tls) => tls,
             Err(e) => {
                 crate::warn_limited!(%peer, "cannot start TLS session: {e}");
                 self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
@@ -204,7 +219,7 @@ impl Worker {
         entry.conn = Some(Conn {
             handle,
             peer,
-            tls: Box::new(tls),
+            tls: Tls::User(Box::new(tls)),
             inbuf: Vec::new(),
             out: OutQueue::default(),
             phase: Phase::Handshake,
@@ -214,6 +229,8 @@ impl Worker {
             accepted_at: now,
             dirty: false,
             notify_on_drain: false,
+            offload_wanted: false,
+            fd_queued: false,
             kind: PeerKind::Unknown,
         });
         self.live += 1;
@@ -222,53 +239,66 @@ impl Worker {
 
     /// Bytes received from the socket of `slot`.
     pub fn on_received(&mut self, slot: u32, data: &[u8], now: Instant) {
-        let mut rest = data;
-        while !rest.is_empty() {
-            let Some(conn) = self.conn_mut(slot) else {
-                return;
-            };
-            if matches!(conn.phase, Phase::Closing) {
-                return;
-            }
-            conn.last_rx = now;
-            conn.ping_sent = None;
-            if let Err(e) = conn.tls.read_tls(&mut rest) {
-                debug!(peer = %conn.peer, "TLS read: {e}");
-                self.close(slot, now, Ending::Lost);
-                return;
-            }
-            let was_handshaking = conn.tls.is_handshaking();
-            let state = match conn.tls.process_new_packets() {
-                Ok(state) => state,
-                Err(e) => {
-                    let peer = conn.peer;
-                    if was_handshaking {
-                        bump(&self.stats().handshakes_failed_tls);
-                    }
-                    debug!(%peer, "TLS error: {e}");
-                    // rustls queued an alert; let it go out before the socket closes.
-                    self.mark_dirty(slot);
-                    self.close(slot, now, Ending::Lost);
-                    return;
-                }
-            };
-            let handshake_done = was_handshaking && !conn.tls.is_handshaking();
-            let wants_write = conn.tls.wants_write();
-            if handshake_done {
-                bump(&self.stats().handshakes_ok);
-            }
-            if wants_write {
-                self.mark_dirty(slot);
-            }
-            if state.peer_has_closed() && state.plaintext_bytes_to_read() == 0 {
-                self.close(slot, now, Ending::PeerClosed);
-                return;
-            }
-            if state.plaintext_bytes_to_read() > 0 {
-                self.read_plaintext(slot, now);
-            }
+        let mut plain = std::mem::take(&mut self.plain_in);
+        plain.clear();
+        self.on_received_inner(slot, data, &mut plain, now);
+        plain.clear();
+        if plain.capacity() > 256 * 1024 {
+            // One huge burst should not pin memory in an idle worker.
+            plain = Vec::new();
         }
+        self.plain_in = plain;
         self.run_local(now);
+    }
+
+    fn on_received_inner(&mut self, slot: u32, data: &[u8], plain: &mut Vec<u8>, now: Instant) {
+        let Some(conn) = self.conn_mut(slot) else {
+            return;
+        };
+        if matches!(conn.phase, Phase::Closing) {
+            return;
+        }
+        conn.last_rx = now;
+        conn.ping_sent = None;
+        let tls = match &mut conn.tls {
+            Tls::User(tls) => tls,
+            Tls::Kernel(_) => {
+                // The kernel already opened the records: this is plaintext.
+                plain.extend_from_slice(data);
+                self.read_plaintext(slot, plain, now);
+                return;
+            }
+            Tls::Gone => return,
+        };
+        let was_handshaking = tls.is_handshaking();
+        if let Err(e) = tls.feed(data, plain) {
+            let peer = conn.peer;
+            if was_handshaking {
+                bump(&self.stats().handshakes_failed_tls);
+            }
+            debug!(%peer, "TLS error: {e}");
+            // rustls sealed an alert; let it go out before the socket closes.
+            self.mark_dirty(slot);
+            self.close(slot, now, Ending::Lost);
+            return;
+        }
+        let handshake_done = was_handshaking && !tls.is_handshaking();
+        let wants_write = tls.wants_write();
+        let peer_closed = tls.peer_has_closed();
+        if handshake_done {
+            bump(&self.stats().handshakes_ok);
+        }
+        if wants_write {
+            self.mark_dirty(slot);
+        }
+        if !plain.is_empty() {
+            self.read_plaintext(slot, plain, now);
+        }
+        if peer_closed {
+            self.close(slot, now, Ending::PeerClosed);
+            return;
+        }
+        self.check_offload(slot);
     }
 
     /// The peer closed its side of the TCP connection.
@@ -397,20 +427,43 @@ impl Worker {
         let Some(conn) = self.conn_mut(slot) else {
             return Ok(Flush::Done);
         };
+        let tls = match &mut conn.tls {
+            Tls::User(tls) => tls,
+            Tls::Kernel(k) => {
+                let k = &mut **k;
+                return Self::flush_plain(&mut conn.out, &mut conn.notify_on_drain, k, sink, plain)
+                    .map(|(flush, fd_work)| {
+                        if fd_work {
+                            self.queue_fd_work(slot);
+                        }
+                        flush
+                    });
+            }
+            Tls::Gone => return Ok(Flush::Done),
+        };
         loop {
-            if !conn.tls.wants_write() && !conn.out.is_empty() && !conn.tls.is_handshaking() {
+            if conn.offload_wanted
+                && matches!(conn.phase, Phase::Session(_))
+                && tls.ready_for_kernel()
+            {
+                // Hand over before sealing more: the queue then goes out as plaintext.
+                self.queue_fd_work(slot);
+                return Ok(Flush::Done);
+            }
+            if !tls.wants_write() && !conn.out.is_empty() && !tls.is_handshaking() {
                 plain.clear();
                 conn.out.drain_into(plain, RECORD_PLAINTEXT);
-                conn.tls.writer().write_all(plain)?;
+                tls.encrypt(plain)
+                    .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
             }
             if conn.out.is_empty() && conn.notify_on_drain {
                 conn.notify_on_drain = false;
-                conn.tls.send_close_notify();
+                tls.send_close_notify();
             }
-            if !conn.tls.wants_write() {
+            if !tls.wants_write() {
                 return Ok(Flush::Done);
             }
-            match conn.tls.write_tls(sink) {
+            match tls.write_to(sink) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -419,10 +472,143 @@ impl Worker {
         }
     }
 
+    /// Writes queued frames as plaintext to a kTLS socket (the kernel seals them). Returns
+    /// whether fd work (close_notify) is wanted.
+    fn flush_plain<W: Write>(
+        out: &mut OutQueue,
+        notify_on_drain: &mut bool,
+        k: &mut KernelTls,
+        sink: &mut W,
+        plain: &mut Vec<u8>,
+    ) -> io::Result<(Flush, bool)> {
+        while !out.is_empty() {
+            plain.clear();
+            out.drain_into(plain, RECORD_PLAINTEXT);
+            let mut done = 0;
+            while done < plain.len() {
+                match sink.write(&plain[done..]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        out.push_front(Bytes::copy_from_slice(&plain[done..]));
+                        return Ok((Flush::Blocked, false));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if *notify_on_drain {
+            *notify_on_drain = false;
+            k.close_notify_pending = true;
+            return Ok((Flush::Done, true));
+        }
+        Ok((Flush::Done, false))
+    }
+
     /// Slots whose sockets the driver should close now (after a last flush).
     pub fn take_released(&mut self, into: &mut Vec<u32>) {
         into.clear();
         std::mem::swap(into, &mut self.to_release);
+    }
+
+    /// Slots that need a syscall on their own socket since the last call: hand-over to
+    /// kernel TLS, or a close_notify alert on a kTLS socket. The driver calls
+    /// [`Self::fd_work`] for each once nothing else is writing to that socket.
+    pub fn take_fd_work(&mut self, into: &mut Vec<u32>) {
+        into.clear();
+        std::mem::swap(into, &mut self.fd_pending);
+        for slot in into.iter() {
+            if let Some(c) = self
+                .slots
+                .get_mut(*slot as usize)
+                .and_then(|s| s.conn.as_mut())
+            {
+                c.fd_queued = false;
+            }
+        }
+    }
+
+    /// Whether the record layer of `slot` is in the kernel (reads and writes on its
+    /// socket are plaintext; EIO on a read means a control record, see
+    /// [`Self::on_control_record`]).
+    pub fn is_offloaded(&self, slot: u32) -> bool {
+        self.conn_ref(slot)
+            .is_some_and(|c| matches!(c.tls, Tls::Kernel(_)))
+    }
+
+    /// Does the socket work `take_fd_work` listed for `slot`, on its fd. The driver must
+    /// call it only when no send on that socket is in flight and no received bytes are
+    /// waiting to be handed to [`Self::on_received`].
+    pub fn fd_work(&mut self, slot: u32, fd: BorrowedFd<'_>, now: Instant) {
+        let Some(conn) = self.conn_mut(slot) else {
+            return;
+        };
+        match &mut conn.tls {
+            Tls::User(tls)
+                if conn.offload_wanted
+                    && matches!(conn.phase, Phase::Session(_))
+                    && tls.ready_for_kernel() =>
+            {
+                conn.offload_wanted = false;
+                self.offload(slot, fd, now);
+            }
+            Tls::Kernel(k) if k.close_notify_pending => {
+                k.close_notify_pending = false;
+                if let Err(e) = crate::ktls::send_close_notify(fd) {
+                    debug!(peer = %conn.peer, "close_notify on kTLS socket: {e}");
+                }
+            }
+            _ => {}
+        }
+        self.run_local(now);
+    }
+
+    /// A read on the kTLS socket of `slot` failed with EIO: the next record is not
+    /// application data (an alert, a KeyUpdate). Reads it with its type and acts on it.
+    pub fn on_control_record(&mut self, slot: u32, fd: BorrowedFd<'_>, now: Instant) {
+        let mut buf = std::mem::take(&mut self.plain_in);
+        buf.clear();
+        buf.resize(RECORD_PLAINTEXT + 256, 0);
+        let result = crate::ktls::recv_record(fd, &mut buf);
+        match result {
+            Ok((_, 0)) => self.close(slot, now, Ending::PeerClosed),
+            Ok((crate::ktls::RECORD_APPLICATION_DATA, n)) => {
+                let mut data = buf[..n].to_vec();
+                self.read_plaintext(slot, &mut data, now);
+            }
+            Ok((crate::ktls::RECORD_ALERT, n)) => {
+                let description = if n >= 2 { buf[1] } else { 255 };
+                if description == 0 {
+                    self.close(slot, now, Ending::PeerClosed);
+                } else {
+                    if let Some(conn) = self.conn_ref(slot) {
+                        debug!(peer = %conn.peer, "TLS alert {description} on kTLS socket");
+                    }
+                    self.close(slot, now, Ending::Lost);
+                }
+            }
+            Ok((crate::ktls::RECORD_HANDSHAKE, n)) => {
+                let msg = buf[..n].to_vec();
+                self.on_post_handshake(slot, fd, &msg, now);
+            }
+            Ok((other, _)) => {
+                if let Some(conn) = self.conn_ref(slot) {
+                    debug!(peer = %conn.peer, "unexpected TLS record type {other} on kTLS socket");
+                }
+                self.close(slot, now, Ending::Lost);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                if let Some(conn) = self.conn_ref(slot) {
+                    debug!(peer = %conn.peer, "kTLS control record: {e}");
+                }
+                self.close(slot, now, Ending::Lost);
+            }
+        }
+        buf.clear();
+        self.plain_in = buf;
+        self.run_local(now);
     }
 
     /// The driver closed the socket of `slot`; the slot may be reused.
@@ -478,6 +664,172 @@ impl Worker {
             .filter(|(_, s)| s.conn.is_some())
             .filter_map(|(i, _)| u32::try_from(i).ok())
             .collect()
+    }
+
+    fn queue_fd_work(&mut self, slot: u32) {
+        if let Some(conn) = self.conn_mut(slot)
+            && !conn.fd_queued
+        {
+            conn.fd_queued = true;
+            self.fd_pending.push(slot);
+        }
+    }
+
+    /// Queues the kTLS hand-over once a session that wants it is idle in rustls.
+    fn check_offload(&mut self, slot: u32) {
+        if let Some(conn) = self.conn_ref(slot)
+            && conn.offload_wanted
+            && matches!(conn.phase, Phase::Session(_))
+            && matches!(&conn.tls, Tls::User(t) if t.ready_for_kernel())
+        {
+            self.queue_fd_work(slot);
+        }
+    }
+
+    /// Moves the record layer of `slot` into the kernel. The ULP goes on first: if the
+    /// kernel refuses it, rustls keeps the session. Once rustls has given up its keys,
+    /// a failure can only end the connection.
+    fn offload(&mut self, slot: u32, fd: BorrowedFd<'_>, now: Instant) {
+        let ciphers = self.shared.tls_offload.ciphers;
+        let stats = &self.shared.stats[usize::from(self.id)];
+        let Some(conn) = self
+            .slots
+            .get_mut(slot as usize)
+            .and_then(|s| s.conn.as_mut())
+        else {
+            return;
+        };
+        let Tls::User(tls) = &conn.tls else {
+            return;
+        };
+        if !tls.kernel_takes(ciphers) {
+            bump(&stats.ktls_not_offloaded);
+            return;
+        }
+        if let Err(e) = crate::ktls::attach_ulp(fd) {
+            bump(&stats.ktls_not_offloaded);
+            crate::warn_limited!(peer = %conn.peer, "kernel refused the tls ULP ({e}); this session stays in rustls");
+            return;
+        }
+        let Tls::User(tls) = std::mem::replace(&mut conn.tls, Tls::Gone) else {
+            return;
+        };
+        let installed = tls
+            .into_kernel()
+            .map_err(|e| e.to_string())
+            .and_then(|(secrets, kc)| {
+                crate::ktls::install_keys(fd, kc.protocol_version(), &secrets)
+                    .map(|()| kc)
+                    .map_err(|e| e.to_string())
+            });
+        match installed {
+            Ok(kc) => {
+                conn.tls = Tls::Kernel(Box::new(KernelTls {
+                    conn: kc,
+                    close_notify_pending: false,
+                }));
+                bump(&stats.ktls_offloaded);
+                // Frames queued meanwhile now go out as plaintext.
+                self.mark_dirty(slot);
+            }
+            Err(e) => {
+                bump(&stats.ktls_install_failed);
+                let peer = conn.peer;
+                crate::warn_limited!(%peer, "installing kernel TLS keys failed ({e}); closing the session (the device reconnects; set [tls] offload = \"off\" if this repeats)");
+                self.close(slot, now, Ending::Lost);
+            }
+        }
+    }
+
+    /// A post-handshake handshake record on a kTLS socket: a TLS 1.3 KeyUpdate gets new
+    /// keys (both directions if the peer asked for ours too); anything else ends it.
+    fn on_post_handshake(&mut self, slot: u32, fd: BorrowedFd<'_>, msg: &[u8], now: Instant) {
+        let rekey = self.shared.tls_offload.rekey;
+        let stats = &self.shared.stats[usize::from(self.id)];
+        let Some(conn) = self
+            .slots
+            .get_mut(slot as usize)
+            .and_then(|s| s.conn.as_mut())
+        else {
+            return;
+        };
+        let peer = conn.peer;
+        let Tls::Kernel(k) = &mut conn.tls else {
+            return;
+        };
+        // One handshake message per record is what peers send after the handshake.
+        let (kind, body) = match msg {
+            [kind, a, b, c, body @ ..]
+                if body.len()
+                    == ((usize::from(*a) << 16) | (usize::from(*b) << 8) | usize::from(*c)) =>
+            {
+                (*kind, body)
+            }
+            _ => {
+                debug!(%peer, "malformed post-handshake message on kTLS socket");
+                self.close(slot, now, Ending::Lost);
+                return;
+            }
+        };
+        const KEY_UPDATE: u8 = 24;
+        match (kind, body) {
+            (KEY_UPDATE, [requested]) if *requested <= 1 => {
+                if !rekey {
+                    bump(&stats.tls_rekey_unsupported);
+                    crate::warn_limited!(%peer, "peer sent a TLS KeyUpdate, which this kernel cannot apply to a kTLS socket (needs Linux 6.14+); closing the session (set [tls] offload = \"off\" to keep such peers in rustls)");
+                    // The close frame goes out under the old key, then close_notify.
+                    self.close(
+                        slot,
+                        now,
+                        Ending::Protocol(
+                            1011,
+                            "TLS key update not supported by the gateway's kernel",
+                        ),
+                    );
+                    return;
+                }
+                let version = k.conn.protocol_version();
+                let rx = k
+                    .conn
+                    .update_rx_secret()
+                    .map_err(|e| e.to_string())
+                    .and_then(|(seq, s)| {
+                        crate::ktls::set_key(fd, crate::ktls::Dir::Rx, version, seq, &s)
+                            .map_err(|e| e.to_string())
+                    });
+                let tx = rx.and_then(|()| {
+                    if *requested == 0 {
+                        return Ok(());
+                    }
+                    // Our KeyUpdate goes out under the old key, then the new key is set.
+                    crate::ktls::send_record(
+                        fd,
+                        crate::ktls::RECORD_HANDSHAKE,
+                        &[KEY_UPDATE, 0, 0, 1, 0],
+                    )
+                    .map_err(|e| e.to_string())?;
+                    let (seq, s) = k.conn.update_tx_secret().map_err(|e| e.to_string())?;
+                    crate::ktls::set_key(fd, crate::ktls::Dir::Tx, version, seq, &s)
+                        .map_err(|e| e.to_string())
+                });
+                match tx {
+                    Ok(()) => bump(&stats.ktls_key_updates),
+                    Err(e) => {
+                        bump(&stats.tls_rekey_unsupported);
+                        crate::warn_limited!(%peer, "applying a TLS KeyUpdate to the kTLS socket failed ({e}); closing the session");
+                        self.close(slot, now, Ending::Lost);
+                    }
+                }
+            }
+            _ => {
+                debug!(%peer, kind, "unexpected post-handshake message on kTLS socket");
+                self.close(
+                    slot,
+                    now,
+                    Ending::Protocol(1002, "unexpected TLS handshake message"),
+                );
+            }
+        }
     }
 
     fn mark_dirty(&mut self, slot: u32) {
@@ -588,42 +940,30 @@ impl Worker {
 
     // ----- reading ----------------------------------------------------------------------
 
-    /// Drains the plaintext rustls has decrypted. Complete frames are handled straight
-    /// from the worker's read buffer; only a trailing partial frame is copied into the
+    /// Handles plaintext rustls has just decrypted. Complete frames are handled straight
+    /// from the worker's buffer; only a trailing partial frame is copied into the
     /// connection's own buffer, which is freed again once it has been consumed.
-    fn read_plaintext(&mut self, slot: u32, now: Instant) {
-        let mut buf = std::mem::take(&mut self.read_buf);
-        while let Some(conn) = self.conn_mut(slot) {
-            if conn.inbuf.is_empty() {
-                let n = match conn.tls.reader().read(&mut buf) {
-                    Ok(n) if n > 0 => n,
-                    _ => break, // WouldBlock (nothing more decrypted), EOF or error
-                };
-                let used = self.consume(slot, &mut buf[..n], now);
-                if used < n
-                    && let Some(conn) = self.conn_mut(slot)
-                    && !matches!(conn.phase, Phase::Closing)
-                {
-                    conn.inbuf.extend_from_slice(&buf[used..n]);
-                }
-            } else {
-                let mut inbuf = std::mem::take(&mut conn.inbuf);
-                let start = inbuf.len();
-                inbuf.resize(start + 16 * 1024, 0);
-                let n = conn.tls.reader().read(&mut inbuf[start..]).unwrap_or(0);
-                inbuf.truncate(start + n);
-                if n == 0 {
-                    conn.inbuf = inbuf;
-                    break;
-                }
-                let used = self.consume(slot, &mut inbuf, now);
-                if let Some(conn) = self.conn_mut(slot) {
-                    inbuf.drain(..used.min(inbuf.len()));
-                    conn.inbuf = if inbuf.is_empty() { Vec::new() } else { inbuf };
-                }
+    fn read_plaintext(&mut self, slot: u32, plain: &mut [u8], now: Instant) {
+        let Some(conn) = self.conn_mut(slot) else {
+            return;
+        };
+        if conn.inbuf.is_empty() {
+            let used = self.consume(slot, plain, now);
+            if used < plain.len()
+                && let Some(conn) = self.conn_mut(slot)
+                && !matches!(conn.phase, Phase::Closing)
+            {
+                conn.inbuf.extend_from_slice(&plain[used..]);
+            }
+        } else {
+            let mut inbuf = std::mem::take(&mut conn.inbuf);
+            inbuf.extend_from_slice(plain);
+            let used = self.consume(slot, &mut inbuf, now);
+            if let Some(conn) = self.conn_mut(slot) {
+                inbuf.drain(..used.min(inbuf.len()));
+                conn.inbuf = if inbuf.is_empty() { Vec::new() } else { inbuf };
             }
         }
-        self.read_buf = buf;
     }
 
     /// Consumes complete units (HTTP head, WebSocket frames) from `buf`; returns bytes used.
@@ -789,10 +1129,11 @@ impl Worker {
         let tls = self.shared.tls.load();
         let role = self
             .conn_ref(slot)
-            .and_then(|c| {
-                c.tls
+            .and_then(|c| match &c.tls {
+                Tls::User(tls) => tls
                     .peer_certificates()
-                    .and_then(|certs| certs.first().cloned())
+                    .and_then(|certs| certs.first().cloned()),
+                _ => None,
             })
             .map(|cert| tls.classifier.classify(&cert));
         let role = match role {
@@ -894,6 +1235,7 @@ impl Worker {
         };
         let latencies = self.shared.clone();
         let id = usize::from(self.id);
+        let offload = self.shared.tls_offload.is_kernel();
         let conn = self.conn_mut(slot)?;
         latencies.latencies[id]
             .handshake
@@ -906,6 +1248,8 @@ impl Worker {
             decoder: ws::Decoder::new(ws::Role::Server, max_message),
             role: session,
         }));
+        // Sessions live long: their records go to the kernel once the 101 is out.
+        conn.offload_wanted = offload;
         conn.last_rx = now;
         let accept = http::switching_protocols(key);
         conn.out

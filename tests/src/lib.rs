@@ -305,6 +305,37 @@ impl Gateway {
         Ok(tls_config(&self.roots, Some((issued.chain, issued.key)))?)
     }
 
+    /// A freshly issued device certificate chain and key for `unit`.
+    pub fn device_identity(
+        &self,
+        unit: &str,
+    ) -> Result<(
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    )> {
+        let issued = self.device_ca.issue_device(unit)?;
+        Ok((issued.chain, issued.key))
+    }
+
+    /// The manager certificate chain and key (`pki/manager.pem`).
+    pub fn manager_identity(
+        &self,
+    ) -> Result<(
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    )> {
+        let paths = PkiPaths::new(self.data.path());
+        Ok((
+            devgate_pki::load_certs(&paths.manager_cert())?,
+            devgate_pki::load_key(&paths.manager_key())?,
+        ))
+    }
+
+    /// The trust anchors its clients use.
+    pub fn client_roots(&self) -> &[rustls_pki_types::CertificateDer<'static>] {
+        &self.roots
+    }
+
     /// TLS configuration without a client certificate.
     pub fn anonymous_tls(&self) -> Result<Arc<ClientConfig>> {
         Ok(tls_config(&self.roots, None)?)

@@ -29,8 +29,11 @@ async fn status_json_has_every_documented_field() -> Result<()> {
     assert_eq!(s["check_status"], "ok");
     assert_eq!(s["shutting_down"], false);
     assert_eq!(s["data_path"], expected_data_path(&s));
-    assert_eq!(s["tls_offload"], "user");
-    assert!(s["tls_offload_reason"].is_string());
+    if s["tls_offload"] == "user" {
+        assert!(s["tls_offload_reason"].is_string(), "{s}");
+    } else {
+        assert_eq!(s["tls_offload"], "kernel", "{s}");
+    }
     assert!(s["xdp"]["mode"].is_string(), "{}", s["xdp"]);
     assert!(s["xdp"]["reason"].is_string());
     assert_eq!(s["workers"], 2);
@@ -292,5 +295,60 @@ async fn the_data_path_is_reported_and_epoll_can_be_forced() -> Result<()> {
         &["--data-path", "epoll"],
     )?;
     assert_eq!(gw.status()?["data_path"], "epoll");
+    Ok(())
+}
+
+/// Whether this host's kernel has the `tls` ULP (the development machines do not).
+fn host_has_ktls() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .is_ok_and(|s| s.split_whitespace().any(|u| u == "tls"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_offload_is_reported_with_its_reason() -> Result<()> {
+    // `off` always means rustls, with the reason naming the configuration.
+    let gw = Gateway::start("[tls]\noffload = \"off\"")?;
+    let s = gw.status()?;
+    assert_eq!(s["tls_offload"], "user", "{s}");
+    assert!(
+        s["tls_offload_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("disabled by config")),
+        "{s}"
+    );
+    let (_, metrics) = gw.admin_get("/metrics")?;
+    assert!(
+        metrics.contains("tls_offload=\"user\""),
+        "no tls_offload label in build_info"
+    );
+    // Sessions still route with records in rustls.
+    let (_mgr, devices) = ops_common::fleet(&gw, 2).await?;
+    assert_eq!(devices.len(), 2);
+    drop(gw);
+
+    // `auto` on a kernel without the tls ULP falls back and says why.
+    let gw = Gateway::start_in(DataDir::init()?, "[tls]\noffload = \"auto\"")?;
+    let s = gw.status()?;
+    let mode = s["tls_offload"].as_str().unwrap_or_default();
+    assert!(mode == "user" || mode == "kernel", "{s}");
+    if mode == "user" {
+        let reason = s["tls_offload_reason"].as_str().unwrap_or_default();
+        assert!(!reason.is_empty(), "user without a reason: {s}");
+        if !host_has_ktls() {
+            assert!(reason.contains("no tls ULP"), "{s}");
+        }
+    } else {
+        assert!(host_has_ktls(), "kernel offload without a tls ULP: {s}");
+    }
+    let (_, metrics) = gw.admin_get("/metrics")?;
+    assert!(
+        metrics.contains(&format!("tls_offload=\"{mode}\"")),
+        "{metrics}"
+    );
+    drop(gw);
+
+    // The environment reaches the key like any other.
+    let gw = Gateway::start_in_env(DataDir::init()?, "", &[("DEVGATE_TLS__OFFLOAD", "off")])?;
+    assert_eq!(gw.status()?["tls_offload"], "user");
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use std::io::{self, Read};
 use std::net::TcpListener as StdListener;
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,7 @@ pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
     let mut read_buf = vec![0u8; 64 * 1024];
     let mut dirty = Vec::new();
     let mut released = Vec::new();
+    let mut fd_work = Vec::new();
     let mut read_again: Vec<u32> = Vec::new();
     let mut accept_again = false;
     shared.workers_ready.fetch_add(1, Ordering::AcqRel);
@@ -128,13 +130,38 @@ pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
             };
             flush(&mut worker, slot, sock, &poll, now);
         }
+        // Socket work (kTLS hand-over, close_notify): writes are synchronous here, so
+        // nothing is in flight; a hand-over leaves the slot dirty for a plaintext flush.
+        worker.take_fd_work(&mut fd_work);
+        for &slot in &fd_work {
+            if let Some(Some(sock)) = sockets.get_mut(slot as usize) {
+                worker.fd_work(slot, sock.stream.as_fd(), now);
+            }
+        }
+        worker.take_dirty(&mut dirty);
+        for &slot in &dirty {
+            let Some(Some(sock)) = sockets.get_mut(slot as usize) else {
+                continue;
+            };
+            flush(&mut worker, slot, sock, &poll, now);
+        }
         worker.poll_inbox(now);
 
         worker.take_released(&mut released);
         for &slot in &released {
             if let Some(mut sock) = sockets.get_mut(slot as usize).and_then(Option::take) {
-                // Last words (a close frame, an HTTP response, a TLS alert), best effort.
+                // Last words (a close frame, an HTTP response, a TLS alert), best effort;
+                // on a kTLS socket the alert is a control message (fd work).
                 let _ = worker.flush_to(slot, &mut sock.stream);
+                worker.take_fd_work(&mut fd_work);
+                if fd_work.contains(&slot) {
+                    worker.fd_work(slot, sock.stream.as_fd(), now);
+                }
+                for &other in fd_work.iter().filter(|s| **s != slot) {
+                    if let Some(Some(o)) = sockets.get(other as usize) {
+                        worker.fd_work(other, o.stream.as_fd(), now);
+                    }
+                }
                 let _ = poll.registry().deregister(&mut sock.stream);
             }
             worker.release(slot);
@@ -215,6 +242,10 @@ fn read_socket(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // kTLS: the next record is an alert or a handshake message, not data.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) && worker.is_offloaded(slot) => {
+                worker.on_control_record(slot, stream.as_fd(), now);
+            }
             Err(e) => {
                 worker.on_error(slot, &e, now);
                 return false;
