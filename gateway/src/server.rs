@@ -218,6 +218,7 @@ pub fn serve(config: Config) -> Result<()> {
         let thread = std::thread::Builder::new()
             .name(format!("devgate-w{id}"))
             .spawn(move || {
+                let _exit_on_panic = ExitOnPanic(id);
                 let result = if use_uring {
                     crate::driver::uring::run(worker, listener, table_size)
                 } else {
@@ -286,4 +287,21 @@ pub fn begin_shutdown(shared: &Shared) {
         warn!("shutdown took longer than 10 s; exiting anyway");
         std::process::exit(0);
     });
+}
+
+/// Ends the process when a data-path worker panics: its connections and listener would
+/// otherwise be stranded while status still says the gateway serves. The service
+/// manager restarts it; devices reconnect.
+struct ExitOnPanic(u16);
+
+impl Drop for ExitOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                worker = self.0,
+                "data-path worker panicked; stopping the gateway"
+            );
+            std::process::exit(1);
+        }
+    }
 }

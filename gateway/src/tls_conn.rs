@@ -164,7 +164,10 @@ impl TlsConn {
     /// Whether the session can be handed to the kernel now: handshake done, nothing
     /// buffered in either direction.
     pub fn ready_for_kernel(&self) -> bool {
-        !self.is_handshaking() && !self.wants_write() && self.incoming.is_empty() && !self.peer_closed
+        !self.is_handshaking()
+            && !self.wants_write()
+            && self.incoming.is_empty()
+            && !self.peer_closed
     }
 
     /// Turns the session into rustls' kernel connection plus the traffic secrets to

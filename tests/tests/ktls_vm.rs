@@ -1,9 +1,8 @@
 //! The kernel-TLS data path, tested in a VM whose kernel has the `tls` ULP (the machines
 //! devgate is built on have none; see ../shared/recipes/kernel-vm.md).
 //!
-//! Builds static binaries of the gateway and of `devgate-ktls-vm-client` (into
-//! `target/ktls-vm`, so the normal build is not invalidated), packs them into an
-//! initramfs with Debian's cloud kernel modules (`scripts/ktls-vm-mkinitramfs.sh`), boots
+//! Packs the gateway and `devgate-ktls-vm-client` as built for the tests (stripped, with
+//! the shared libraries they link) into an initramfs with Debian's cloud kernel modules (`scripts/ktls-vm-mkinitramfs.sh`), boots
 //! QEMU in software emulation, and asserts on the `KTLS_VM:` lines the client prints: status
 //! says `kernel`, frames route for every cipher suite on TLS 1.3 and 1.2, a KeyUpdate is
 //! applied (or, on a kernel without TLS rekey, ends the session cleanly with a counter),
@@ -60,32 +59,23 @@ fn tools_present() -> Result<bool> {
     Ok(true)
 }
 
-/// Static release builds of the gateway and the in-VM client.
-fn build_static(root: &Path) -> Result<PathBuf> {
-    let target_dir = root.join("target").join("ktls-vm");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    run_ok(
-        Command::new(cargo)
-            .current_dir(root)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .env("CARGO_TARGET_DIR", &target_dir)
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "x86_64-unknown-linux-gnu",
-                "-p",
-                "gateway",
-                "--bin",
-                "devgate",
-                "-p",
-                "devgate-tests",
-                "--bin",
-                "devgate-ktls-vm-client",
-            ]),
-    )
-    .context("building static binaries for the kTLS VM")?;
-    Ok(target_dir.join("x86_64-unknown-linux-gnu").join("release"))
+/// The gateway and the in-VM client as the test suite built them (`cargo xtask test`
+/// builds every binary first). The initramfs script copies their shared libraries in, so
+/// no second, static build of the workspace is needed.
+fn binaries() -> Result<[PathBuf; 2]> {
+    let bins = [
+        devgate_tests::binary("devgate"),
+        devgate_tests::binary("devgate-ktls-vm-client"),
+    ];
+    for b in &bins {
+        if !b.is_file() {
+            bail!(
+                "{} is not built: run `cargo build --bins` first (`cargo xtask test` does)",
+                b.display()
+            );
+        }
+    }
+    Ok(bins)
 }
 
 #[test]
@@ -95,7 +85,7 @@ fn ktls_data_path_in_a_vm() -> Result<()> {
     }
     let (vmlinuz, version) = kernel().context("kernel")?;
     let root = workspace_root();
-    let bins = build_static(&root)?;
+    let [gateway, client] = binaries()?;
     let work = tempfile::tempdir()?;
     let runner = work.path().join("ktls_vm_test");
     std::fs::write(
@@ -109,8 +99,8 @@ fn ktls_data_path_in_a_vm() -> Result<()> {
             .arg(KERNEL_DIR)
             .arg(&version)
             .arg(&initrd)
-            .arg(bins.join("devgate"))
-            .arg(bins.join("devgate-ktls-vm-client"))
+            .arg(&gateway)
+            .arg(&client)
             .arg(&runner),
     )
     .context("building the VM's initramfs")?;
