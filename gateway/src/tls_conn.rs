@@ -29,6 +29,9 @@ pub struct TlsConn {
     out_pos: usize,
     peer_closed: bool,
     sent_close_notify: bool,
+    /// The session failed; rustls must not run again (it would queue a second fatal
+    /// alert, which it asserts against).
+    failed: Option<rustls::Error>,
 }
 
 impl std::fmt::Debug for TlsConn {
@@ -60,6 +63,7 @@ impl TlsConn {
             out_pos: 0,
             peer_closed: false,
             sent_close_notify: false,
+            failed: None,
         })
     }
 
@@ -89,11 +93,7 @@ impl TlsConn {
     /// `plaintext`. On error, an alert for the peer may be waiting in the send buffer.
     pub fn feed(&mut self, data: &[u8], plaintext: &mut Vec<u8>) -> Result<(), rustls::Error> {
         self.incoming.extend_from_slice(data);
-        let result = self.pump(plaintext, Job::default());
-        if result.is_err() {
-            self.collect_alert();
-        }
-        result
+        self.pump(plaintext, Job::default())
     }
 
     /// Seals `plain` as application data (the handshake must be complete).
@@ -117,7 +117,7 @@ impl TlsConn {
 
     /// Seals a close_notify alert (once; a no-op during the handshake).
     pub fn send_close_notify(&mut self) {
-        if self.sent_close_notify || self.is_handshaking() {
+        if self.sent_close_notify || self.failed.is_some() || self.is_handshaking() {
             return;
         }
         self.sent_close_notify = true;
@@ -185,34 +185,42 @@ impl TlsConn {
         self.conn.dangerous_into_kernel_connection()
     }
 
-    /// After an error rustls may still hand out an alert record; take it for the peer.
+    /// After an error rustls has queued the alert for the peer: one more turn hands it out.
+    /// Only one: with nothing queued, rustls would parse the bad input again and queue a
+    /// second fatal alert.
     fn collect_alert(&mut self) {
         // Always the real buffer: rustls' handshake deframer keeps positions into it, and
         // an empty slice in its place makes rustls panic.
-        for _ in 0..4 {
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut self.incoming);
-            let go_on = match state {
-                Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                    encode_into(&mut self.outgoing, |buf| e.encode(buf)).is_ok()
-                }
-                Ok(ConnectionState::TransmitTlsData(t)) => {
-                    t.done();
-                    true
-                }
-                _ => false,
-            };
-            let used = discard.min(self.incoming.len());
-            self.incoming.drain(..used);
-            if !go_on {
-                return;
-            }
+        let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.incoming);
+        if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
+            // Best effort: the session is over either way.
+            let _ = encode_into(&mut self.outgoing, |buf| e.encode(buf));
         }
+        let used = discard.min(self.incoming.len());
+        self.incoming.drain(..used);
     }
 
     /// Runs the state machine over `incoming` until it needs more bytes from the peer,
     /// doing `job` once application data may be sent.
-    fn pump(&mut self, plaintext: &mut Vec<u8>, mut job: Job<'_>) -> Result<(), rustls::Error> {
+    fn pump(&mut self, plaintext: &mut Vec<u8>, job: Job<'_>) -> Result<(), rustls::Error> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let result = self.pump_records(plaintext, job);
+        if let Err(e) = &result
+            && !matches!(e, rustls::Error::HandshakeNotComplete)
+        {
+            self.failed = Some(e.clone());
+            self.collect_alert();
+        }
+        result
+    }
+
+    fn pump_records(
+        &mut self,
+        plaintext: &mut Vec<u8>,
+        mut job: Job<'_>,
+    ) -> Result<(), rustls::Error> {
         let result = loop {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut self.incoming);
@@ -342,5 +350,43 @@ fn encrypt_into(
                 return Err(rustls::Error::General(format!("TLS encrypt: {e}")));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_config() -> Arc<ServerConfig> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        let cert = params.self_signed(&key).expect("cert");
+        let key_der =
+            rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der");
+        Arc::new(
+            ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.der().clone()], key_der)
+                .expect("config"),
+        )
+    }
+
+    /// Garbage instead of a ClientHello: an error and an alert for the peer, and every
+    /// later call says the same instead of running rustls again (which would queue a
+    /// second fatal alert; rustls asserts against that).
+    #[test]
+    fn garbage_fails_once_with_an_alert_and_stays_failed() {
+        let mut tls = TlsConn::new(server_config()).expect("conn");
+        let mut plain = Vec::new();
+        let first = tls.feed(b"GET / HTTP/1.1\r\n\r\n", &mut plain);
+        assert!(first.is_err(), "{first:?}");
+        assert!(tls.wants_write(), "an alert is queued for the peer");
+        let mut out = Vec::new();
+        tls.write_to(&mut out).expect("write");
+        assert_eq!(out.first(), Some(&21), "a TLS alert record");
+        assert!(tls.feed(b"more garbage", &mut plain).is_err());
+        tls.send_close_notify();
+        assert!(!tls.wants_write());
+        assert!(plain.is_empty());
     }
 }
