@@ -56,7 +56,12 @@ fn websocket(c: &mut Criterion) {
             let mut out = Vec::with_capacity(size + 16);
             b.iter(|| {
                 out.clear();
-                ws::encode_frame(&mut out, Opcode::Binary, black_box(&payload), Some([1, 2, 3, 4]));
+                ws::encode_frame(
+                    &mut out,
+                    Opcode::Binary,
+                    black_box(&payload),
+                    Some([1, 2, 3, 4]),
+                );
                 black_box(out.len())
             });
         });

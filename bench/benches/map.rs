@@ -121,7 +121,11 @@ fn bench_map<M: SessionMap>(c: &mut Criterion) {
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_default()).sum::<Duration>() / 2
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .sum::<Duration>()
+                / 2
         })
     });
 
@@ -146,7 +150,11 @@ fn bench_map<M: SessionMap>(c: &mut Criterion) {
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_default()).sum::<Duration>() / 2
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .sum::<Duration>()
+                / 2
         })
     });
 

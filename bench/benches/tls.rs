@@ -6,22 +6,20 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn tls(c: &mut Criterion) {
     let mut g = c.benchmark_group("tls");
-    for name in ["tls_seal_open_64"] {
-        let mut w = match bench::Workload::new(name) {
-            Ok(w) => w,
-            Err(e) => panic!("{name}: {e:#}"),
-        };
-        g.throughput(Throughput::Elements(1));
-        g.bench_function("seal_open/64", |b| {
-            b.iter_custom(|iters| {
-                let t = std::time::Instant::now();
-                if let Err(e) = w.run(iters) {
-                    panic!("{name}: {e:#}");
-                }
-                t.elapsed()
-            })
-        });
-    }
+    let mut w = match bench::Workload::new("tls_seal_open_64") {
+        Ok(w) => w,
+        Err(e) => panic!("seal_open: {e:#}"),
+    };
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("seal_open/64", |b| {
+        b.iter_custom(|iters| {
+            let t = std::time::Instant::now();
+            if let Err(e) = w.run(iters) {
+                panic!("seal_open: {e:#}");
+            }
+            t.elapsed()
+        })
+    });
     let mut hs = match bench::Workload::new("tls_handshake_mtls") {
         Ok(w) => w,
         Err(e) => panic!("handshake: {e:#}"),
