@@ -568,6 +568,11 @@ impl Connection {
         self.stream.get_ref().1.protocol_version()
     }
 
+    /// Whether the TLS handshake was full or resumed a previous session.
+    pub fn handshake_kind(&self) -> Option<rustls::HandshakeKind> {
+        self.stream.get_ref().1.handshake_kind()
+    }
+
     /// The negotiated cipher suite.
     pub fn cipher_suite(&self) -> Option<rustls::SupportedCipherSuite> {
         self.stream.get_ref().1.negotiated_cipher_suite()

@@ -63,6 +63,11 @@ pub struct ConnectOptions {
     pub max_message: usize,
     /// Limit on TCP connect + TLS handshake + upgrade together.
     pub connect_timeout: Duration,
+    /// Called on the socket before it is bound to `bind` (only when `bind` is
+    /// set): a load generator sets `IP_BIND_ADDRESS_NO_PORT` here, so that the
+    /// kernel picks the source port at connect time, per destination, instead
+    /// of exhausting one ephemeral range per source address at bind time.
+    pub before_bind: Option<fn(&TcpSocket) -> std::io::Result<()>>,
 }
 
 impl ConnectOptions {
@@ -76,6 +81,7 @@ impl ConnectOptions {
             bind: None,
             max_message: DEFAULT_MAX_MESSAGE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            before_bind: None,
         }
     }
 }
@@ -92,7 +98,10 @@ pub async fn connect(
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Connection, ClientError> {
     let deadline = Instant::now() + opts.connect_timeout;
-    let tcp = timeout_at(deadline, tcp_connect(opts.addr, opts.bind))
+    let tcp = timeout_at(
+        deadline,
+        tcp_connect_with(opts.addr, opts.bind, opts.before_bind),
+    )
         .await
         .map_err(|_| ClientError::Timeout("TCP connect to the gateway"))??;
     let mut stream = timeout_at(
@@ -301,6 +310,15 @@ pub(crate) async fn tcp_connect(
     addr: SocketAddr,
     bind: Option<IpAddr>,
 ) -> Result<TcpStream, ClientError> {
+    tcp_connect_with(addr, bind, None).await
+}
+
+/// [`tcp_connect`], running `before_bind` on the socket before it is bound.
+async fn tcp_connect_with(
+    addr: SocketAddr,
+    bind: Option<IpAddr>,
+    before_bind: Option<fn(&TcpSocket) -> std::io::Result<()>>,
+) -> Result<TcpStream, ClientError> {
     let named = |e: std::io::Error| {
         ClientError::Io(std::io::Error::new(
             e.kind(),
@@ -321,6 +339,14 @@ pub(crate) async fn tcp_connect(
                 TcpSocket::new_v6()
             }
             .map_err(named)?;
+            if let Some(prepare) = before_bind {
+                prepare(&socket).map_err(|e| {
+                    ClientError::Io(std::io::Error::new(
+                        e.kind(),
+                        format!("preparing the socket for source address {ip}: {e}"),
+                    ))
+                })?;
+            }
             socket.bind(SocketAddr::new(ip, 0)).map_err(|e| {
                 ClientError::Io(std::io::Error::new(
                     e.kind(),

@@ -1,0 +1,357 @@
+//! A simulated device: connect (with jittered exponential backoff, as a real
+//! agent does), then live a session that depends on the scenario, and come back
+//! when the gateway goes away, when the storm drops it, or when churn says so.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use devgate_client::{
+    Backoff, Body, ConnectOptions, Connection, Frame, Incoming, Role, Sender,
+};
+use rustls::{ClientConfig, HandshakeKind};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+
+use crate::report::Stats;
+use crate::stream::{CHUNK_GRANT, StreamPump, WINDOW};
+
+/// What the whole worker is doing; every device watches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Connecting and waiting for the parent's go.
+    Setup,
+    /// The scenario runs.
+    Running,
+    /// Storm: the gateway restarts (devices notice on their own) or, with
+    /// `drop`, each device drops its connection now.
+    Storm { drop: bool },
+    /// The end: close everything.
+    Stop,
+}
+
+/// What devices of one scenario do once connected.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Behaviour {
+    /// Stay connected, answer pings.
+    Idle,
+    /// Answer commands with their payload; send an event every `event_every`.
+    Echo { event_every: Option<Duration> },
+    /// Accept streams: count what arrives, return credit, send `chunk`-byte data back.
+    Stream { chunk: usize, until: Duration },
+}
+
+/// What every device of a worker shares.
+#[derive(Debug)]
+pub(crate) struct DeviceCtx {
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) opts: ConnectOptions,
+    pub(crate) sources: u8,
+    pub(crate) backoff: (Duration, Duration),
+    pub(crate) timeout: Duration,
+    pub(crate) behaviour: Behaviour,
+    pub(crate) phase: watch::Receiver<Phase>,
+    pub(crate) gate: Semaphore,
+    /// Storm: devices back since the storm began, and when the last came back.
+    pub(crate) back: AtomicUsize,
+    pub(crate) back_notify: Notify,
+    pub(crate) epoch: Instant,
+}
+
+impl DeviceCtx {
+    pub(crate) fn new_options(
+        gateway: std::net::SocketAddr,
+        server_name: &str,
+    ) -> ConnectOptions {
+        ConnectOptions::new(gateway, server_name, Role::Device)
+    }
+
+    fn options_for(&self, idx: usize) -> ConnectOptions {
+        let mut opts = self.opts.clone();
+        if self.sources > 1 {
+            let k = u8::try_from(idx % usize::from(self.sources)).unwrap_or(0) + 1;
+            opts.bind = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, k)));
+            opts.before_bind = Some(crate::sys::bind_address_no_port);
+        }
+        opts
+    }
+}
+
+/// Why a session ended.
+enum End {
+    Stop,
+    Churn,
+    Dropped,
+    Lost(String),
+}
+
+/// One device from first connect to the end of the run. `ready` hears once
+/// whether its first connect worked.
+pub(crate) async fn run(
+    ctx: Arc<DeviceCtx>,
+    idx: usize,
+    tls: Arc<ClientConfig>,
+    churn: Arc<Notify>,
+    ready: mpsc::Sender<bool>,
+) {
+    let opts = ctx.options_for(idx);
+    let mut backoff = Backoff::new(ctx.backoff.0, ctx.backoff.1);
+    let mut first = Some(ready);
+    let mut storm_pending = false;
+    loop {
+        let Some(conn) = connect_retrying(&ctx, &opts, &tls, &mut backoff).await else {
+            if let Some(r) = first.take() {
+                let _ = r.send(false).await;
+            }
+            if storm_pending {
+                ctx.stats.error("storm: device not back within --timeout");
+            }
+            return;
+        };
+        if let Some(r) = first.take() {
+            let _ = r.send(true).await;
+        }
+        if storm_pending {
+            storm_pending = false;
+            ctx.back.fetch_add(1, Ordering::Relaxed);
+            ctx.back_notify.notify_one();
+        }
+        ctx.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        let end = match ctx.behaviour {
+            Behaviour::Stream { chunk, until } => stream_session(&ctx, conn, chunk, until).await,
+            _ => session(&ctx, conn, &churn).await,
+        };
+        ctx.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+        match end {
+            End::Stop => return,
+            End::Churn => {}
+            End::Dropped => {
+                storm_pending = true;
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            End::Lost(kind) => {
+                if matches!(*ctx.phase.borrow(), Phase::Storm { .. }) {
+                    storm_pending = true;
+                } else if *ctx.phase.borrow() == Phase::Stop {
+                    return;
+                } else {
+                    ctx.stats.error(&kind);
+                }
+                // Like an agent: wait a jittered moment before the first retry too,
+                // or the whole fleet hits the restarted gateway in the same millisecond.
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
+/// Connects, retrying with backoff until `--timeout`. Failed attempts are
+/// errors outside a storm and retries inside one (a restarting gateway refuses
+/// connections; that is the point of the exercise).
+async fn connect_retrying(
+    ctx: &DeviceCtx,
+    opts: &ConnectOptions,
+    tls: &Arc<ClientConfig>,
+    backoff: &mut Backoff,
+) -> Option<Connection> {
+    let give_up = Instant::now() + ctx.timeout;
+    loop {
+        if *ctx.phase.borrow() == Phase::Stop {
+            return None;
+        }
+        let attempt = {
+            let _permit = ctx.gate.acquire().await.ok()?;
+            let t = Instant::now();
+            devgate_client::connect(opts, tls.clone())
+                .await
+                .map(|c| (c, t.elapsed()))
+        };
+        match attempt {
+            Ok((conn, took)) => {
+                backoff.reset();
+                let s = &ctx.stats;
+                s.record_connect(took);
+                s.add(&s.handshakes, 1);
+                match conn.handshake_kind() {
+                    Some(HandshakeKind::Resumed) => s.add(&s.resumed, 1),
+                    _ => s.add(&s.full_handshakes, 1),
+                }
+                return Some(conn);
+            }
+            Err(e) => {
+                ctx.stats.add(&ctx.stats.retries, 1);
+                if !matches!(*ctx.phase.borrow(), Phase::Storm { .. }) {
+                    ctx.stats.error(&format!("connect: {}", error_kind(&e.to_string())));
+                }
+            }
+        }
+        let delay = backoff.next_delay();
+        if Instant::now() + delay >= give_up {
+            return None;
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// The first words of an error message: its kind, without addresses or ids.
+pub(crate) fn error_kind(msg: &str) -> String {
+    let head: String = msg.chars().take(80).collect();
+    head.split(" at ")
+        .next()
+        .unwrap_or(&head)
+        .split(':')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(":")
+        .trim()
+        .to_owned()
+}
+
+/// An idle or echoing session.
+async fn session(ctx: &DeviceCtx, mut conn: Connection, churn: &Notify) -> End {
+    let mut phase = ctx.phase.clone();
+    // React to changes from now on only: a device back from a storm must not see
+    // the storm again.
+    phase.borrow_and_update();
+    let event_every = match ctx.behaviour {
+        Behaviour::Echo { event_every } => event_every,
+        _ => None,
+    };
+    // Spread the first event over one period, so events do not come in waves.
+    let mut next_event = event_every.map(|p| {
+        tokio::time::Instant::now() + p.mul_f64(rand::random::<f64>())
+    });
+    let stats = &ctx.stats;
+    loop {
+        let event_at = next_event.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            r = conn.recv() => match r {
+                Ok(Incoming::Frame(r)) => {
+                    stats.add(&stats.frames, 1);
+                    let f = r.frame();
+                    if let Body::Command { payload } = f.body {
+                        if let Err(e) = conn.send(&Frame::response("", f.id, payload)).await {
+                            return End::Lost(format!("device send: {}", error_kind(&e.to_string())));
+                        }
+                        stats.add(&stats.frames, 1);
+                    }
+                }
+                Ok(Incoming::Closed { code, .. }) => {
+                    return End::Lost(format!("device closed by gateway ({code:?})"));
+                }
+                Err(e) => return End::Lost(format!("device: {}", error_kind(&e.to_string()))),
+            },
+            changed = phase.changed() => {
+                let now = if changed.is_err() { Phase::Stop } else { *phase.borrow_and_update() };
+                match now {
+                    Phase::Stop => return End::Stop,
+                    Phase::Storm { drop: true } => return End::Dropped,
+                    _ => {}
+                }
+            }
+            () = churn.notified() => {
+                let _ = conn.close(1000, "churn").await;
+                return End::Churn;
+            }
+            () = tokio::time::sleep_until(event_at), if next_event.is_some() => {
+                // Events only while the scenario runs: before the go nobody reads them.
+                if *ctx.phase.borrow() == Phase::Running {
+                    if let Err(e) = conn.send(&Frame::event("", b"loadgen event")).await {
+                        return End::Lost(format!("device send: {}", error_kind(&e.to_string())));
+                    }
+                    stats.add(&stats.frames, 1);
+                }
+                next_event = event_every.map(|p| event_at + p);
+            }
+        }
+    }
+}
+
+/// A stream session: accept whatever streams the manager opens, count the
+/// bytes, return credit as they are consumed, and send data back under the
+/// manager's credit until `until` (from the worker's epoch).
+async fn stream_session(ctx: &DeviceCtx, conn: Connection, chunk: usize, until: Duration) -> End {
+    let (tx, mut rx) = conn.split();
+    let mut phase = ctx.phase.clone();
+    phase.borrow_and_update();
+    let stats = ctx.stats.clone();
+    let mut pumps: Vec<(u32, Arc<Semaphore>, tokio::task::JoinHandle<()>)> = Vec::new();
+    let mut owed: Vec<(u32, usize)> = Vec::new();
+    let stop_at = ctx.epoch + until;
+    let end = loop {
+        tokio::select! {
+            r = rx.recv() => match r {
+                Ok(Incoming::Frame(r)) => {
+                    let f = r.frame();
+                    if let Err(e) = on_stream_frame(&tx, &stats, f, &mut pumps, &mut owed, chunk, stop_at).await {
+                        break End::Lost(format!("device stream: {}", error_kind(&e.to_string())));
+                    }
+                }
+                Ok(Incoming::Closed { code, .. }) => break End::Lost(format!("device closed by gateway ({code:?})")),
+                Err(e) => break End::Lost(format!("device: {}", error_kind(&e.to_string()))),
+            },
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow_and_update() == Phase::Stop {
+                    break End::Stop;
+                }
+            }
+        }
+    };
+    for (_, _, p) in pumps {
+        p.abort();
+    }
+    end
+}
+
+async fn on_stream_frame(
+    tx: &Sender,
+    stats: &Arc<Stats>,
+    f: Frame<'_>,
+    pumps: &mut Vec<(u32, Arc<Semaphore>, tokio::task::JoinHandle<()>)>,
+    owed: &mut Vec<(u32, usize)>,
+    chunk: usize,
+    stop_at: Instant,
+) -> Result<(), devgate_client::ClientError> {
+    match f.body {
+        Body::StreamOpen { window, .. } => {
+            tx.send(&Frame::stream_window("", f.id, WINDOW)).await?;
+            let credit = Arc::new(Semaphore::new(window as usize));
+            let pump = StreamPump {
+                tx: tx.clone(),
+                unit: String::new(),
+                id: f.id,
+                credit: credit.clone(),
+                chunk,
+                stop_at,
+                stats: stats.clone(),
+            };
+            pumps.push((f.id, credit, tokio::spawn(pump.run())));
+            owed.push((f.id, 0));
+        }
+        Body::StreamWindow { increment } => {
+            if let Some((_, credit, _)) = pumps.iter().find(|(id, _, _)| *id == f.id) {
+                credit.add_permits(increment as usize);
+            }
+        }
+        Body::StreamData { payload } => {
+            stats.add(&stats.frames, 1);
+            stats.add(&stats.bytes, payload.len() as u64);
+            if let Some((_, o)) = owed.iter_mut().find(|(id, _)| *id == f.id) {
+                *o += payload.len();
+                if *o >= CHUNK_GRANT {
+                    tx.send(&Frame::stream_window("", f.id, u32::try_from(*o).unwrap_or(u32::MAX)))
+                        .await?;
+                    *o = 0;
+                }
+            }
+        }
+        Body::StreamClose { .. } => {
+            if let Some(pos) = pumps.iter().position(|(id, _, _)| *id == f.id) {
+                let (_, _, p) = pumps.swap_remove(pos);
+                p.abort();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
