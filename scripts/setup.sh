@@ -21,12 +21,18 @@ done
 #   systemd          systemd-analyze verify (unit file), and the service manager that
 #                    tests/tests/ops_systemd.rs boots in a throwaway namespace
 #   dpkg-deb         (dpkg, always present) inspecting the .deb
+#   valgrind         instruction counts of the hot paths (`cargo xtask bench-check`)
+#   nginx            the reverse-proxy baseline of `cargo xtask bench-report` (nginx-light:
+#                    Debian's smallest build with TLS and proxying; its packaged service is
+#                    not used, the report starts its own nginx on a loopback port)
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v ip >/dev/null || need+=(iproute2)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v unshare >/dev/null || need+=(util-linux)
 command -v nsenter >/dev/null || need+=(util-linux)
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v nginx >/dev/null || need+=(nginx-light)
 updated=0
 apt_update() {
   if [ "$updated" -eq 0 ]; then

@@ -1,5 +1,5 @@
-//! Hot-path micro-benchmarks: devgate frame encode/decode and WebSocket decode with
-//! in-place unmasking, for the frame sizes the gateway routes most.
+//! Hot-path micro-benchmarks: devgate frame encode/decode, WebSocket decode with in-place
+//! unmasking, header parsing and the mask itself, for the frame sizes the gateway routes most.
 
 use std::hint::black_box;
 
@@ -47,6 +47,27 @@ fn websocket(c: &mut Criterion) {
                     _ => 0,
                 }
             });
+        });
+        g.bench_function(format!("mask/{size}"), |b| {
+            let mut buf = payload.clone();
+            b.iter(|| ws::apply_mask(black_box(&mut buf), black_box([9, 8, 7, 6])));
+        });
+        g.bench_function(format!("encode_masked/{size}"), |b| {
+            let mut out = Vec::with_capacity(size + 16);
+            b.iter(|| {
+                out.clear();
+                ws::encode_frame(
+                    &mut out,
+                    Opcode::Binary,
+                    black_box(&payload),
+                    Some([1, 2, 3, 4]),
+                );
+                black_box(out.len())
+            });
+        });
+        g.bench_function(format!("header_parse/{size}"), |b| {
+            let dec = Decoder::new(Role::Server, 1 << 20);
+            b.iter(|| black_box(dec.needed(black_box(&wire))));
         });
     }
     g.finish();

@@ -8,6 +8,9 @@
 //!   generator, prints what happened and stops the gateway.
 //! - `deb`   — the Debian package (`package.rs`).
 //! - `datapath-bench` — io_uring against epoll in one run (`datapath.rs`).
+//! - `bench-check [--update-baseline]` — instruction counts of the hot paths under callgrind
+//!   against `bench/baseline/instructions.json` (fails beyond +3 %); `bench-report [--quick]`
+//!   — devgate against an echo floor and nginx in one run (`bench.rs`, docs/BENCHMARKS.md).
 
 mod package;
 
@@ -17,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+mod bench;
 mod datapath;
 mod ebpf;
 
@@ -31,9 +35,11 @@ fn main() -> Result<()> {
         Some(t @ ("build-ebpf" | "flood-bench")) => ebpf::task(t, &args[1..]),
         Some("deb") => package::deb(&args[1..]),
         Some("datapath-bench") => datapath::task(&args[1..]),
+        Some("bench-check") => bench::check(&args[1..]),
+        Some("bench-report") => bench::report(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|ci|demo|deb> [args]\n  test [cargo test args]  build the binaries and run all tests\n  ci                      fmt check, clippy -D warnings, test\n  demo [--devices N] [--seconds S]  run the gateway with a demo fleet\n  deb                     build the Debian package (target/debian/)"
+                "usage: cargo xtask <test|ci|demo|deb> [args]\n  test [cargo test args]  build the binaries and run all tests\n  ci                      fmt check, clippy -D warnings, test\n  demo [--devices N] [--seconds S]  run the gateway with a demo fleet\n  deb                     build the Debian package (target/debian/)\n  bench-check [--update-baseline]  instruction counts against bench/baseline (callgrind)\n  bench-report [--quick]  devgate vs echo vs nginx, target/bench-report/report.md"
             );
             bail!("unknown or missing task");
         }
