@@ -121,8 +121,8 @@ fn choose_tls_offload(
         );
         return probed;
     }
-    if data_path.name == "io_uring" {
-        let why = "the kernel has kTLS, but the io_uring driver keeps sockets as direct descriptors and does not hand them to the kernel yet; records stay in rustls (data_path = \"epoll\" uses kTLS)";
+    if data_path.name == "io_uring" && !crate::driver::uring::defers_task_work() {
+        let why = "the kernel has kTLS, but its io_uring lacks deferred task work (Linux 6.1), without which the io_uring driver cannot hand a socket over safely; records stay in rustls (data_path = \"epoll\" uses kTLS)";
         warn!("{why}");
         return TlsOffload::user(why);
     }
@@ -162,7 +162,11 @@ pub fn serve(config: Config) -> Result<()> {
     // all share the process's descriptor table.
     let table_size = u32::try_from(nofile.min(MAX_FILE_TABLE)).unwrap_or(u32::MAX);
     let mut workers = config.worker_count();
-    if config.workers == 0 && data_path.name == "io_uring" && config.limits.max_connections > 0 {
+    if config.workers == 0
+        && data_path.name == "io_uring"
+        && !tls_offload.is_kernel()
+        && config.limits.max_connections > 0
+    {
         // Enough rings for the connections asked for, even where RLIMIT_NOFILE is low.
         let rings = config
             .limits
@@ -177,8 +181,12 @@ pub fn serve(config: Config) -> Result<()> {
             workers = rings;
         }
     }
+    // With kernel TLS the io_uring driver keeps ordinary descriptors (setsockopt needs
+    // one), so the process's table bounds it as it does epoll.
     let fd_bound = match data_path.name {
-        "io_uring" => u64::from(table_size).saturating_mul(workers as u64),
+        "io_uring" if !tls_offload.is_kernel() => {
+            u64::from(table_size).saturating_mul(workers as u64)
+        }
         // Leave headroom for the listeners, the admin listener and files.
         _ => nofile.saturating_sub(64),
     };

@@ -4,7 +4,8 @@
 //! Packs the gateway and `devgate-ktls-vm-client` as built for the tests (stripped, with
 //! the shared libraries they link) into an initramfs with Debian's cloud kernel modules (`scripts/ktls-vm-mkinitramfs.sh`), boots
 //! QEMU in software emulation, and asserts on the `KTLS_VM:` lines the client prints: status
-//! says `kernel`, frames route for every cipher suite on TLS 1.3 and 1.2, a KeyUpdate is
+//! says `kernel`, frames route for every cipher suite on TLS 1.3 and 1.2 (on the epoll and
+//! the io_uring data path), a KeyUpdate is
 //! applied (or, on a kernel without TLS rekey, ends the session cleanly with a counter),
 //! and `offload = "off"` reports `user` with its reason.
 //!
@@ -154,7 +155,7 @@ fn ktls_data_path_in_a_vm() -> Result<()> {
         failed.is_empty() && done == "0",
         "kTLS VM checks failed: {failed:#?}\nconsole:\n{console}"
     );
-    for check in [
+    let kernel_checks = [
         "status_kernel",
         "suite_tls13_aes128",
         "suite_tls13_aes256",
@@ -164,8 +165,14 @@ fn ktls_data_path_in_a_vm() -> Result<()> {
         "suite_tls12_chacha20",
         "offloaded_count",
         "key_update",
-        "fallback_off",
-    ] {
+    ];
+    // The epoll driver's checks, the io_uring driver's (prefixed), and the fallback.
+    let checks = kernel_checks
+        .iter()
+        .map(|c| (*c).to_owned())
+        .chain(kernel_checks.iter().map(|c| format!("uring_{c}")))
+        .chain(["fallback_off".to_owned()]);
+    for check in checks {
         assert!(
             lines.iter().any(|l| l.starts_with(&format!("{check} ok"))),
             "no passing {check} line; console:\n{console}"

@@ -109,6 +109,9 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
                             "5",
                             "--concurrency",
                             "256",
+                            // 50,000 handshakes on a shared 2-core box can take minutes.
+                            "--timeout",
+                            "600",
                         ],
                     )
                 })?;

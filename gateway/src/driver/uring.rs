@@ -22,7 +22,7 @@
 
 use std::io::{self, Write};
 use std::net::TcpListener as StdListener;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
@@ -103,6 +103,14 @@ pub fn probe() -> Result<(), String> {
     probe_multishot_recv().map_err(|e| {
         format!("io_uring multishot recv with a buffer ring does not work: {e} (needs kernel 6.0)")
     })
+}
+
+/// Whether rings here get deferred task work: then io_uring touches a socket only inside
+/// `io_uring_enter`, never behind the worker's back, which is what makes a kTLS hand-over
+/// safe on this driver (no ciphertext can be read between the last completion the worker
+/// saw and the `setsockopt` that switches the socket to plaintext).
+pub fn defers_task_work() -> bool {
+    build_ring(8).is_ok_and(|r| r.params().is_setup_single_issuer())
 }
 
 /// A ring for this thread: single issuer with deferred task work (completions are
@@ -354,6 +362,12 @@ struct Driver {
     /// Operations in flight that are not tied to a socket (accept, wake read, cancels).
     dirty: Vec<u32>,
     released: Vec<u32>,
+    /// Kernel TLS is on: sockets stay ordinary descriptors (`setsockopt` and the record
+    /// type control messages need one) instead of direct descriptors.
+    ktls: bool,
+    /// Socket work (kTLS hand-over, close_notify) waiting for a send in flight to finish.
+    fd_deferred: Vec<u32>,
+    fd_work: Vec<u32>,
 }
 
 /// Runs `worker` on the calling thread until shutdown completes. `table_size` is the
@@ -388,6 +402,9 @@ pub fn run(worker: Worker, listener: StdListener, table_size: u32) -> io::Result
         rearm: Vec::new(),
         dirty: Vec::new(),
         released: Vec::new(),
+        ktls: shared.tls_offload.is_kernel(),
+        fd_deferred: Vec::new(),
+        fd_work: Vec::new(),
     };
     driver.arm_accept()?;
     driver.arm_wake()?;
@@ -480,6 +497,7 @@ impl Driver {
 
             self.worker.poll_inbox(now);
             self.flush_dirty(now)?;
+            self.run_fd_work(now);
             self.worker.poll_inbox(now);
             self.flush_dirty(now)?;
 
@@ -582,13 +600,17 @@ impl Driver {
             self.worker.release(slot);
             return Ok(());
         }
-        let target = match self
-            .ring
-            .submitter()
-            .register_files_update(slot, &[fd.as_raw_fd()])
-        {
+        let registered = if self.ktls {
+            Err(io::Error::other("kernel TLS needs an ordinary descriptor"))
+        } else {
+            self.ring
+                .submitter()
+                .register_files_update(slot, &[fd.as_raw_fd()])
+        };
+        let target = match registered {
             // The table holds its own reference now; the process descriptor can go.
             Ok(_) => Target::Fixed(slot),
+            Err(_) if self.ktls => Target::Fd(fd),
             Err(e) => {
                 crate::warn_limited!("cannot make a direct descriptor ({e}): using the fd");
                 Target::Fd(fd)
@@ -663,6 +685,14 @@ impl Driver {
             if !closing {
                 self.rearm.push(slot);
             }
+        } else if result == -libc::EIO && !closing && self.worker.is_offloaded(slot) {
+            // kTLS: the next record is an alert or a handshake message, not data.
+            if let Some(Target::Fd(fd)) = &sock.target {
+                self.worker.on_control_record(slot, fd.as_fd(), now);
+            }
+            if !more && self.worker.is_active(slot) {
+                self.rearm.push(slot);
+            }
         } else if result != -libc::ECANCELED && !closing {
             self.worker
                 .on_error(slot, &io::Error::from_raw_os_error(-result), now);
@@ -671,6 +701,33 @@ impl Driver {
             return self.finish_close(slot, now);
         }
         Ok(())
+    }
+
+    /// Socket work the worker asked for (kTLS hand-over, close_notify), on the socket's
+    /// own descriptor. Only with no send in flight: a hand-over while ciphertext waits in a
+    /// send would have the kernel seal it again. Received data cannot be pending here:
+    /// with deferred task work the ring reads sockets only inside `io_uring_enter`, and
+    /// every completion of the last one has been handed to the worker.
+    fn run_fd_work(&mut self, now: Instant) {
+        let mut work = std::mem::take(&mut self.fd_work);
+        self.worker.take_fd_work(&mut work);
+        work.append(&mut self.fd_deferred);
+        work.sort_unstable();
+        work.dedup();
+        for &slot in &work {
+            let Some(Some(sock)) = self.sockets.get(slot as usize) else {
+                continue;
+            };
+            let Some(Target::Fd(fd)) = &sock.target else {
+                continue; // closed already, or not a socket kTLS can have
+            };
+            if sock.send.is_some() {
+                self.fd_deferred.push(slot);
+            } else {
+                self.worker.fd_work(slot, fd.as_fd(), now);
+            }
+        }
+        self.fd_work = work;
     }
 
     fn flush_dirty(&mut self, now: Instant) -> io::Result<()> {
@@ -820,6 +877,17 @@ impl Driver {
                 .is_some_and(|s| s.send.is_some())
             {
                 return Ok(()); // its completion comes back here
+            }
+        }
+        if let Some(i) = self.fd_deferred.iter().position(|&s| s == slot) {
+            // close_notify on a kTLS socket, after the last words it must follow.
+            self.fd_deferred.swap_remove(i);
+            if let Some(Some(Socket {
+                target: Some(Target::Fd(fd)),
+                ..
+            })) = self.sockets.get(slot as usize)
+            {
+                self.worker.fd_work(slot, fd.as_fd(), now);
             }
         }
         let Some(Some(sock)) = self.sockets.get_mut(slot as usize) else {

@@ -183,12 +183,15 @@ async fn key_update(gw: &Gateway, rekey: bool) -> Result<String> {
     ))
 }
 
-async fn run() -> u32 {
+/// Routes every cipher suite through a gateway on `data_path` with kTLS on; check names
+/// carry `prefix`.
+async fn kernel_checks(data_path: &str, prefix: &str) -> u32 {
     let mut failures = 0;
-    let gw = match Gateway::start("data_path = \"epoll\"\n[tls]\noffload = \"auto\"") {
+    let config = format!("data_path = \"{data_path}\"\n[tls]\noffload = \"auto\"");
+    let gw = match Gateway::start(&config) {
         Ok(gw) => gw,
         Err(e) => {
-            println!("KTLS_VM: start FAIL {e:#}");
+            println!("KTLS_VM: {prefix}start FAIL {e:#}");
             return 1;
         }
     };
@@ -196,17 +199,18 @@ async fn run() -> u32 {
     let rekey = status["tls_offload_rekey"].as_bool().unwrap_or(false);
     report(
         &mut failures,
-        "status_kernel",
-        if status["tls_offload"] == "kernel" {
+        &format!("{prefix}status_kernel"),
+        if status["tls_offload"] == "kernel" && status["data_path"] == data_path {
             Ok(format!(
                 "ciphers {} rekey {rekey}",
                 status["tls_offload_ciphers"]
             ))
         } else {
             Err(anyhow::anyhow!(
-                "status says {} ({})",
+                "status says {} ({}) on {}",
                 status["tls_offload"],
-                status["tls_offload_reason"]
+                status["tls_offload_reason"],
+                status["data_path"]
             ))
         },
     );
@@ -247,12 +251,12 @@ async fn run() -> u32 {
         ),
     ];
     for (name, version, suite) in suites {
-        let r = suite_routes(&gw, &format!("vm-{name}"), version, suite).await;
-        report(&mut failures, &format!("suite_{name}"), r);
+        let r = suite_routes(&gw, &format!("vm-{prefix}{name}"), version, suite).await;
+        report(&mut failures, &format!("{prefix}suite_{name}"), r);
     }
     report(
         &mut failures,
-        "offloaded_count",
+        &format!("{prefix}offloaded_count"),
         counter(&gw, "ktls_offloaded").and_then(|n| {
             // Two sessions per suite; enrollment-free, so every one is a WebSocket session.
             if n >= 12 {
@@ -263,12 +267,19 @@ async fn run() -> u32 {
         }),
     );
     let r = key_update(&gw, rekey).await;
-    report(&mut failures, "key_update", r);
+    report(&mut failures, &format!("{prefix}key_update"), r);
     if failures > 0 {
         println!("KTLS_VM: gateway log follows\n{}", gw.logs());
     }
-    drop(gw);
+    failures
+}
 
+async fn run() -> u32 {
+    let mut failures = 0;
+    // Both drivers hand sessions to the kernel; the epoll checks keep their plain names.
+    for (data_path, prefix) in [("epoll", ""), ("io_uring", "uring_")] {
+        failures += kernel_checks(data_path, prefix).await;
+    }
     let fallback = async {
         let gw = Gateway::start_in(
             DataDir::init()?,
