@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use super::{Running, cargo, run, wait_for_port};
+use super::{Running, bin, cargo, run, wait_for_port};
 
 /// A workload more than 3 % above its baseline instruction count fails `bench-check`.
 pub(crate) const TOLERANCE: f64 = 0.03;
@@ -32,10 +32,6 @@ const GW_ADMIN: &str = "127.0.0.1:18980";
 const ECHO_LISTEN: &str = "127.0.0.1:18944";
 const NGINX_LISTEN: &str = "127.0.0.1:18945";
 const BACKEND_LISTEN: &str = "127.0.0.1:18946";
-
-fn bin(name: &str) -> PathBuf {
-    Path::new("target/release").join(name)
-}
 
 // ---------------------------------------------------------------- bench-check
 
@@ -184,16 +180,7 @@ pub(crate) fn report(args: &[String]) -> Result<()> {
         }
     };
     let started = Instant::now();
-    run(cargo().args(["build", "--release", "--bins"]))?;
-    let out = PathBuf::from("target/bench-report");
-    std::fs::create_dir_all(&out)?;
-    let data = out.join("data");
-    if !data.join("pki/root.pem").exists() {
-        run(Command::new(bin("devgate"))
-            .args(["init", "--data-dir"])
-            .arg(&data)
-            .args(["--name", "localhost,127.0.0.1"]))?;
-    }
+    let (out, data) = super::release_with_data_dir("target/bench-report")?;
     let loadgen_help = Command::new(bin("devgate-loadgen"))
         .arg("--help")
         .output()

@@ -12,14 +12,14 @@
 //! report gives medians and the io_uring/epoll ratio, because these machines are shared and a
 //! single run is noise. Output: `target/datapath-bench/report.md` and `report.json`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use super::{Running, cargo, run, wait_for_port};
+use super::{Running, bin, run, wait_for_port};
 
 const LISTEN: &str = "127.0.0.1:18743";
 const ADMIN: &str = "127.0.0.1:18780";
@@ -51,16 +51,7 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
             ),
         }
     }
-    run(cargo().args(["build", "--release", "--bins"]))?;
-    let out = PathBuf::from("target/datapath-bench");
-    std::fs::create_dir_all(&out)?;
-    let data = out.join("data");
-    if !data.join("pki/root.pem").exists() {
-        run(Command::new(bin("devgate"))
-            .args(["init", "--data-dir"])
-            .arg(&data)
-            .args(["--name", "localhost,127.0.0.1"]))?;
-    }
+    let (out, data) = super::release_with_data_dir("target/datapath-bench")?;
 
     let mut results: Vec<Value> = Vec::new();
     for round in 0..o.rounds {
@@ -128,10 +119,6 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
     println!("{report}");
     println!("written: {}/report.md, report.json", out.display());
     Ok(())
-}
-
-fn bin(name: &str) -> PathBuf {
-    Path::new("target/release").join(name)
 }
 
 fn nofile_hard() -> u64 {

@@ -52,6 +52,27 @@ fn workspace_root() -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
+/// A release binary of this workspace.
+fn bin(name: &str) -> PathBuf {
+    Path::new("target/release").join(name)
+}
+
+/// Builds the release binaries and returns `out` with a `devgate init` data dir inside it
+/// (made once, kept between runs), for the benchmarks that start real gateways.
+fn release_with_data_dir(out: &str) -> Result<(PathBuf, PathBuf)> {
+    run(cargo().args(["build", "--release", "--bins"]))?;
+    let out = PathBuf::from(out);
+    std::fs::create_dir_all(&out)?;
+    let data = out.join("data");
+    if !data.join("pki/root.pem").exists() {
+        run(Command::new(bin("devgate"))
+            .args(["init", "--data-dir"])
+            .arg(&data)
+            .args(["--name", "localhost,127.0.0.1"]))?;
+    }
+    Ok((out, data))
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
