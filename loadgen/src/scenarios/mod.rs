@@ -301,3 +301,32 @@ impl Run<'_> {
         Ok(out)
     }
 }
+
+/// The next frame a manager receives before `give_up`; `None` when the time is up or the
+/// connection ended (counted as an error by kind).
+pub(crate) async fn next_manager_frame(
+    rx: &mut devgate_client::Receiver,
+    give_up: std::time::Instant,
+    stats: &crate::report::Stats,
+) -> Option<devgate_client::Received> {
+    use devgate_client::Incoming;
+    let wait = give_up.saturating_duration_since(std::time::Instant::now());
+    if wait.is_zero() {
+        return None;
+    }
+    match rx.recv_timeout(wait).await {
+        Ok(Some(Incoming::Frame(r))) => Some(r),
+        Ok(Some(Incoming::Closed { code, .. })) => {
+            stats.error(&format!("manager closed by gateway ({code:?})"));
+            None
+        }
+        Err(e) => {
+            stats.error(&format!(
+                "manager: {}",
+                crate::device::error_kind(&e.to_string())
+            ));
+            None
+        }
+        Ok(None) => None,
+    }
+}

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use devgate_client::{Body, ConnectOptions, Frame, Incoming, Receiver, Role, Sender};
+use devgate_client::{Body, ConnectOptions, Frame, Receiver, Role, Sender};
 use rand::Rng;
 use tokio::sync::Semaphore;
 
@@ -189,24 +189,8 @@ async fn read_answers(
     let mut hist = new_hist();
     let give_up = window.to + GRACE;
     loop {
-        let wait = give_up.saturating_duration_since(Instant::now());
-        if wait.is_zero() {
+        let Some(r) = super::next_manager_frame(&mut rx, give_up, &stats).await else {
             break;
-        }
-        let r = match rx.recv_timeout(wait).await {
-            Ok(Some(Incoming::Frame(r))) => r,
-            Ok(Some(Incoming::Closed { code, .. })) => {
-                stats.error(&format!("manager closed by gateway ({code:?})"));
-                break;
-            }
-            Err(e) => {
-                stats.error(&format!(
-                    "manager: {}",
-                    crate::device::error_kind(&e.to_string())
-                ));
-                break;
-            }
-            Ok(None) => break,
         };
         let f = r.frame();
         let now = Instant::now();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use devgate_client::{Body, Frame, Incoming, Receiver, Sender};
+use devgate_client::{Body, Frame, Receiver, Sender};
 use tokio::sync::Semaphore;
 
 use super::Traffic;
@@ -80,24 +80,8 @@ async fn one_manager(
     let accept_by = Instant::now() + ACCEPT_TIMEOUT;
     let give_up = stop_at + Duration::from_millis(500);
     loop {
-        let wait = give_up.saturating_duration_since(Instant::now());
-        if wait.is_zero() {
+        let Some(r) = super::next_manager_frame(&mut rx, give_up, &stats).await else {
             break;
-        }
-        let r = match rx.recv_timeout(wait).await {
-            Ok(Some(Incoming::Frame(r))) => r,
-            Ok(Some(Incoming::Closed { code, .. })) => {
-                stats.error(&format!("manager closed by gateway ({code:?})"));
-                break;
-            }
-            Err(e) => {
-                stats.error(&format!(
-                    "manager: {}",
-                    crate::device::error_kind(&e.to_string())
-                ));
-                break;
-            }
-            Ok(None) => break,
         };
         let f = r.frame();
         let Some((sem, unit, owed)) = credit.get_mut(&f.id) else {
