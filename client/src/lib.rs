@@ -28,6 +28,8 @@
 //!   [`FirstContact`]), then trade the unit ID and enrollment key for a
 //!   client certificate ([`enroll`]), which [`tls_config`] then presents.
 //! * `backoff` is the reconnect policy for agents ([`Backoff`]).
+//! * `trust` reads the trust bundle the gateway sends during a root exchange and
+//!   builds its acknowledgement ([`TrustBundle`]).
 //! * `error` is [`ClientError`], whose variants say which side failed: the
 //!   gateway (refused, closed, sent garbage), TLS, the network, or the
 //!   caller's configuration.
@@ -58,6 +60,7 @@ mod enroll;
 mod error;
 mod first_contact;
 mod tls;
+mod trust;
 
 pub use backoff::Backoff;
 pub use conn::{Connection, Incoming, Received, Receiver, Sender};
@@ -68,6 +71,7 @@ pub use enroll::{ENROLL_PATH, Enrolled, enroll};
 pub use error::ClientError;
 pub use first_contact::{FirstContact, fetch_gateway_root};
 pub use tls::{certs_from_pem, key_from_pem, tls_config, tls_config_with};
+pub use trust::TrustBundle;
 
 // Limits and liveness constants, in one place.
 

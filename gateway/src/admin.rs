@@ -335,6 +335,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "certificates": certificates,
         "store": store_status(shared),
         "trust_bundle": shared.trust_bundle.load().is_some(),
+        "root_exchange": root_exchange_status(shared),
         "revoked_units": shared.revoked.len(),
         "watchdog": crate::ops::watchdog::status(shared, now),
         "latency": {
@@ -344,6 +345,32 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "log_messages_suppressed": crate::ops::ratelimit::suppressed_total(),
         "counters": snapshot(shared),
     })
+}
+
+/// How far a root exchange has got, `null` when no trust bundle is loaded. The counts come
+/// from the store (refreshed once a second), so they include devices that are offline now.
+fn root_exchange_status(shared: &Shared) -> serde_json::Value {
+    let Some(bundle) = shared.trust_bundle.load_full() else {
+        return serde_json::Value::Null;
+    };
+    let progress = shared
+        .trust_progress
+        .load_full()
+        .filter(|p| p.bundle == *bundle.id);
+    match progress {
+        Some(p) => serde_json::json!({
+            "bundle": bundle.id,
+            "devices_acked": p.devices_acked,
+            "devices_total": p.devices_total,
+            "managers_acked": p.managers_acked,
+        }),
+        None => serde_json::json!({
+            "bundle": bundle.id,
+            "devices_acked": null,
+            "devices_total": null,
+            "managers_acked": [],
+        }),
+    }
 }
 
 /// Writes Prometheus text exposition format 0.0.4: one `# HELP`/`# TYPE` pair per family

@@ -68,6 +68,14 @@ pub enum CertCommand {
         /// State directory.
         #[arg(long, env = "DEVGATE_DATA_DIR")]
         data_dir: PathBuf,
+        /// Refuse unless at least this percentage of the enrolled devices acknowledged the
+        /// trust bundle (`devgate status` shows how many have).
+        #[arg(long, default_value_t = 100.0)]
+        min_acked: f64,
+        /// Activate whatever the acknowledgements say (devices without the new root will
+        /// have to enroll again).
+        #[arg(long)]
+        force: bool,
     },
     /// Root exchange, step 3: stop sending the trust bundle (the old root is retired).
     FinishRoot {
@@ -114,6 +122,51 @@ pub enum CertCommand {
 }
 
 const RELOAD_HINT: &str = "run `devgate reload --data-dir DIR` (or send SIGHUP) to take it into use; sessions stay connected";
+
+/// Refuses a root activation that would strand devices: fewer than `min_acked` percent of
+/// the enrolled, unrevoked devices acknowledged the staged trust bundle (a device
+/// acknowledges the bundle frame when it has stored the roots).
+fn check_acknowledgements(data_dir: &Path, min_acked: f64, force: bool) -> Result<()> {
+    if !(0.0..=100.0).contains(&min_acked) {
+        bail!("--min-acked {min_acked}: give a percentage between 0 and 100");
+    }
+    let bundle_path = crate::reload::trust_bundle_path(data_dir);
+    let roots = devgate_pki::load_certs(&bundle_path).with_context(|| {
+        format!(
+            "reading the trust bundle {} (written by `devgate cert stage-root`)",
+            bundle_path.display()
+        )
+    })?;
+    let bundle = devgate_pki::bundle_id(&roots);
+    let store = crate::creds::open_store(data_dir)?;
+    let progress = crate::store::Store::trust_progress(&store, &bundle)?;
+    let (acked, total) = (progress.devices_acked, progress.devices_total);
+    #[allow(clippy::cast_precision_loss)] // device counts are far below 2^52
+    let share = if total == 0 {
+        100.0
+    } else {
+        acked as f64 * 100.0 / total as f64
+    };
+    println!(
+        "{acked} of {total} enrolled devices have the new root ({share:.1} %); {} manager(s) acknowledged it",
+        progress.managers_acked.len()
+    );
+    if share + 1e-9 < min_acked {
+        if force {
+            println!(
+                "--force: activating anyway; the {} devices without the new root must enroll again",
+                total - acked
+            );
+        } else {
+            bail!(
+                "only {acked} of {total} enrolled devices acknowledged the new root (need {min_acked} %): \
+                 wait until `devgate status` shows more (devices receive it when they connect), \
+                 lower the bar with --min-acked, or pass --force"
+            );
+        }
+    }
+    Ok(())
+}
 
 fn next_dir(data_dir: &Path) -> PathBuf {
     PkiPaths::new(data_dir).dir.join("next")
@@ -333,7 +386,11 @@ pub fn run(cmd: CertCommand) -> Result<()> {
             );
             Ok(())
         }
-        CertCommand::ActivateRoot { data_dir } => {
+        CertCommand::ActivateRoot {
+            data_dir,
+            min_acked,
+            force,
+        } => {
             let paths = PkiPaths::new(&data_dir);
             let next = next_dir(&data_dir);
             if !next.join("server.pem").exists() {
@@ -342,6 +399,7 @@ pub fn run(cmd: CertCommand) -> Result<()> {
                     next.display()
                 );
             }
+            check_acknowledgements(&data_dir, min_acked, force)?;
             let prev_cert = paths.dir.join("previous-root.pem");
             std::fs::copy(paths.root_cert(), &prev_cert)?;
             if paths.root_key().exists() && next.join("root.key").exists() {

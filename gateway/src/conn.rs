@@ -181,6 +181,8 @@ pub struct DeviceSession {
     pub streams: HashMap<u32, DeviceStream>,
     /// (manager, manager's stream id) → device-side stream id.
     pub streams_by_manager: HashMap<(ConnHandle, u32), u32>,
+    /// The trust generation whose bundle this device acknowledged (0: none).
+    pub trust_acked: u64,
 }
 
 impl DeviceSession {
@@ -193,6 +195,7 @@ impl DeviceSession {
             next_stream_id: 1,
             streams: HashMap::new(),
             streams_by_manager: HashMap::new(),
+            trust_acked: 0,
         }
     }
 
@@ -239,6 +242,8 @@ pub struct ManagerSession {
     pub name: Box<str>,
     /// Manager's stream id → the device end.
     pub streams: HashMap<u32, ManagerStream>,
+    /// The trust generation whose bundle this manager acknowledged (0: none).
+    pub trust_acked: u64,
 }
 
 /// The manager end of a stream.

@@ -35,6 +35,9 @@ const FAILURE_BURST: f64 = 10.0;
 const FAILURE_REFILL: Duration = Duration::from_secs(6);
 /// Tracked source IPs at most (oldest forgotten first).
 const MAX_TRACKED_IPS: usize = 100_000;
+/// Trust bundle acknowledgements held before they are written early (a fleet acknowledging
+/// at once is written in batches this size, not one transaction each).
+const MAX_PENDING_ACKS: usize = 10_000;
 
 /// Work for the store thread.
 #[derive(Debug)]
@@ -66,6 +69,15 @@ pub enum Job {
         /// The parsed request.
         request: Value,
     },
+    /// A device or manager acknowledged the trust bundle (recorded in batches).
+    TrustAck {
+        /// The bundle id it acknowledged.
+        bundle: Box<str>,
+        /// `"device"` or `"manager"`.
+        kind: &'static str,
+        /// Unit ID or manager name.
+        name: Arc<str>,
+    },
 }
 
 /// Starts the store thread; returns the job sender the workers use.
@@ -81,8 +93,10 @@ pub fn start(shared: Arc<Shared>, store: Arc<dyn Store>) -> anyhow::Result<SyncS
         manager_ca,
         failures: HashMap::new(),
         revocation_seq: 0,
+        trust_acks: Vec::new(),
     };
     plane.poll_revocations();
+    plane.refresh_trust_progress();
     std::thread::Builder::new()
         .name("devgate-store".into())
         .spawn(move || plane.run(&rx))?;
@@ -112,6 +126,8 @@ struct ControlPlane {
     manager_ca: ClientCa,
     failures: HashMap<IpAddr, Bucket>,
     revocation_seq: i64,
+    /// Acknowledgements not yet written (flushed once a second, in one transaction).
+    trust_acks: Vec<store::TrustAck>,
 }
 
 fn json_response(status: u16, reason: &str, body: &Value, extra: Option<(&str, String)>) -> Bytes {
@@ -156,8 +172,9 @@ impl ControlPlane {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-            if Instant::now() >= next_poll {
+            if Instant::now() >= next_poll || self.trust_acks.len() >= MAX_PENDING_ACKS {
                 self.poll_revocations();
+                self.refresh_trust_progress();
                 next_poll = Instant::now() + Duration::from_secs(1);
             }
         }
@@ -180,6 +197,9 @@ impl ControlPlane {
             Job::Pair { reply_to, ip, body } => {
                 let resp = self.pair(ip, &body);
                 self.reply(reply_to, MsgKind::HttpResponse(resp));
+            }
+            Job::TrustAck { bundle, kind, name } => {
+                self.trust_acks.push(store::TrustAck { bundle, kind, name });
             }
             Job::Manager {
                 reply_to,
@@ -411,6 +431,30 @@ impl ControlPlane {
                 Ok(json!({"ok": true, "devices": self.store.devices().map_err(store_err)?}))
             }
             other => Err(format!("unknown control op \"{other}\"")),
+        }
+    }
+
+    /// Writes the acknowledgements gathered since the last call, then publishes how far the
+    /// root exchange has got for status (only while a trust bundle is loaded).
+    fn refresh_trust_progress(&mut self) {
+        if !self.trust_acks.is_empty() {
+            let acks = std::mem::take(&mut self.trust_acks);
+            if let Err(e) = self.store.record_trust_acks(&acks, unix_now()) {
+                // Lost acknowledgements only delay the count: peers acknowledge every
+                // bundle frame, and reconnecting peers are sent it again.
+                warn!(
+                    count = acks.len(),
+                    "cannot record trust bundle acknowledgements: {e}"
+                );
+            }
+        }
+        let Some(bundle) = self.shared.trust_bundle.load_full() else {
+            self.shared.trust_progress.store(None);
+            return;
+        };
+        match self.store.trust_progress(&bundle.id) {
+            Ok(progress) => self.shared.trust_progress.store(Some(Arc::new(progress))),
+            Err(e) => warn!("cannot read the root exchange progress: {e}"),
         }
     }
 

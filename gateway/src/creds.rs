@@ -152,7 +152,8 @@ pub enum ManagersCommand {
     },
 }
 
-fn open_store(data_dir: &Path) -> Result<SqliteStore> {
+/// The data dir's store, with a clear error when `data_dir` is not one.
+pub(crate) fn open_store(data_dir: &Path) -> Result<SqliteStore> {
     if !PkiPaths::new(data_dir).root_cert().exists() {
         bail!(
             "{} is not a devgate data dir (no pki/root.pem): run `devgate init --data-dir {} --name <host>` first",

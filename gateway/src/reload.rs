@@ -4,10 +4,11 @@
 //!
 //! Root exchange without re-enrolling: `devgate cert stage-root` writes the next root and
 //! server chain under `pki/next/` and a trust bundle (current + next root) to
-//! `pki/trust-bundle.pem`. On reload every connected device — and every device that
-//! connects later — is sent the bundle in a Control frame `{"op":"trust_bundle",
-//! "roots":[PEM…]}`; `devgate cert activate-root` then switches the server chain, and the
-//! devices already trust it.
+//! `pki/trust-bundle.pem`. On reload every connected device and manager — and every one
+//! that connects later — is sent the bundle in a Control frame `{"op":"trust_bundle",
+//! "bundle":ID,"roots":[PEM…]}`; peers acknowledge it (`trust_bundle_ack`, recorded in the
+//! store), status shows how many devices have it, and `devgate cert activate-root` switches
+//! the server chain once enough have: the devices already trust it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,7 +19,7 @@ use devgate_pki::PkiPaths;
 use devgate_proto::frame::Frame;
 use tracing::{info, warn};
 
-use crate::shared::Shared;
+use crate::shared::{Shared, TrustBundle};
 
 /// File holding the roots devices should trust (PEM), if a root exchange is under way.
 pub fn trust_bundle_path(data_dir: &std::path::Path) -> std::path::PathBuf {
@@ -40,14 +41,19 @@ pub fn load_trust_bundle(shared: &Shared) -> Result<()> {
         .iter()
         .map(|c| crate::tls::cert_pem(c.as_ref()))
         .collect();
-    let body = serde_json::json!({"op": "trust_bundle", "roots": roots}).to_string();
+    let id = devgate_pki::bundle_id(&certs);
+    let body = serde_json::json!({"op": "trust_bundle", "bundle": id, "roots": roots}).to_string();
     let mut out = Vec::new();
     devgate_proto::frame::encode_ws(&mut out, &Frame::control(0, body.as_bytes()), None);
-    shared.trust_bundle.store(Some(Arc::new(Bytes::from(out))));
+    shared.trust_bundle.store(Some(Arc::new(TrustBundle {
+        frame: Bytes::from(out),
+        id: id.clone().into_boxed_str(),
+    })));
     shared.trust_generation.fetch_add(1, Ordering::AcqRel);
     info!(
         roots = certs.len(),
-        "trust bundle loaded: devices are sent it"
+        bundle = %id,
+        "trust bundle loaded: devices and managers are sent it"
     );
     Ok(())
 }

@@ -218,10 +218,23 @@ pub struct Shared {
     pub jobs: OnceLock<std::sync::mpsc::SyncSender<crate::control::Job>>,
     /// The credential store (status reads its health).
     pub store: OnceLock<Arc<dyn crate::store::Store>>,
-    /// The trust bundle frame devices are sent during a root exchange.
-    pub trust_bundle: arc_swap::ArcSwapOption<bytes::Bytes>,
-    /// Bumped whenever `trust_bundle` changes; workers resend it to their devices.
+    /// The trust bundle devices and managers are sent during a root exchange.
+    pub trust_bundle: arc_swap::ArcSwapOption<TrustBundle>,
+    /// Bumped whenever `trust_bundle` changes; workers resend it to their peers.
     pub trust_generation: AtomicU64,
+    /// How far the root exchange has got (acknowledgements in the store), refreshed by the
+    /// store thread about once a second while a bundle is loaded.
+    pub trust_progress: arc_swap::ArcSwapOption<crate::store::TrustProgress>,
+}
+
+/// A loaded trust bundle: the ready-encoded Control frame and its id (which peers echo
+/// in their acknowledgement, see docs/PROTOCOL.md section 8a).
+#[derive(Debug)]
+pub struct TrustBundle {
+    /// The Control frame `{"op":"trust_bundle","bundle":id,"roots":[…]}`, WebSocket-framed.
+    pub frame: bytes::Bytes,
+    /// `devgate_pki::bundle_id` of the roots.
+    pub id: Box<str>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -278,6 +291,7 @@ impl Shared {
             store: OnceLock::new(),
             trust_bundle: arc_swap::ArcSwapOption::empty(),
             trust_generation: AtomicU64::new(0),
+            trust_progress: arc_swap::ArcSwapOption::empty(),
         }
     }
 

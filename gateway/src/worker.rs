@@ -380,9 +380,10 @@ impl Worker {
                 for slot in self.occupied_slots() {
                     if self
                         .conn_ref(slot)
-                        .is_some_and(|c| c.kind == PeerKind::Device)
+                        .is_some_and(|c| matches!(c.kind, PeerKind::Device | PeerKind::Manager))
                     {
-                        let _ = self.queue(slot, Bytes::clone(&bundle), Priority::Essential, now);
+                        let frame = Bytes::clone(&bundle.frame);
+                        let _ = self.queue(slot, frame, Priority::Essential, now);
                     }
                 }
             }
@@ -1220,6 +1221,7 @@ impl Worker {
                 Role::Manager(ManagerSession {
                     name: name.into_boxed_str(),
                     streams: std::collections::HashMap::new(),
+                    trust_acked: 0,
                 })
             }
             _ => {
@@ -1260,12 +1262,10 @@ impl Worker {
                 usize::MAX,
             )
             .ok();
-        if conn.kind == PeerKind::Device
-            && let Some(bundle) = latencies.trust_bundle.load_full()
-        {
+        if let Some(bundle) = latencies.trust_bundle.load_full() {
             conn.out
                 .push(
-                    Bytes::clone(&bundle),
+                    Bytes::clone(&bundle.frame),
                     Priority::Essential,
                     usize::MAX,
                     usize::MAX,
@@ -1574,6 +1574,10 @@ impl Worker {
                     },
                 });
             }
+            Body::Control { payload } if trust_ack_bundle(payload).is_some() => {
+                let unit = dev.unit.clone();
+                self.on_trust_ack(&unit, "device", &mut dev.trust_acked, payload);
+            }
             Body::Command { .. }
             | Body::Presence { .. }
             | Body::Error { .. }
@@ -1584,10 +1588,40 @@ impl Worker {
                     ErrorCode::NotPermitted,
                     frame.id,
                     "",
-                    "devices may send only response, event and stream data/window/close frames",
+                    "devices may send only response, event, stream data/window/close and trust_bundle_ack frames",
                     now,
                 );
             }
+        }
+    }
+
+    /// A peer acknowledged the trust bundle: the store records it once per session and
+    /// bundle (a peer repeating itself costs nothing). An acknowledgement of a bundle that is
+    /// no longer the current one is ignored: the peer is sent the new one anyway.
+    fn on_trust_ack(
+        &mut self,
+        name: &Arc<str>,
+        kind: &'static str,
+        acked: &mut u64,
+        payload: &[u8],
+    ) {
+        let Some(bundle) = self.shared.trust_bundle.load_full() else {
+            return;
+        };
+        let generation = self.shared.trust_generation.load(Ordering::Acquire);
+        if *acked == generation || trust_ack_bundle(payload).as_deref() != Some(&*bundle.id) {
+            return;
+        }
+        *acked = generation;
+        let job = crate::control::Job::TrustAck {
+            bundle: bundle.id.clone(),
+            kind,
+            name: name.clone(),
+        };
+        if !crate::control::submit(&self.shared, job) {
+            // Not recorded: the store thread is overloaded. Forget that it was seen, so
+            // the peer's next acknowledgement (it acknowledges every bundle frame) counts.
+            *acked = 0;
         }
     }
 
@@ -1656,6 +1690,10 @@ impl Worker {
                         payload: Bytes::copy_from_slice(payload),
                     },
                 });
+            }
+            Body::Control { payload } if trust_ack_bundle(payload).is_some() => {
+                let name: Arc<str> = Arc::from(&*mgr.name);
+                self.on_trust_ack(&name, "manager", &mut mgr.trust_acked, payload);
             }
             Body::Control { payload } => {
                 let reply = self.control(me, frame.id, payload);
@@ -2410,12 +2448,28 @@ fn conn_phase_waiting(conn: &mut Conn) {
     conn.phase = Phase::Waiting;
 }
 
+/// The bundle id of a `{"op":"trust_bundle_ack","bundle":ID}` Control payload, if it is one.
+fn trust_ack_bundle(payload: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Ack {
+        op: String,
+        bundle: String,
+    }
+    // A cheap test first: this runs for every Control frame a manager sends.
+    if !payload.windows(16).any(|w| w == b"trust_bundle_ack") {
+        return None;
+    }
+    let ack: Ack = serde_json::from_slice(payload).ok()?;
+    (ack.op == "trust_bundle_ack").then_some(ack.bundle)
+}
+
 fn placeholder_session() -> Box<Session> {
     Box::new(Session {
         decoder: ws::Decoder::new(ws::Role::Server, 0),
         role: Role::Manager(ManagerSession {
             name: Box::from(""),
             streams: std::collections::HashMap::new(),
+            trust_acked: 0,
         }),
     })
 }

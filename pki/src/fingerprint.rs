@@ -24,6 +24,20 @@ pub fn fingerprint(cert_der: &[u8]) -> String {
     out
 }
 
+/// The id of a trust bundle: the first 16 bytes of SHA-256 over the roots' DER, in order, as
+/// 32 lower-case hex digits. The gateway puts it in the trust bundle frame and peers echo it in
+/// their acknowledgement, so an acknowledgement names exactly the roots it is for.
+pub fn bundle_id<C: AsRef<[u8]>>(roots: &[C]) -> String {
+    let mut h = Sha256::new();
+    for root in roots {
+        h.update(root.as_ref());
+    }
+    h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Fingerprint of the first certificate in a PEM file.
 pub fn fingerprint_file(pem_path: &Path) -> Result<String, PkiError> {
     let certs = load_certs(pem_path)?;

@@ -93,7 +93,7 @@ pub use chain::{
 };
 pub use error::PkiError;
 pub use files::{load_certs, load_key};
-pub use fingerprint::{fingerprint, fingerprint_file, fingerprint_matches};
+pub use fingerprint::{bundle_id, fingerprint, fingerprint_file, fingerprint_matches};
 pub use init::{FIRST_MANAGER_NAME, InitOptions, InitReport, PkiPaths, init};
 pub use issue::{
     CA_VALIDITY, CLOCK_SKEW, ClientCa, DEVICE_VALIDITY, IssuedCert, MANAGER_VALIDITY,

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use devgate_client::{Body, ConnectOptions, Connection, Frame, Incoming, Role, tls_config};
+use devgate_client::{
+    Body, ConnectOptions, Connection, Frame, Incoming, Role, TrustBundle, tls_config,
+};
 use devgate_tests::{Gateway, devgate};
 
 const DEVICES: usize = 1000;
@@ -37,11 +39,15 @@ fn spawn_device(mut dev: Connection, counters: Arc<Counters>) {
                     return;
                 }
                 Body::Control { payload } => {
-                    let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
-                    if v["op"] == "trust_bundle"
-                        && v["roots"].as_array().is_some_and(|r| r.len() == 2)
+                    if let Ok(Some(bundle)) = TrustBundle::parse(payload)
+                        && bundle.roots.len() == 2
                     {
                         counters.bundles.fetch_add(1, Ordering::Relaxed);
+                        let ack = bundle.ack_payload();
+                        if dev.send(&TrustBundle::ack_frame(&ack)).await.is_err() {
+                            counters.closed.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
                     }
                 }
                 _ => {}
@@ -178,5 +184,184 @@ async fn thousand_devices_survive_renewal_and_root_exchange_without_reconnecting
         fp.trim(),
         format!("Root fingerprint: {}", gw.data.fingerprint)
     );
+    Ok(())
+}
+
+/// Reads frames until a trust bundle arrives; returns it (the connection keeps answering
+/// pings while it waits).
+async fn next_bundle(conn: &mut Connection) -> Result<TrustBundle> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let Some(Incoming::Frame(r)) = conn.recv_timeout(Duration::from_secs(1)).await? else {
+            continue;
+        };
+        if let Body::Control { payload } = r.frame().body
+            && let Some(bundle) = TrustBundle::parse(payload)?
+        {
+            return Ok(bundle);
+        }
+    }
+    bail!("no trust bundle within 10 s")
+}
+
+async fn ack(conn: &mut Connection, bundle: &TrustBundle) -> Result<()> {
+    let payload = bundle.ack_payload();
+    conn.send(&TrustBundle::ack_frame(&payload)).await?;
+    Ok(())
+}
+
+/// `root_exchange` of `/v1/status` once it shows `acked` devices (it is refreshed about
+/// once a second).
+fn wait_for_acks(gw: &Gateway, acked: u64) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rx = gw.status()?["root_exchange"].clone();
+        if rx["devices_acked"].as_u64() == Some(acked) || Instant::now() > deadline {
+            return Ok(rx);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_exchange_reaches_managers_and_waits_for_device_acknowledgements() -> Result<()> {
+    let gw = Gateway::start("")?;
+    let dir = gw.data_arg();
+    let old_roots = devgate_tests::roots(gw.data.path())?;
+    let creds = tempfile::tempdir()?;
+    // Three registered devices (the registry is what "M enrolled devices" counts).
+    let mut devices = Vec::new();
+    for unit in ["rx-1", "rx-2", "rx-3"] {
+        let (ok, _, err) = devgate(&[
+            "devices",
+            "issue",
+            "--data-dir",
+            &dir,
+            "--unit",
+            unit,
+            "--out",
+            &creds.path().display().to_string(),
+        ])?;
+        assert!(ok, "{err}");
+        let pem = std::fs::read(creds.path().join(format!("{unit}.pem")))?;
+        let key = std::fs::read(creds.path().join(format!("{unit}.key")))?;
+        let ident = (
+            devgate_client::certs_from_pem(&pem)?,
+            devgate_client::key_from_pem(&key)?,
+        );
+        devices.push(
+            devgate_client::connect(
+                &ConnectOptions::new(gw.addr, "localhost", Role::Device),
+                tls_config(&old_roots, Some(ident))?,
+            )
+            .await?,
+        );
+    }
+    let mut mgr = gw.manager().await?;
+    assert!(gw.status()?["root_exchange"].is_null());
+
+    let (ok, _, err) = devgate(&["cert", "stage-root", "--data-dir", &dir])?;
+    assert!(ok, "{err}");
+    gw.reload();
+
+    // The manager is sent the bundle too, and keeps its roots.
+    let mgr_bundle = next_bundle(&mut mgr).await?;
+    assert_eq!(mgr_bundle.roots.len(), 2);
+    ack(&mut mgr, &mgr_bundle).await?;
+    // Two of three devices acknowledge; one acknowledges twice (counted once).
+    for dev in devices.iter_mut().take(2) {
+        let bundle = next_bundle(dev).await?;
+        assert_eq!(bundle.id, mgr_bundle.id);
+        ack(dev, &bundle).await?;
+        ack(dev, &bundle).await?;
+    }
+    let rx = wait_for_acks(&gw, 2)?;
+    assert_eq!(rx["devices_acked"], 2, "{rx}");
+    assert_eq!(rx["devices_total"], 3, "{rx}");
+    assert_eq!(rx["bundle"], mgr_bundle.id.as_str(), "{rx}");
+    assert_eq!(
+        rx["managers_acked"].as_array().map(Vec::len),
+        Some(1),
+        "{rx}"
+    );
+    let (ok, out, _) = devgate(&["status", "--admin", &gw.admin.to_string()])?;
+    assert!(ok);
+    assert!(
+        out.contains("root exchange: 2 of 3 devices have the new root"),
+        "{out}"
+    );
+
+    // Below the bar, activation is refused and changes nothing.
+    let (ok, _, err) = devgate(&["cert", "activate-root", "--data-dir", &dir])?;
+    assert!(!ok, "activated with 2 of 3 devices acknowledged");
+    assert!(err.contains("only 2 of 3"), "{err}");
+    assert_eq!(devgate_tests::roots(gw.data.path())?, old_roots);
+
+    // The third device acknowledges: activation goes ahead.
+    let bundle = next_bundle(&mut devices[2]).await?;
+    ack(&mut devices[2], &bundle).await?;
+    wait_for_acks(&gw, 3)?;
+    let (ok, out, err) = devgate(&["cert", "activate-root", "--data-dir", &dir])?;
+    assert!(ok, "{err}");
+    assert!(out.contains("3 of 3 enrolled devices"), "{out}");
+    gw.reload();
+    assert!(
+        gw.wait_for_log("reloaded certificates", Duration::from_secs(5)),
+        "{}",
+        gw.logs()
+    );
+
+    // A manager that knows only the roots from the bundle connects to the new chain.
+    let paths = devgate_pki::PkiPaths::new(gw.data.path());
+    let ident = (
+        devgate_pki::load_certs(&paths.manager_cert())?,
+        devgate_pki::load_key(&paths.manager_key())?,
+    );
+    devgate_client::connect(
+        &ConnectOptions::new(gw.addr, "localhost", Role::Manager),
+        tls_config(&mgr_bundle.roots, Some(ident))?,
+    )
+    .await
+    .context("a manager trusting the bundle's roots after activation")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_below_the_bar_needs_min_acked_or_force() -> Result<()> {
+    let data = devgate_tests::DataDir::init()?;
+    let dir = data.path().display().to_string();
+    let creds = tempfile::tempdir()?;
+    let out = creds.path().display().to_string();
+    for unit in ["na-1", "na-2"] {
+        let (ok, _, err) = devgate(&[
+            "devices",
+            "issue",
+            "--data-dir",
+            &dir,
+            "--unit",
+            unit,
+            "--out",
+            &out,
+        ])?;
+        assert!(ok, "{err}");
+    }
+    let (ok, _, err) = devgate(&["cert", "stage-root", "--data-dir", &dir])?;
+    assert!(ok, "{err}");
+    let (ok, _, err) = devgate(&["cert", "activate-root", "--data-dir", &dir])?;
+    assert!(!ok);
+    assert!(err.contains("only 0 of 2"), "{err}");
+    let (ok, _, err) = devgate(&[
+        "cert",
+        "activate-root",
+        "--data-dir",
+        &dir,
+        "--min-acked",
+        "101",
+    ])?;
+    assert!(!ok);
+    assert!(err.contains("between 0 and 100"), "{err}");
+    let (ok, out, err) = devgate(&["cert", "activate-root", "--data-dir", &dir, "--force"])?;
+    assert!(ok, "{err}");
+    assert!(out.contains("--force"), "{out}");
     Ok(())
 }

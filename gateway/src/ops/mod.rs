@@ -329,6 +329,16 @@ pub fn summary(v: &Value) -> String {
     if let Some(list) = store["problems"].as_array() {
         problems.extend(list.iter().map(|p| format!("store: {}", text(p))));
     }
+    let rx = &v["root_exchange"];
+    if rx.is_object() {
+        let managers = rx["managers_acked"].as_array().map_or(0, Vec::len);
+        let _ = writeln!(
+            o,
+            "  root exchange: {} of {} devices have the new root, {managers} manager(s) acknowledged",
+            num(&rx["devices_acked"]),
+            num(&rx["devices_total"]),
+        );
+    }
     let wd = &v["watchdog"];
     let _ = writeln!(
         o,

@@ -103,6 +103,30 @@ pub struct DeviceRecord {
     pub revoked_at: Option<i64>,
 }
 
+/// A peer's acknowledgement of a trust bundle (root exchange).
+#[derive(Debug, Clone)]
+pub struct TrustAck {
+    /// The bundle id it acknowledged (`devgate_pki::bundle_id`).
+    pub bundle: Box<str>,
+    /// `"device"` or `"manager"`.
+    pub kind: &'static str,
+    /// Unit ID or manager name.
+    pub name: std::sync::Arc<str>,
+}
+
+/// How far a root exchange has got: who acknowledged the trust bundle.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TrustProgress {
+    /// The bundle id.
+    pub bundle: String,
+    /// Enrolled, unrevoked devices that acknowledged it.
+    pub devices_acked: u64,
+    /// Enrolled, unrevoked devices (the registry).
+    pub devices_total: u64,
+    /// Managers (by certificate name) that acknowledged it.
+    pub managers_acked: Vec<String>,
+}
+
 /// Outcome of presenting a key for enrollment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyCheck {
@@ -203,6 +227,11 @@ pub trait Store: Send + Sync + fmt::Debug {
         cert_fingerprint: &str,
         now: i64,
     ) -> Result<bool, StoreError>;
+    /// Records acknowledgements of trust bundles (one transaction for the batch; a repeat
+    /// keeps the first time).
+    fn record_trust_acks(&self, acks: &[TrustAck], now: i64) -> Result<(), StoreError>;
+    /// Who acknowledged trust bundle `bundle`.
+    fn trust_progress(&self, bundle: &str) -> Result<TrustProgress, StoreError>;
     /// A cheap liveness check for status.
     fn health(&self) -> Result<(), StoreError>;
 }

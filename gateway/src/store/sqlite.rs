@@ -10,8 +10,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    DeviceRecord, KeyCheck, KeyInfo, KeyKind, NewKey, RefusalReason, Store, StoreError,
-    hash_secret, hashes_equal, key_id,
+    DeviceRecord, KeyCheck, KeyInfo, KeyKind, NewKey, RefusalReason, Store, StoreError, TrustAck,
+    TrustProgress, hash_secret, hashes_equal, key_id,
 };
 
 /// Schema migrations; `user_version` is the number applied.
@@ -57,6 +57,14 @@ const MIGRATIONS: &[&str] = &[
         name TEXT PRIMARY KEY,
         cert_fingerprint TEXT NOT NULL,
         paired_at INTEGER NOT NULL
+    );",
+    // 2: who acknowledged which trust bundle (root exchange progress).
+    "CREATE TABLE trust_acks (
+        bundle TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        acked_at INTEGER NOT NULL,
+        PRIMARY KEY (bundle, kind, name)
     );",
 ];
 
@@ -410,6 +418,56 @@ impl Store for SqliteStore {
         Ok(true)
     }
 
+    fn record_trust_acks(&self, acks: &[TrustAck], now: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare(
+                "INSERT OR IGNORE INTO trust_acks (bundle, kind, name, acked_at) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for ack in acks {
+                stmt.execute(params![&*ack.bundle, ack.kind, &*ack.name, now])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn trust_progress(&self, bundle: &str) -> Result<TrustProgress, StoreError> {
+        let conn = self.conn();
+        // A device counts while it is enrolled and its latest revocation event (if any)
+        // does not revoke it.
+        let unrevoked =
+            "NOT EXISTS (SELECT 1 FROM revocations r WHERE r.unit = d.unit AND r.revoked = 1
+                 AND r.seq = (SELECT MAX(seq) FROM revocations WHERE unit = d.unit))";
+        let devices_total: i64 = conn.query_row(
+            &format!("SELECT COUNT(*) FROM devices d WHERE {unrevoked}"),
+            [],
+            |r| r.get(0),
+        )?;
+        let devices_acked: i64 = conn.query_row(
+            &format!(
+                "SELECT COUNT(*) FROM devices d JOIN trust_acks a
+                   ON a.kind = 'device' AND a.name = d.unit AND a.bundle = ?1
+                 WHERE {unrevoked}"
+            ),
+            params![bundle],
+            |r| r.get(0),
+        )?;
+        let mut stmt = conn.prepare(
+            "SELECT name FROM trust_acks WHERE bundle = ?1 AND kind = 'manager' ORDER BY name",
+        )?;
+        let managers_acked = stmt
+            .query_map(params![bundle], |r| r.get::<_, String>(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(TrustProgress {
+            bundle: bundle.to_owned(),
+            devices_acked: u64::try_from(devices_acked).unwrap_or(0),
+            devices_total: u64::try_from(devices_total).unwrap_or(0),
+            managers_acked,
+        })
+    }
+
     fn health(&self) -> Result<(), StoreError> {
         let ok: i64 = self.conn().query_row("SELECT 1", [], |r| r.get(0))?;
         if ok == 1 {
@@ -524,6 +582,36 @@ mod tests {
             s.enroll(&multi, "bad", "f", 8, 0).expect("e"),
             KeyCheck::Accepted
         );
+    }
+
+    #[test]
+    fn trust_progress_counts_enrolled_unrevoked_devices_and_managers() {
+        let (_d, s) = store();
+        for unit in ["a", "b", "c", "gone"] {
+            s.register_device(unit, "f", 1).expect("register");
+        }
+        s.revoke_device("gone", 2).expect("revoke");
+        let ack = |kind, name: &str, bundle: &str| TrustAck {
+            bundle: bundle.into(),
+            kind,
+            name: name.into(),
+        };
+        s.record_trust_acks(
+            &[
+                ack("device", "a", "B1"),
+                ack("device", "a", "B1"),
+                ack("device", "gone", "B1"),
+                ack("device", "unknown", "B1"),
+                ack("device", "b", "OLD"),
+                ack("manager", "ums", "B1"),
+            ],
+            3,
+        )
+        .expect("acks");
+        let p = s.trust_progress("B1").expect("progress");
+        assert_eq!((p.devices_acked, p.devices_total), (1, 3));
+        assert_eq!(p.managers_acked, vec!["ums".to_owned()]);
+        assert_eq!(s.trust_progress("none").expect("p").devices_acked, 0);
     }
 
     #[test]
