@@ -59,6 +59,21 @@ pub enum MsgKind {
         /// Unit ID for that error (the device the frame came from or went to).
         bounce_unit: Option<Arc<str>>,
     },
+    /// A device's response for the manager `to` that asked. If the manager's queue refuses
+    /// it, both ends are told: the device (`queue_full` for its id) and the manager
+    /// (`queue_full` for its own request id), so no manager waits for a request timeout.
+    Response {
+        /// The encoded Response frame (the manager's request id and the unit inside).
+        bytes: Bytes,
+        /// The answering device.
+        device: ConnHandle,
+        /// The request id the device answered (its side of the rewritten ids).
+        device_request_id: u32,
+        /// The manager's own request id.
+        request_id: u32,
+        /// The device's unit ID.
+        unit: Arc<str>,
+    },
     /// A manager's command for the device `to`.
     Command {
         /// Asking manager.
@@ -187,6 +202,21 @@ impl Msg {
                     code: code_if_gone.into(),
                     reason: Bytes::from_static(message.as_bytes()),
                     unit,
+                },
+            }),
+            // The manager's worker cannot be reached now; the device hears of it, and the
+            // manager's request ends with its request timeout.
+            MsgKind::Response {
+                device,
+                device_request_id,
+                ..
+            } => Some(Self {
+                to: device,
+                kind: MsgKind::Error {
+                    code: ErrorCode::QueueFull,
+                    id: device_request_id,
+                    unit: None,
+                    message,
                 },
             }),
             MsgKind::Frame {

@@ -1470,12 +1470,12 @@ impl Worker {
                 let bytes = encode_ws_frame(&Frame::response(&unit, p.request_id, payload));
                 self.deliver(Msg {
                     to: p.manager,
-                    kind: MsgKind::Frame {
+                    kind: MsgKind::Response {
                         bytes,
-                        priority: Priority::Droppable,
-                        bounce_to: Some(me),
-                        bounce_id: frame.id,
-                        bounce_unit: None,
+                        device: me,
+                        device_request_id: frame.id,
+                        request_id: p.request_id,
+                        unit,
                     },
                 });
             }
@@ -1971,6 +1971,33 @@ impl Worker {
                             id: bounce_id,
                             unit: bounce_unit,
                             message: "the receiver's queue is full; retry later",
+                        },
+                    });
+                }
+            }
+            MsgKind::Response {
+                bytes,
+                device,
+                device_request_id,
+                request_id,
+                unit,
+            } => {
+                if self.queue(slot, bytes, Priority::Droppable, now) == Err(QueueRefusal::Full) {
+                    self.send_error(
+                        slot,
+                        ErrorCode::QueueFull,
+                        request_id,
+                        &unit,
+                        "the response was refused: your queue is full (read faster or keep fewer requests outstanding)",
+                        now,
+                    );
+                    self.deliver(Msg {
+                        to: device,
+                        kind: MsgKind::Error {
+                            code: ErrorCode::QueueFull,
+                            id: device_request_id,
+                            unit: None,
+                            message: "the manager's queue is full; it was told the response was refused",
                         },
                     });
                 }

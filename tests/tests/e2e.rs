@@ -633,3 +633,96 @@ async fn a_device_that_does_not_read_fills_its_queue_and_the_manager_is_told() -
     drop(stuck);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_response_is_an_error_for_the_manager_that_asked() -> Result<()> {
+    // A small queue: the manager stops reading, its TCP buffers and then its gateway queue
+    // fill with large responses, and the later responses are refused.
+    let gw = Gateway::start(
+        "[limits]\nmax_message_bytes = 600000\nqueue_bytes = 600000\nqueue_hard_bytes = 67108864\n",
+    )?;
+    let mut mgr = gw.manager().await?;
+    let mut dev = gw.device("big-answers").await?;
+    presence(&mut mgr, "big-answers", true).await?;
+    const REQUESTS: u32 = 64;
+    let frames: Vec<Frame<'_>> = (1..=REQUESTS)
+        .map(|i| Frame::command("big-answers", i, b"size please"))
+        .collect();
+    mgr.send_batch(&frames).await?;
+    // The device answers every command with 512 KiB (32 MiB in all) while the manager
+    // does not read; it keeps what the gateway tells it.
+    let answer = vec![0x5a; 512 * 1024];
+    let mut device_told = 0;
+    let mut answered = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered < REQUESTS && Instant::now() < deadline {
+        let Some(Incoming::Frame(r)) = dev.recv_timeout(Duration::from_secs(1)).await? else {
+            continue;
+        };
+        match r.frame().body {
+            Body::Command { .. } => {
+                dev.send(&Frame::response("", r.frame().id, &answer))
+                    .await?;
+                answered += 1;
+            }
+            Body::Error {
+                code: ErrorCode::QueueFull,
+                ..
+            } => device_told += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(answered, REQUESTS, "the device did not get every command");
+    // Now the manager reads: every request ends with its response or a queue_full error
+    // for its own id, long before the 60 s request timeout.
+    let mut outcome: HashMap<u32, bool> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while outcome.len() < REQUESTS as usize && Instant::now() < deadline {
+        let Some(Incoming::Frame(r)) = mgr.recv_timeout(Duration::from_secs(5)).await? else {
+            break;
+        };
+        let f = r.frame();
+        match f.body {
+            Body::Response { payload } => {
+                assert_eq!(payload.len(), answer.len());
+                outcome.insert(f.id, true);
+            }
+            Body::Error {
+                code: ErrorCode::QueueFull,
+                ..
+            } => {
+                assert_eq!(f.unit, "big-answers");
+                outcome.insert(f.id, false);
+            }
+            _ => {}
+        }
+    }
+    let refused = outcome.values().filter(|ok| !**ok).count();
+    assert_eq!(
+        outcome.len(),
+        REQUESTS as usize,
+        "requests left without an answer: {:?}",
+        (1..=REQUESTS)
+            .filter(|i| !outcome.contains_key(i))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        refused > 0,
+        "no response was refused: the test did not fill the queue"
+    );
+    // The device hears of each refusal too (read what is left).
+    while device_told < refused {
+        let Some(Incoming::Frame(r)) = dev.recv_timeout(Duration::from_secs(2)).await? else {
+            break;
+        };
+        if let Body::Error {
+            code: ErrorCode::QueueFull,
+            ..
+        } = r.frame().body
+        {
+            device_told += 1;
+        }
+    }
+    assert_eq!(device_told, refused);
+    Ok(())
+}
