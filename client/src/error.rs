@@ -86,6 +86,16 @@ pub enum ClientError {
     /// connection: do not connect, ask the administrator.
     #[error("gateway fingerprint check failed: {0}")]
     Fingerprint(String),
+    /// The device (or the gateway on its behalf) refused a stream this manager opened; the
+    /// code is an error code (PROTOCOL.md section 7) and the reason says why, e.g. that the
+    /// target is not on the device's allow-list.
+    #[error("stream refused with code {code}: {reason}")]
+    StreamRefused {
+        /// The StreamClose code.
+        code: u16,
+        /// The StreamClose reason.
+        reason: String,
+    },
     /// The gateway refused the enrollment (HTTP 401). It deliberately does
     /// not say whether the unit ID or the enrollment key was wrong, or the
     /// key is no longer valid.

@@ -27,6 +27,9 @@
 //!   have the person confirm its fingerprint ([`fetch_gateway_root`],
 //!   [`FirstContact`]), then trade the unit ID and enrollment key for a
 //!   client certificate ([`enroll`]), which [`tls_config`] then presents.
+//! * `mux` runs a connection with a reader and a writer task so that streams are
+//!   tokio I/O objects ([`Mux`], [`DevgateStream`]: `AsyncRead` + `AsyncWrite`, credit
+//!   handled inside) — what agents and operator tools build on.
 //! * `backoff` is the reconnect policy for agents ([`Backoff`]).
 //! * `trust` reads the trust bundle the gateway sends during a root exchange and
 //!   builds its acknowledgement ([`TrustBundle`]).
@@ -59,6 +62,7 @@ mod discover;
 mod enroll;
 mod error;
 mod first_contact;
+mod mux;
 mod tls;
 mod trust;
 
@@ -70,6 +74,7 @@ pub use discover::{DEFAULT_GATEWAY_PORT, Discovered, ResolverConfigChoice, disco
 pub use enroll::{ENROLL_PATH, Enrolled, enroll};
 pub use error::ClientError;
 pub use first_contact::{FirstContact, fetch_gateway_root};
+pub use mux::{DevgateStream, IncomingStream, MAX_CHUNK, Mux, STREAM_WINDOW};
 pub use tls::{certs_from_pem, key_from_pem, tls_config, tls_config_with};
 pub use trust::TrustBundle;
 

@@ -229,3 +229,124 @@ async fn sending_beyond_the_window_closes_the_stream_with_flow_control() -> Resu
     }
     Ok(())
 }
+
+/// The client library's streams as tokio I/O objects (`Mux`, `DevgateStream`): what the
+/// agent and operator tools build on.
+mod mux {
+    use std::time::Duration;
+
+    use anyhow::{Context, Result, bail};
+    use devgate_client::{ClientError, ErrorCode, Mux};
+    use devgate_tests::Gateway;
+    use sha2::{Digest, Sha256};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const STEP: Duration = Duration::from_secs(20);
+
+    /// A device that echoes `echo` streams, says hello and closes on `hello`, and refuses
+    /// anything else with a reason naming it.
+    fn serve(mut dev: Mux) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Some(incoming) = dev.accept_stream().await {
+                match incoming.params() {
+                    b"echo" => {
+                        let stream = incoming.accept();
+                        tokio::spawn(async move {
+                            let (mut rd, mut wr) = tokio::io::split(stream);
+                            let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                            let _ = wr.shutdown().await;
+                        });
+                    }
+                    b"hello" => {
+                        let mut stream = incoming.accept();
+                        let _ = stream.write_all(b"hello from the device").await;
+                        let _ = stream.shutdown().await;
+                    }
+                    other => {
+                        let what = String::from_utf8_lossy(other).into_owned();
+                        incoming.refuse(
+                            ErrorCode::NotPermitted,
+                            &format!("\"{what}\" is not on this device's allow-list"),
+                        );
+                    }
+                }
+            }
+        })
+    }
+
+    async fn pair(gw: &Gateway, unit: &str) -> Result<(Mux, tokio::task::JoinHandle<()>)> {
+        let mut mgr = gw.manager().await?;
+        let dev = gw.device(unit).await?;
+        // Wait for the device's presence, so the opens below find it.
+        loop {
+            let Some(devgate_client::Incoming::Frame(r)) = mgr.recv_timeout(STEP).await? else {
+                bail!("no presence for {unit}");
+            };
+            if r.frame().unit == unit {
+                break;
+            }
+        }
+        Ok((Mux::new(mgr), serve(Mux::new(dev))))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streams_are_async_read_write_with_credit_eof_and_refusals() -> Result<()> {
+        let gw = Gateway::start("")?;
+        let (mgr, device) = pair(&gw, "mux-1").await?;
+
+        // 16 MiB through an echo stream, written and read at once: credit keeps both
+        // directions moving without either side buffering it all.
+        const TOTAL: usize = 16 * 1024 * 1024;
+        let data: Vec<u8> = (0..TOTAL).map(|i| (i * 7 % 251) as u8).collect();
+        let want = Sha256::digest(&data);
+        let stream = tokio::time::timeout(STEP, mgr.open_stream("mux-1", b"echo"))
+            .await
+            .context("open timed out")??;
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let writer = tokio::spawn(async move {
+            wr.write_all(&data).await?;
+            Ok::<_, std::io::Error>(wr)
+        });
+        let mut got = vec![0u8; TOTAL];
+        tokio::time::timeout(Duration::from_secs(60), rd.read_exact(&mut got))
+            .await
+            .context("echo timed out")??;
+        assert_eq!(Sha256::digest(&got), want, "echoed bytes differ");
+        let mut wr = writer.await??;
+        // Shutting down closes the stream (no half-close): the echo side sees end of file,
+        // and this side reads end of file too.
+        wr.shutdown().await?;
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(STEP, rd.read_to_end(&mut rest)).await??;
+        assert_eq!(n, 0);
+
+        // End of file after the device's last bytes.
+        let mut hello = tokio::time::timeout(STEP, mgr.open_stream("mux-1", b"hello")).await??;
+        let mut text = String::new();
+        tokio::time::timeout(STEP, hello.read_to_string(&mut text)).await??;
+        assert_eq!(text, "hello from the device");
+
+        // A refusal names what was refused.
+        match tokio::time::timeout(STEP, mgr.open_stream("mux-1", b"tcp:10.9.9.9:22")).await? {
+            Err(ClientError::StreamRefused { code, reason }) => {
+                assert_eq!(code, u16::from(ErrorCode::NotPermitted));
+                assert!(reason.contains("tcp:10.9.9.9:22"), "{reason}");
+            }
+            other => bail!("expected a refusal, got {other:?}"),
+        }
+        // A stream to a device that is not connected fails at once.
+        let absent = tokio::time::timeout(STEP, mgr.open_stream("nobody", b"echo")).await?;
+        assert!(
+            matches!(&absent, Err(ClientError::StreamRefused { code, .. }) if *code == u16::from(ErrorCode::DeviceNotConnected)),
+            "{absent:?}"
+        );
+
+        // The device goes away: an open stream's reader gets an error, not a hang.
+        let mut open = tokio::time::timeout(STEP, mgr.open_stream("mux-1", b"echo")).await??;
+        device.abort();
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(STEP, open.read(&mut buf)).await?;
+        assert!(r.is_err(), "read after the device left: {r:?}");
+        Ok(())
+    }
+}
