@@ -85,6 +85,15 @@ fn load_identity(
     ))
 }
 
+type Identity = (
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+);
+
+fn dup(id: &Identity) -> Identity {
+    (id.0.clone(), id.1.clone_key())
+}
+
 fn refused_403(r: &Result<Connection, ClientError>) -> bool {
     matches!(r, Err(ClientError::Refused { status: 403, .. }))
 }
@@ -103,18 +112,24 @@ async fn closed_within(conn: &mut Connection, limit: Duration) -> Result<Option<
     bail!("not closed within {limit:?}")
 }
 
-/// Waits for the manager to see `unit` online, then checks a command reaches the device.
+/// Checks that a command from the manager reaches the device (the gateway assigns its own
+/// request ids, so the payload identifies it).
 async fn command_reaches(
     mgr: &mut Connection,
     dev: &mut Connection,
     unit: &str,
     id: u32,
 ) -> Result<()> {
-    mgr.send(&Frame::command(unit, id, b"ping")).await?;
+    let payload = format!("ping-{id}");
+    mgr.send(&Frame::command(unit, id, payload.as_bytes()))
+        .await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         match dev.recv_timeout(deadline - Instant::now()).await? {
-            Some(Incoming::Frame(f)) if f.frame().id == id => return Ok(()),
+            Some(Incoming::Frame(f)) if matches!(f.frame().body, Body::Command { payload: p } if p == payload.as_bytes()) =>
+            {
+                return Ok(());
+            }
             Some(Incoming::Frame(_)) => {}
             other => bail!("the device did not get the command: {other:?}"),
         }
@@ -133,6 +148,23 @@ async fn wait_online(mgr: &mut Connection, unit: &str) -> Result<()> {
         }
     }
     bail!("{unit} not online within 10 s")
+}
+
+/// Waits (bounded) until the gateway refuses `identity` with 403: the store thread applies
+/// changes made by another process within about a second.
+async fn eventually_refused(gw: &Gateway, role: Role, identity: &Identity) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = connect_as(gw, role, dup(identity)).await;
+        if refused_403(&r) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("still accepted after 5 s: {:?}", r.map(|_| ()));
+        }
+        drop(r);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn fingerprint_of(chain: &[rustls_pki_types::CertificateDer<'static>]) -> Result<String> {
@@ -213,7 +245,7 @@ async fn renewal_over_mutual_tls_replaces_the_certificate_after_its_first_use() 
     let _mgr = gw.manager().await?;
     let multi = keys(&dir, &["--multi"])?.remove(0);
     let old = enroll(&gw, "renewer", &multi).await?;
-    let mut dev = connect_as(&gw, Role::Device, old.identity()).await?;
+    let dev = connect_as(&gw, Role::Device, old.identity()).await?;
     let roots = devgate_tests::roots(gw.data.path())?;
 
     // Without a client certificate there is nothing to renew.
@@ -232,20 +264,12 @@ async fn renewal_over_mutual_tls_replaces_the_certificate_after_its_first_use() 
         devgate_client::renew(gw.addr, "localhost", &roots, "renewer", old.identity()).await?;
     assert_ne!(fingerprint_of(&new.chain)?, fingerprint_of(&old.chain)?);
     // The overlap: the old certificate still works until the new one is used.
-    dev.send(&Frame::response("", 1, b"still here")).await?;
     let again = connect_as(&gw, Role::Device, old.identity()).await?;
     drop(again);
     drop(dev);
     let _dev = connect_as(&gw, Role::Device, new.identity()).await?;
-    // First use of the new certificate ends the overlap (applied by the store thread).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match connect_as(&gw, Role::Device, old.identity()).await {
-            Err(ClientError::Refused { status: 403, .. }) => break,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => bail!("old certificate still accepted: {:?}", other.map(|_| ())),
-        }
-    }
+    // First use of the new certificate ends the overlap.
+    eventually_refused(&gw, Role::Device, &old.identity()).await?;
     // The replaced certificate cannot renew either.
     assert!(matches!(
         devgate_client::renew(gw.addr, "localhost", &roots, "renewer", old.identity()).await,
@@ -279,11 +303,9 @@ async fn only_the_current_certificate_connects_and_revocation_is_by_certificate_
     }
     let first = load_identity(&first_dir, "issued")?;
     let second = load_identity(&second_dir, "issued")?;
-    assert!(
-        refused_403(&connect_as(&gw, Role::Device, first).await),
-        "two `devices issue` runs: only the latest works"
-    );
-    let mut dev = connect_as(&gw, Role::Device, second.clone()).await?;
+    // The gateway picks the registry change up within a second.
+    eventually_refused(&gw, Role::Device, &first).await?;
+    let mut dev = connect_as(&gw, Role::Device, dup(&second)).await?;
 
     // Revoke the unit, lift the revocation: the revoked certificate stays refused.
     ok(&["devices", "revoke", "--data-dir", &dir, "issued"])?;
@@ -312,7 +334,7 @@ async fn only_the_current_certificate_connects_and_revocation_is_by_certificate_
     ])?;
     let third = load_identity(&third_dir, "by-cert")?;
     let fp = fingerprint_of(&third.0)?;
-    let mut dev = connect_as(&gw, Role::Device, third.clone()).await?;
+    let mut dev = connect_as(&gw, Role::Device, dup(&third)).await?;
     ok(&[
         "devices",
         "revoke",
@@ -354,7 +376,7 @@ async fn managers_are_recorded_listed_revoked_and_disconnected() -> Result<()> {
         "{list}"
     );
 
-    let mut second = connect_as(&gw, Role::Manager, ops2.clone()).await?;
+    let mut second = connect_as(&gw, Role::Manager, dup(&ops2)).await?;
     let started = Instant::now();
     ok(&["managers", "revoke", "--data-dir", &dir, "ops-2"])?;
     closed_within(&mut second, Duration::from_secs(5)).await?;
