@@ -541,6 +541,30 @@ impl ControlPlane {
                 self.poll_changes();
                 Ok(json!({"ok": true, "unrevoked": lifted}))
             }
+            "reset_device" => {
+                let unit = req
+                    .get("unit")
+                    .and_then(Value::as_str)
+                    .ok_or("reset_device needs \"unit\"")?;
+                devgate_pki::check_unit_id("unit ID", unit)?;
+                if !self.store.reset_device(unit, now).map_err(store_err)? {
+                    return Err(format!("unit {unit} is not enrolled (see list_enrolled)"));
+                }
+                self.poll_changes();
+                Ok(json!({"ok": true, "reset": true}))
+            }
+            "revoke_certificate" => {
+                let text = req
+                    .get("sha256")
+                    .and_then(Value::as_str)
+                    .ok_or("revoke_certificate needs \"sha256\"")?;
+                let fp = devgate_pki::parse_fingerprint(text)
+                    .ok_or("\"sha256\" must be 64 hex digits (spaces or colons allowed)")?;
+                let fp = devgate_pki::format_fingerprint(&fp);
+                let revoked = self.store.revoke_cert(&fp, now).map_err(store_err)?;
+                self.poll_changes();
+                Ok(json!({"ok": true, "revoked": revoked}))
+            }
             "list_enrolled" => {
                 Ok(json!({"ok": true, "devices": self.store.devices().map_err(store_err)?}))
             }

@@ -2016,7 +2016,7 @@ impl Worker {
                 Ok(Some(serde_json::json!({"ok": true, "total": shared.device_count.load(Ordering::Relaxed), "devices": units}).to_string()))
             }
             "create_keys" | "list_keys" | "revoke_key" | "revoke_device" | "unrevoke_device"
-            | "list_enrolled" => {
+            | "reset_device" | "revoke_certificate" | "list_enrolled" => {
                 let job = crate::control::Job::Manager {
                     reply_to: me,
                     request_id,
@@ -2029,7 +2029,7 @@ impl Worker {
                 }
             }
             other => Err(format!(
-                "unknown control op \"{other}\" (known: set_device_limit, get_status, list_devices, create_keys, list_keys, revoke_key, revoke_device, unrevoke_device, list_enrolled)"
+                "unknown control op \"{other}\" (known: set_device_limit, get_status, list_devices, create_keys, list_keys, revoke_key, revoke_device, unrevoke_device, reset_device, revoke_certificate, list_enrolled)"
             )),
         }
     }

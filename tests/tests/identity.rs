@@ -235,6 +235,16 @@ async fn an_enrolled_online_device_cannot_be_taken_over_and_reset_allows_a_fresh
         &connect_as(&gw, Role::Device, real.identity()).await
     ));
     fails(&["devices", "reset", "--data-dir", &dir, "never-enrolled"])?;
+    // A manager can reset a unit too.
+    mgr.send(&Frame::control(
+        30,
+        br#"{"op":"reset_device","unit":"00:E0:C5:12:34:56"}"#,
+    ))
+    .await?;
+    assert_eq!(
+        closed_within(&mut dev, Duration::from_secs(5)).await?,
+        Some(1008)
+    );
     Ok(())
 }
 
@@ -464,13 +474,15 @@ async fn unit_ids_are_validated_wherever_they_enter() -> Result<()> {
 
     // Manager control ops: a negative, absurd or non-numeric count and bad unit IDs.
     let mut mgr = gw.manager().await?;
-    let requests: [&[u8]; 6] = [
+    let requests: [&[u8]; 8] = [
         br#"{"op":"create_keys","kind":"one-time","count":-5}"#,
         br#"{"op":"create_keys","kind":"one-time","count":1e12}"#,
         br#"{"op":"create_keys","kind":"one-time","count":"3"}"#,
         br#"{"op":"create_keys","kind":"bound","units":["a\nb"]}"#,
         br#"{"op":"revoke_device","unit":"a\u0001b"}"#,
         br#"{"op":"revoke_device","unit":"never-enrolled"}"#,
+        br#"{"op":"reset_device","unit":"never-enrolled"}"#,
+        br#"{"op":"revoke_certificate","sha256":"12:34"}"#,
     ];
     for (i, req) in requests.iter().enumerate() {
         let id = u32::try_from(i + 10)?;
