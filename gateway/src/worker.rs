@@ -1156,10 +1156,6 @@ impl Worker {
             (None, Some(name)) => identity.check_manager(name, fp),
             (None, None) => return false,
         };
-        let who = unit.map_or_else(
-            || format!("manager {}", manager.unwrap_or_default()),
-            |u| format!("device {u}"),
-        );
         let body = match verdict {
             crate::identity::Verdict::Accepted => return true,
             crate::identity::Verdict::FirstUse => {
@@ -1182,6 +1178,10 @@ impl Worker {
             }
         };
         bump(&self.stats().rejected_revoked);
+        let who = unit.map_or_else(
+            || format!("manager {}", manager.unwrap_or_default()),
+            |u| format!("device {u}"),
+        );
         crate::warn_limited!(
             certificate = %devgate_pki::format_fingerprint(fp),
             "{who} refused: {}",
