@@ -14,7 +14,8 @@
 //!   recorded certificates;
 //! - a unit or manager name the store has never seen is accepted on the CA's signature
 //!   alone (certificates issued directly with the CA key, such as load-generator fleets,
-//!   and managers issued offline before certificates were recorded).
+//!   and managers issued offline before certificates were recorded) — unless
+//!   `[credentials] require_registered` is set, which refuses them.
 
 use std::sync::Arc;
 
@@ -56,6 +57,9 @@ pub enum Verdict {
     /// Not the current certificate of its unit or manager (replaced, reset or revoked by
     /// name).
     Superseded,
+    /// For a unit or manager name the store has never seen, with
+    /// `[credentials] require_registered`.
+    Unregistered,
 }
 
 impl Verdict {
@@ -75,6 +79,8 @@ struct DeviceEntry {
 /// The mirror (see the module docs).
 #[derive(Debug, Default)]
 pub struct Identity {
+    /// `[credentials] require_registered`.
+    require_registered: bool,
     devices: DashMap<Arc<str>, DeviceEntry>,
     managers: DashMap<Arc<str>, Vec<Fp>>,
     revoked: DashMap<Fp, ()>,
@@ -89,13 +95,29 @@ fn parse(fp: &str) -> Option<Fp> {
 }
 
 impl Identity {
+    /// An empty mirror; `require_registered` refuses identities the store has never seen.
+    pub fn new(require_registered: bool) -> Self {
+        Self {
+            require_registered,
+            ..Self::default()
+        }
+    }
+
+    fn unknown(&self) -> Verdict {
+        if self.require_registered {
+            Verdict::Unregistered
+        } else {
+            Verdict::Accepted
+        }
+    }
+
     /// The verdict on device `unit` presenting `fp` at `now` (unix seconds).
     pub fn check_device(&self, unit: &str, fp: &Fp, now: i64) -> Verdict {
         if self.revoked.contains_key(fp) {
             return Verdict::Revoked;
         }
         let Some(entry) = self.devices.get(unit) else {
-            return Verdict::Accepted;
+            return self.unknown();
         };
         if entry.current.as_ref() == Some(fp) {
             return if entry.current_used {
@@ -126,7 +148,7 @@ impl Identity {
             return Verdict::Revoked;
         }
         match self.managers.get(name) {
-            None => Verdict::Accepted,
+            None => self.unknown(),
             Some(accepted) if accepted.contains(fp) => Verdict::Accepted,
             Some(_) => Verdict::Superseded,
         }
@@ -275,5 +297,8 @@ mod tests {
         assert_eq!(id.check_manager("m", &b), Verdict::Superseded);
         id.set_manager("m", Some(&[][..]));
         assert_eq!(id.check_manager("m", &a), Verdict::Superseded);
+        let strict = Identity::new(true);
+        assert_eq!(strict.check_manager("m", &a), Verdict::Unregistered);
+        assert_eq!(strict.check_device("u", &a, 0), Verdict::Unregistered);
     }
 }

@@ -249,6 +249,7 @@ impl Shared {
         guard: Box<dyn Guard>,
     ) -> Self {
         let device_limit = config.limits.device_limit;
+        let identity = crate::identity::Identity::new(config.credentials.require_registered);
         Self {
             config,
             data_path: DataPath::default(),
@@ -277,7 +278,7 @@ impl Shared {
             heartbeats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             accepting: Mutex::new(true),
             revoked: DashMap::new(),
-            identity: crate::identity::Identity::default(),
+            identity,
             jobs: OnceLock::new(),
             store: OnceLock::new(),
             trust_bundle: arc_swap::ArcSwapOption::empty(),

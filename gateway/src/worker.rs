@@ -1176,6 +1176,9 @@ impl Worker {
             crate::identity::Verdict::Superseded => {
                 "this certificate is no longer valid: it was replaced, reset or revoked\n"
             }
+            crate::identity::Verdict::Unregistered => {
+                "this certificate is not registered with this gateway\n"
+            }
         };
         bump(&self.stats().rejected_revoked);
         let who = unit.map_or_else(

@@ -510,3 +510,28 @@ async fn unit_ids_are_validated_wherever_they_enter() -> Result<()> {
     assert_eq!(list.as_array().map(Vec::len), Some(0), "no key was created");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_registered_refuses_certificates_the_store_has_never_seen() -> Result<()> {
+    let gw = Gateway::start("[credentials]\nrequire_registered = true\n")?;
+    let dir = gw.data_arg();
+    // The first manager is recorded by `devgate init`.
+    let _mgr = gw.manager().await?;
+    // A device certificate made directly with the CA key: refused.
+    assert!(refused_403(
+        &connect_as(&gw, Role::Device, gw.device_identity("unregistered")?).await
+    ));
+    // A manager certificate made directly with the CA key: refused.
+    let paths = devgate_pki::PkiPaths::new(gw.data.path());
+    let ca = devgate_pki::ClientCa::load(&paths.manager_ca_cert(), &paths.manager_ca_key())?;
+    let legacy = ca.issue_manager("legacy")?;
+    assert!(refused_403(
+        &connect_as(&gw, Role::Manager, (legacy.chain, legacy.key)).await
+    ));
+    assert!(gw.logs().contains("not registered"));
+    // Enrolled devices connect.
+    let multi = keys(&dir, &["--multi"])?.remove(0);
+    let enrolled = enroll(&gw, "registered", &multi).await?;
+    connect_as(&gw, Role::Device, enrolled.identity()).await?;
+    Ok(())
+}
