@@ -30,6 +30,8 @@ pub struct Config {
     pub keepalive: Keepalive,
     /// Behaviour while no manager is connected.
     pub managers: Managers,
+    /// Which client certificates are accepted (`[credentials]`).
+    pub credentials: Credentials,
     /// The connection guard: XDP program, per-source limits (`[xdp]`).
     pub xdp: crate::guard::config::GuardConfig,
     /// TLS record layer (`[tls]`).
@@ -124,6 +126,17 @@ pub struct Keepalive {
     pub ping_interval_ms: u64,
 }
 
+/// The `[credentials]` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Credentials {
+    /// Refuse device certificates of units the registry has never seen and manager
+    /// certificates of names nothing is recorded under. Off by default: certificates made
+    /// directly with the CA key (the load generator, test fleets, managers issued before
+    /// certificates were recorded) are then accepted on the CA's signature alone.
+    pub require_registered: bool,
+}
+
 /// Manager presence policy (the ICG's "no UMS connected" grace period).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -145,6 +158,7 @@ impl Default for Config {
             limits: Limits::default(),
             keepalive: Keepalive::default(),
             managers: Managers::default(),
+            credentials: Credentials::default(),
             xdp: Default::default(),
             tls: TlsSection::default(),
         }

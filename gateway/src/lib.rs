@@ -14,6 +14,8 @@
 //!   inboxes through which workers hand each other [`msg`]s, limits and counters.
 //! - [`guard`] — admission of new connections per source IP and globally (XDP or user space).
 //! - [`store`] — the credential store (SQLite by default): keys, device registry, revocations.
+//! - [`identity`] — which certificates are accepted (current, renewal overlap, revoked),
+//!   mirrored from the store for the workers.
 //! - [`control`] — the control plane's store thread: enrollment, pairing, key management,
 //!   revocation, off the data path.
 //! - [`certcmd`] — `devgate cert …`: import/check chains, renewal, root exchange.
@@ -35,6 +37,7 @@ pub mod control;
 pub mod creds;
 pub mod driver;
 pub mod guard;
+pub mod identity;
 pub mod ktls;
 pub mod msg;
 pub mod ops;

@@ -1015,7 +1015,7 @@ impl Worker {
         };
         let path = request.path;
         match path {
-            "/v1/enroll" | "/v1/pair" if request.method == "POST" => {
+            "/v1/enroll" | "/v1/pair" | "/v1/renew" if request.method == "POST" => {
                 let Some(len) = request.content_length else {
                     self.refuse(
                         slot,
@@ -1040,12 +1040,24 @@ impl Worker {
                 let Some(body) = buf.get(header_len..header_len + len) else {
                     return Some(0); // the body has not all arrived yet
                 };
+                // Renewal: the device proves possession of its current certificate.
+                let renewal = if path == "/v1/renew" {
+                    Some(self.renewal_identity(slot, now)?)
+                } else {
+                    None
+                };
                 let conn = self.conn_mut(slot)?;
                 let (reply_to, ip, body) = (conn.handle, conn.peer.ip(), body.to_vec());
-                let job = if path == "/v1/enroll" {
-                    crate::control::Job::Enroll { reply_to, ip, body }
-                } else {
-                    crate::control::Job::Pair { reply_to, ip, body }
+                let job = match (path, renewal) {
+                    (_, Some((unit, presented))) => crate::control::Job::Renew {
+                        reply_to,
+                        ip,
+                        unit,
+                        presented,
+                        body,
+                    },
+                    ("/v1/enroll", None) => crate::control::Job::Enroll { reply_to, ip, body },
+                    _ => crate::control::Job::Pair { reply_to, ip, body },
                 };
                 if !crate::control::submit(&self.shared, job) {
                     self.refuse(
@@ -1119,6 +1131,117 @@ impl Worker {
         self.close(slot, now, Ending::Quiet);
     }
 
+    /// The client certificate the peer presented, if any.
+    fn peer_certificate(&self, slot: u32) -> Option<rustls_pki_types::CertificateDer<'static>> {
+        self.conn_ref(slot).and_then(|c| match &c.tls {
+            Tls::User(tls) => tls
+                .peer_certificates()
+                .and_then(|certs| certs.first().cloned()),
+            _ => None,
+        })
+    }
+
+    /// Whether the registry accepts certificate `fp` for device `unit` or manager
+    /// `manager` (see [`crate::identity`]); refuses the request with 403 if not.
+    fn certificate_accepted(
+        &mut self,
+        slot: u32,
+        unit: Option<&Arc<str>>,
+        manager: Option<&str>,
+        fp: &crate::identity::Fp,
+        now: Instant,
+    ) -> bool {
+        let identity = &self.shared.identity;
+        let verdict = match (unit, manager) {
+            (Some(unit), _) => identity.check_device(unit, fp, crate::identity::unix_at(now)),
+            (None, Some(name)) => identity.check_manager(name, fp),
+            (None, None) => return false,
+        };
+        let body = match verdict {
+            crate::identity::Verdict::Accepted => return true,
+            crate::identity::Verdict::FirstUse => {
+                if let Some(unit) = unit {
+                    // The store ends the renewal overlap and the enrollment retry window;
+                    // if its queue is full, the next connection tells it again.
+                    let job = crate::control::Job::CertUsed {
+                        unit: unit.clone(),
+                        fingerprint: *fp,
+                    };
+                    if crate::control::submit(&self.shared, job) {
+                        self.shared.identity.note_used(unit, fp);
+                    }
+                }
+                return true;
+            }
+            crate::identity::Verdict::Revoked => "this credential has been revoked\n",
+            crate::identity::Verdict::Superseded => {
+                "this certificate is no longer valid: it was replaced, reset or revoked\n"
+            }
+            crate::identity::Verdict::Unregistered => {
+                "this certificate is not registered with this gateway\n"
+            }
+        };
+        bump(&self.stats().rejected_revoked);
+        let who = unit.map_or_else(
+            || format!("manager {}", manager.unwrap_or_default()),
+            |u| format!("device {u}"),
+        );
+        crate::warn_limited!(
+            certificate = %devgate_pki::format_fingerprint(fp),
+            "{who} refused: {}",
+            body.trim_end()
+        );
+        self.refuse(slot, 403, "Forbidden", body, now);
+        false
+    }
+
+    /// For `POST /v1/renew`: the unit and certificate SHA-256 of a device connected with a
+    /// certificate the registry accepts; refuses the request otherwise.
+    fn renewal_identity(
+        &mut self,
+        slot: u32,
+        now: Instant,
+    ) -> Option<(Arc<str>, crate::identity::Fp)> {
+        let Some(cert) = self.peer_certificate(slot) else {
+            self.refuse(
+                slot,
+                401,
+                "Unauthorized",
+                "renewal needs the device's current certificate (mutual TLS)\n",
+                now,
+            );
+            return None;
+        };
+        let fp = devgate_pki::fingerprint_bytes(cert.as_ref());
+        let Some(PeerRole::Device { unit_id }) = self.shared.tls.load().classifier.classify(&cert)
+        else {
+            self.refuse(
+                slot,
+                403,
+                "Forbidden",
+                "only a device certificate of this gateway can be renewed\n",
+                now,
+            );
+            return None;
+        };
+        let unit: Arc<str> = Arc::from(unit_id.as_str());
+        if self.shared.revoked.contains_key(&*unit) {
+            bump(&self.stats().rejected_revoked);
+            self.refuse(
+                slot,
+                403,
+                "Forbidden",
+                "this credential has been revoked\n",
+                now,
+            );
+            return None;
+        }
+        if !self.certificate_accepted(slot, Some(&unit), None, &fp, now) {
+            return None;
+        }
+        Some((unit, fp))
+    }
+
     fn upgrade(
         &mut self,
         slot: u32,
@@ -1128,15 +1251,14 @@ impl Worker {
         now: Instant,
     ) -> Option<usize> {
         let tls = self.shared.tls.load();
-        let role = self
-            .conn_ref(slot)
-            .and_then(|c| match &c.tls {
-                Tls::User(tls) => tls
-                    .peer_certificates()
-                    .and_then(|certs| certs.first().cloned()),
-                _ => None,
-            })
-            .map(|cert| tls.classifier.classify(&cert));
+        let cert = self.peer_certificate(slot);
+        // SHA-256 of the presented certificate: the registry accepts certificates, not
+        // just the names they carry.
+        let fp = cert
+            .as_ref()
+            .map(|c| devgate_pki::fingerprint_bytes(c.as_ref()))
+            .unwrap_or_default();
+        let role = cert.map(|cert| tls.classifier.classify(&cert));
         let role = match role {
             None => {
                 self.refuse(
@@ -1187,6 +1309,9 @@ impl Worker {
                     );
                     return None;
                 }
+                if !self.certificate_accepted(slot, Some(&unit), None, &fp, now) {
+                    return None;
+                }
                 if self.shared.devices_refused(now) {
                     bump(&self.stats().rejected_no_manager);
                     info!("no manager connected: device {unit} rejected");
@@ -1212,10 +1337,19 @@ impl Worker {
                     return None;
                 }
                 bump(&self.stats().device_sessions);
+                self.shared
+                    .identity
+                    .device_connected(unit.clone(), handle, fp);
                 Role::Device(DeviceSession::new(unit))
             }
             (PeerRole::Manager { name }, false) => {
+                if !self.certificate_accepted(slot, None, Some(&name), &fp, now) {
+                    return None;
+                }
                 info!(manager = %name, peer = %self.conn_ref(slot)?.peer, "manager connected");
+                self.shared
+                    .identity
+                    .manager_connected(handle, Arc::from(name.as_str()), fp);
                 self.shared.add_manager(handle);
                 bump(&self.stats().manager_sessions);
                 Role::Manager(ManagerSession {
@@ -1923,7 +2057,7 @@ impl Worker {
                 Ok(Some(serde_json::json!({"ok": true, "total": shared.device_count.load(Ordering::Relaxed), "devices": units}).to_string()))
             }
             "create_keys" | "list_keys" | "revoke_key" | "revoke_device" | "unrevoke_device"
-            | "list_enrolled" => {
+            | "reset_device" | "revoke_certificate" | "list_enrolled" => {
                 let job = crate::control::Job::Manager {
                     reply_to: me,
                     request_id,
@@ -1936,7 +2070,7 @@ impl Worker {
                 }
             }
             other => Err(format!(
-                "unknown control op \"{other}\" (known: set_device_limit, get_status, list_devices, create_keys, list_keys, revoke_key, revoke_device, unrevoke_device, list_enrolled)"
+                "unknown control op \"{other}\" (known: set_device_limit, get_status, list_devices, create_keys, list_keys, revoke_key, revoke_device, unrevoke_device, reset_device, revoke_certificate, list_enrolled)"
             )),
         }
     }
