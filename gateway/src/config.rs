@@ -92,7 +92,7 @@ impl TlsSection {
         let known = || {
             available
                 .iter()
-                .map(|s| name_of(s))
+                .map(&name_of)
                 .collect::<Vec<_>>()
                 .join(", ")
         };
