@@ -291,44 +291,39 @@ pub fn run(cmd: CertCommand) -> Result<()> {
             copy_atomic(&key, &key_out, 0o600)?;
             // The last certificate is the root (validation insists on it): keep it where
             // `devgate fingerprint` and the trust bundle look.
-            if let Some(root) = certs.last() {
-                let same_root = devgate_pki::load_certs(&paths.root_cert())
-                    .ok()
-                    .and_then(|c| c.first().cloned())
-                    .is_some_and(|r| r == *root);
-                if stage {
-                    devgate_pki::write_file(
-                        &root_path,
-                        crate::tls::cert_pem(root.as_ref()).as_bytes(),
-                        0o644,
-                    )?;
-                    write_bundle(&data_dir, &[&paths.root_cert(), &root_path])?;
+            let root = new_root;
+            if stage {
+                devgate_pki::write_file(
+                    &root_path,
+                    crate::tls::cert_pem(root.as_ref()).as_bytes(),
+                    0o644,
+                )?;
+                write_bundle(&data_dir, &[&paths.root_cert(), &root_path])?;
+                println!(
+                    "staged; devices are sent the trust bundle on reload; then run `devgate cert activate-root`"
+                );
+            } else if root_changes {
+                let prev = paths.dir.join("previous-root.pem");
+                let _ = std::fs::copy(paths.root_cert(), &prev);
+                if root_staged {
+                    // Devices have been sent this root: the import is the activation
+                    // step; keep sending both roots until `cert finish-root`.
+                    finish_staging(&data_dir, root)?;
+                }
+                devgate_pki::write_file(
+                    &root_path,
+                    crate::tls::cert_pem(root.as_ref()).as_bytes(),
+                    0o644,
+                )?;
+                if root_staged {
+                    write_bundle(&data_dir, &[&paths.root_cert(), &prev])?;
                     println!(
-                        "staged; devices are sent the trust bundle on reload; then run `devgate cert activate-root`"
+                        "the staged root is now active; run `devgate cert finish-root` once no device needs the old root"
                     );
-                } else if !same_root {
-                    let prev = paths.dir.join("previous-root.pem");
-                    let _ = std::fs::copy(paths.root_cert(), &prev);
-                    if root_staged {
-                        // Devices have been sent this root: the import is the activation
-                        // step; keep sending both roots until `cert finish-root`.
-                        finish_staging(&data_dir, root)?;
-                    }
-                    devgate_pki::write_file(
-                        &root_path,
-                        crate::tls::cert_pem(root.as_ref()).as_bytes(),
-                        0o644,
-                    )?;
-                    if root_staged {
-                        write_bundle(&data_dir, &[&paths.root_cert(), &prev])?;
-                        println!(
-                            "the staged root is now active; run `devgate cert finish-root` once no device needs the old root"
-                        );
-                    } else {
-                        eprintln!(
-                            "warning: --force: this chain has a root that was not staged; devices that do not trust it yet will refuse the gateway"
-                        );
-                    }
+                } else {
+                    eprintln!(
+                        "warning: --force: this chain has a root that was not staged; devices that do not trust it yet will refuse the gateway"
+                    );
                 }
             }
             if let Some(fp) = report.root_fingerprint {

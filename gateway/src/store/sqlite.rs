@@ -203,7 +203,9 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<(Vec<KeyInfo>, Option<i64>), StoreError> {
         // Keyset paging on the rowid (insertion order, so newest first): one B-tree walk
-        // per page however many keys there are, and stable while keys are added.
+        // per page however many keys there are, and stable while keys are added (keys
+        // are never deleted and the store never VACUUMs, the two things that could
+        // renumber rowids under a cursor).
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT rowid, id, kind, unit, created_at, expires_at, revoked_at, uses, used_by FROM keys WHERE rowid < ?1 ORDER BY rowid DESC LIMIT ?2",
