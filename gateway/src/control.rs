@@ -374,12 +374,14 @@ impl ControlPlane {
         let store_err = |e: store::StoreError| e.to_string();
         match op {
             "create_keys" => {
-                check_create_keys_size(req)?;
+                check_create_keys_size(req, self.reply_budget())?;
                 let created = create_keys_from_json(&*self.store, req, now)?;
                 Ok(json!({"ok": true, "keys": created}))
             }
             "list_keys" => {
                 let (limit, before) = list_keys_page_args(req)?;
+                // Fewer per page where the operator made the send queue small.
+                let limit = limit.min(self.reply_budget() / KEY_INFO_MAX_JSON).max(1);
                 let (keys, next) = self
                     .store
                     .list_keys_page(before, limit)
@@ -482,16 +484,32 @@ fn pem_chain(chain: &[rustls_pki_types::CertificateDer<'_>]) -> String {
         .collect()
 }
 
-/// Keys per `list_keys` page, by default and at most. A key entry is at most ~350 bytes
-/// of JSON (a 64-character unit and used-by), so a full page stays far below the 1 MiB
-/// frame limit of managers and the per-connection send queue (`limits.queue_bytes`,
-/// at least one largest frame): a large store must not get its manager disconnected.
+/// Keys per `list_keys` page, by default and at most. A key entry is at most
+/// [`KEY_INFO_MAX_JSON`] bytes, so a full page (~350 KB) stays far below the 1 MiB frame
+/// limit of managers and the per-connection send queue: a large store must not get its
+/// manager disconnected as a slow consumer.
 pub const LIST_KEYS_MAX_LIMIT: usize = 1000;
 
 /// Keys one `create_keys` control request may create. The reply carries every secret
-/// (~170 bytes of JSON each at most), so 1000 keep it far below the frame limits; the CLI
-/// (`devgate keys create`), which writes to the store directly, has no such cap.
+/// (at most [`CREATED_KEY_MAX_JSON`] bytes each), so 1000 keep it far below the frame
+/// limits; the CLI (`devgate keys create`), which writes to the store directly, has no
+/// such cap.
 pub const CREATE_KEYS_MAX_PER_REQUEST: u64 = 1000;
+
+/// Upper bound of one `list_keys` entry in JSON: 16-character id, 64-character unit and
+/// used-by, four timestamps, field names.
+const KEY_INFO_MAX_JSON: usize = 350;
+/// Upper bound of one `create_keys` entry in JSON (id, secret, kind, 64-character unit).
+const CREATED_KEY_MAX_JSON: usize = 200;
+
+impl ControlPlane {
+    /// Bytes one control reply may take: half the send queue's soft limit (which is at
+    /// least one largest frame), so a reply never pushes a manager towards the hard limit
+    /// at which it is disconnected.
+    fn reply_budget(&self) -> usize {
+        self.shared.config.limits.queue_bytes / 2
+    }
+}
 
 /// `list_keys` arguments: `limit` (1 to [`LIST_KEYS_MAX_LIMIT`], default the maximum) and
 /// `cursor` (the `next_cursor` of the previous page; absent for the first page).
@@ -523,17 +541,20 @@ fn list_keys_page_args(req: &Value) -> Result<(usize, Option<i64>), String> {
 }
 
 /// Refuses a `create_keys` control request that would create more than
-/// [`CREATE_KEYS_MAX_PER_REQUEST`] keys (its reply would not fit a frame).
-fn check_create_keys_size(req: &Value) -> Result<(), String> {
+/// [`CREATE_KEYS_MAX_PER_REQUEST`] keys, or more than a reply of `budget` bytes holds.
+fn check_create_keys_size(req: &Value, budget: usize) -> Result<(), String> {
+    let max = CREATE_KEYS_MAX_PER_REQUEST
+        .min(u64::try_from(budget / CREATED_KEY_MAX_JSON).unwrap_or(u64::MAX))
+        .max(1);
     let count = req.get("count").and_then(Value::as_u64).unwrap_or(0);
     let units = req
         .get("units")
         .and_then(Value::as_array)
         .map_or(0, Vec::len);
     let asked = count.max(u64::try_from(units).unwrap_or(u64::MAX));
-    if asked > CREATE_KEYS_MAX_PER_REQUEST {
+    if asked > max {
         return Err(format!(
-            "create_keys creates at most {CREATE_KEYS_MAX_PER_REQUEST} keys per request (asked for {asked}): send several requests, or use `devgate keys create` on the gateway host"
+            "create_keys creates at most {max} keys per request (asked for {asked}): send several requests, or use `devgate keys create` on the gateway host"
         ));
     }
     Ok(())

@@ -322,6 +322,48 @@ async fn list_keys_and_create_keys_are_paged_so_replies_fit_a_frame() -> Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_keys_pages_shrink_to_fit_a_small_send_queue() -> Result<()> {
+    // 1000 keys are ~150 KB of JSON: one reply would pass this queue's hard limit and
+    // get the manager disconnected as a slow consumer.
+    let gw = Gateway::start(
+        "[limits]\nmax_message_bytes = 65536\nqueue_bytes = 65536\nqueue_hard_bytes = 65536\n",
+    )?;
+    let (ok, _, err) = devgate(&[
+        "keys",
+        "create",
+        "--data-dir",
+        &gw.data_arg(),
+        "--one-time",
+        "1000",
+    ])?;
+    assert!(ok, "{err}");
+    let mut mgr = gw.manager().await?;
+    let (mut total, mut cursor, mut pages) = (0, serde_json::Value::Null, 0);
+    loop {
+        let req = serde_json::json!({"op": "list_keys", "cursor": cursor});
+        let page = control(&mut mgr, 1 + pages, &req)
+            .await?
+            .map_err(anyhow::Error::msg)?;
+        total += page["keys"].as_array().context("keys")?.len();
+        pages += 1;
+        cursor = page["next_cursor"].clone();
+        if cursor.is_null() || pages > 100 {
+            break;
+        }
+    }
+    assert_eq!(total, 1000);
+    assert!(pages > 1, "one page of 1000 keys for a 64 KiB queue");
+    let reply = control(
+        &mut mgr,
+        500,
+        &serde_json::json!({"op": "create_keys", "count": 1000}),
+    )
+    .await?;
+    assert!(reply.is_err(), "1000 keys created into a 64 KiB queue");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_the_announced_retry_after_is_accepted() -> Result<()> {
     let gw = Gateway::start("")?;
     let roots = devgate_tests::roots(gw.data.path())?;
