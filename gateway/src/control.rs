@@ -316,7 +316,7 @@ impl ControlPlane {
             429,
             "Too Many Requests",
             &json!({"error": "too many failed attempts from this address; retry later"}),
-            Some(("Retry-After", wait.as_secs().max(1).to_string())),
+            Some(("Retry-After", retry_after_secs(wait).to_string())),
         )
     }
 
@@ -521,11 +521,23 @@ impl ControlPlane {
         let store_err = |e: store::StoreError| e.to_string();
         match op {
             "create_keys" => {
+                check_create_keys_size(req, self.reply_budget())?;
                 let created = create_keys_from_json(&*self.store, req, now)?;
                 Ok(json!({"ok": true, "keys": created}))
             }
             "list_keys" => {
-                Ok(json!({"ok": true, "keys": self.store.list_keys().map_err(store_err)?}))
+                let (limit, before) = list_keys_page_args(req)?;
+                // Fewer per page where the operator made the send queue small.
+                let limit = limit.min(self.reply_budget() / KEY_INFO_MAX_JSON).max(1);
+                let (keys, next) = self
+                    .store
+                    .list_keys_page(before, limit)
+                    .map_err(store_err)?;
+                Ok(json!({
+                    "ok": true,
+                    "keys": keys,
+                    "next_cursor": next.map(|rowid| rowid.to_string()),
+                }))
             }
             "revoke_key" => {
                 let id = req
@@ -752,6 +764,19 @@ impl ControlPlane {
     }
 }
 
+/// Whole seconds a client must wait for a retry to be accepted: rounded up (a header
+/// that rounded down would announce a time after which the bucket still holds less than
+/// one token, so an obedient client would get another 429), at least 1.
+fn retry_after_secs(wait: Duration) -> u64 {
+    let whole = wait.as_secs();
+    let secs = if wait.subsec_nanos() > 0 {
+        whole.saturating_add(1)
+    } else {
+        whole
+    };
+    secs.max(1)
+}
+
 fn bump(shared: &Shared, f: impl Fn(&crate::stats::WorkerStats) -> &std::sync::atomic::AtomicU64) {
     // The store thread has no worker slot; it counts on worker 0's line (rare events).
     if let Some(s) = shared.stats.first() {
@@ -770,6 +795,82 @@ fn pem_chain(chain: &[rustls_pki_types::CertificateDer<'_>]) -> String {
         .iter()
         .map(|c| crate::tls::cert_pem(c.as_ref()))
         .collect()
+}
+
+/// Keys per `list_keys` page, by default and at most. A key entry is at most
+/// [`KEY_INFO_MAX_JSON`] bytes, so a full page (~350 KB) stays far below the 1 MiB frame
+/// limit of managers and the per-connection send queue: a large store must not get its
+/// manager disconnected as a slow consumer.
+pub const LIST_KEYS_MAX_LIMIT: usize = 1000;
+
+/// Keys one `create_keys` control request may create. The reply carries every secret
+/// (at most [`CREATED_KEY_MAX_JSON`] bytes each), so 1000 keep it far below the frame
+/// limits; the CLI (`devgate keys create`), which writes to the store directly, has no
+/// such cap.
+pub const CREATE_KEYS_MAX_PER_REQUEST: u64 = 1000;
+
+/// Upper bound of one `list_keys` entry in JSON: 16-character id, 64-character unit and
+/// used-by, four timestamps, field names.
+const KEY_INFO_MAX_JSON: usize = 350;
+/// Upper bound of one `create_keys` entry in JSON (id, secret, kind, 64-character unit).
+const CREATED_KEY_MAX_JSON: usize = 200;
+
+impl ControlPlane {
+    /// Bytes one control reply may take: half the send queue's soft limit (which is at
+    /// least one largest frame), so a reply never pushes a manager towards the hard limit
+    /// at which it is disconnected.
+    fn reply_budget(&self) -> usize {
+        self.shared.config.limits.queue_bytes / 2
+    }
+}
+
+/// `list_keys` arguments: `limit` (1 to [`LIST_KEYS_MAX_LIMIT`], default the maximum) and
+/// `cursor` (the `next_cursor` of the previous page; absent for the first page).
+fn list_keys_page_args(req: &Value) -> Result<(usize, Option<i64>), String> {
+    let limit = match req.get("limit") {
+        None | Some(Value::Null) => LIST_KEYS_MAX_LIMIT,
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| (1..=LIST_KEYS_MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                format!(
+                    "list_keys: \"limit\" must be an integer from 1 to {LIST_KEYS_MAX_LIMIT} (got {v}); page with \"cursor\""
+                )
+            })?,
+    };
+    let before = match req.get("cursor") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_str()
+                .and_then(|c| c.parse::<i64>().ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    format!("list_keys: \"cursor\" {v} is not a next_cursor returned by list_keys")
+                })?,
+        ),
+    };
+    Ok((limit, before))
+}
+
+/// Refuses a `create_keys` control request that would create more than
+/// [`CREATE_KEYS_MAX_PER_REQUEST`] keys, or more than a reply of `budget` bytes holds.
+fn check_create_keys_size(req: &Value, budget: usize) -> Result<(), String> {
+    let max = CREATE_KEYS_MAX_PER_REQUEST
+        .min(u64::try_from(budget / CREATED_KEY_MAX_JSON).unwrap_or(u64::MAX))
+        .max(1);
+    let count = req.get("count").and_then(Value::as_u64).unwrap_or(0);
+    let units = req
+        .get("units")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let asked = count.max(u64::try_from(units).unwrap_or(u64::MAX));
+    if asked > max {
+        return Err(format!(
+            "create_keys creates at most {max} keys per request (asked for {asked}): send several requests, or use `devgate keys create` on the gateway host"
+        ));
+    }
+    Ok(())
 }
 
 /// A created key as reported once to whoever created it (the secret is never shown again).

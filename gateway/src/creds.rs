@@ -274,37 +274,12 @@ fn keys(cmd: KeysCommand) -> Result<()> {
             Ok(())
         }
         KeysCommand::List { data_dir, json } => {
-            let keys = open_store(&data_dir)?.list_keys()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&keys)?);
-                return Ok(());
+            let store = open_store(&data_dir)?;
+            match list_keys(&store, json) {
+                // `devgate keys list | head`: the reader left; not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                other => other.context("writing the key list"),
             }
-            println!(
-                "{:<16}  {:<8}  {:<20}  {:>5}  {:<10}  expires",
-                "id", "kind", "unit / used by", "uses", "state"
-            );
-            for k in keys {
-                let state = if k.revoked_at.is_some() {
-                    "revoked"
-                } else if k.expires_at.is_some_and(|e| e <= unix_now()) {
-                    "expired"
-                } else if k.kind != "multi" && k.used_by.is_some() {
-                    "used"
-                } else {
-                    "valid"
-                };
-                let who = k
-                    .unit
-                    .clone()
-                    .or(k.used_by.clone())
-                    .unwrap_or_else(|| "-".into());
-                let expires = k.expires_at.map_or_else(|| "never".to_owned(), rfc3339);
-                println!(
-                    "{:<16}  {:<8}  {:<20}  {:>5}  {:<10}  {expires}",
-                    k.id, k.kind, who, k.uses, state
-                );
-            }
-            Ok(())
         }
         KeysCommand::Revoke { data_dir, id } => {
             if open_store(&data_dir)?.revoke_key(&id, unix_now())? {
@@ -512,9 +487,73 @@ fn managers(cmd: ManagersCommand) -> Result<()> {
     }
 }
 
+/// Keys read from the store per page by `keys list`.
+const LIST_PAGE: usize = 10_000;
+
+/// Prints every key, newest first, a page at a time: a store of 300,000 keys is never
+/// held in memory at once (nor rendered as one JSON string).
+fn list_keys(store: &crate::store::sqlite::SqliteStore, json: bool) -> std::io::Result<()> {
+    use crate::store::Store as _;
+    use std::io::Write as _;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if json {
+        write!(out, "[")?;
+    } else {
+        writeln!(
+            out,
+            "{:<16}  {:<8}  {:<20}  {:>5}  {:<10}  expires",
+            "id", "kind", "unit / used by", "uses", "state"
+        )?;
+    }
+    let now = unix_now();
+    let (mut before, mut first) = (None, true);
+    loop {
+        let (keys, next) = store
+            .list_keys_page(before, LIST_PAGE)
+            .map_err(std::io::Error::other)?;
+        for k in keys {
+            if json {
+                // The same document `to_string_pretty` of the whole list would be.
+                let item = serde_json::to_string_pretty(&k).map_err(std::io::Error::other)?;
+                write!(out, "{}\n  ", if first { "" } else { "," })?;
+                write!(out, "{}", item.replace('\n', "\n  "))?;
+                first = false;
+                continue;
+            }
+            let state = if k.revoked_at.is_some() {
+                "revoked"
+            } else if k.expires_at.is_some_and(|e| e <= now) {
+                "expired"
+            } else if k.kind != "multi" && k.used_by.is_some() {
+                "used"
+            } else {
+                "valid"
+            };
+            let who = k.unit.as_deref().or(k.used_by.as_deref()).unwrap_or("-");
+            let expires = k.expires_at.map_or_else(|| "never".to_owned(), rfc3339);
+            writeln!(
+                out,
+                "{:<16}  {:<8}  {:<20}  {:>5}  {:<10}  {expires}",
+                k.id, k.kind, who, k.uses, state
+            )?;
+        }
+        match next {
+            Some(n) => before = Some(n),
+            None => break,
+        }
+    }
+    if json {
+        writeln!(out, "{}]", if first { "" } else { "\n" })?;
+    }
+    out.flush()
+}
+
 /// Writes `<name>.pem` and `<name>.key` into `out`.
 pub fn write_credential(issued: &IssuedCert, out: &Path, name: &str) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // 0700 whatever the umask: the folder receives a private key.
+    devgate_pki::create_dir_with_mode(out, devgate_pki::PRIVATE_DIR_MODE)
+        .with_context(|| format!("creating {}", out.display()))?;
     let safe: String = name
         .chars()
         .map(|c| {

@@ -92,7 +92,9 @@ pub use chain::{
     create_server, validate_server_chain, validate_server_chain_files,
 };
 pub use error::PkiError;
-pub use files::{load_certs, load_key};
+pub use files::{
+    DATA_DIR_MODE, PRIVATE_DIR_MODE, create_dir_with_mode, load_certs, load_key, write_file,
+};
 pub use fingerprint::{
     bundle_id, fingerprint, fingerprint_bytes, fingerprint_file, fingerprint_matches,
     format_fingerprint, parse_fingerprint,

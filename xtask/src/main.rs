@@ -129,6 +129,8 @@ const EPOLL_SUITES: &[&str] = &[
     "enroll",
     "rotation",
     "ops_status",
+    "identity",
+    "rails",
 ];
 
 #[derive(Default)]

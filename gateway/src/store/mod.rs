@@ -256,6 +256,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn create_keys(&self, keys: &[NewKey]) -> Result<(), StoreError>;
     /// All keys, newest first.
     fn list_keys(&self) -> Result<Vec<KeyInfo>, StoreError>;
+    /// One page of keys, newest first: at most `limit` keys created before the position
+    /// `before` (from the newest without one), and the position to continue from if more
+    /// keys follow. Positions are opaque to callers (`list_keys`' cursor); each page costs
+    /// an index walk of `limit` rows, not a scan of the table.
+    fn list_keys_page(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<KeyInfo>, Option<i64>), StoreError>;
     /// Revokes a key by id; false if there is no such key.
     fn revoke_key(&self, id: &str, now: i64) -> Result<bool, StoreError>;
     /// Checks `secret` for `unit` and, if it is accepted, consumes it (one-time kinds) and

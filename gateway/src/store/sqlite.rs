@@ -116,6 +116,18 @@ impl SqliteStore {
     /// Opens (creating and migrating if needed) the store in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = Self::path_in(data_dir);
+        // Create the file 0600 before SQLite does (it would use 0644 minus the umask, and
+        // its -wal and -shm files copy the database's mode): it holds key hashes.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path);
+        }
         let conn = Connection::open(&path)
             .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(10))?;
@@ -326,6 +338,48 @@ impl Store for SqliteStore {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn list_keys_page(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<KeyInfo>, Option<i64>), StoreError> {
+        // Keyset paging on the rowid (insertion order, so newest first): one B-tree walk
+        // per page however many keys there are, and stable while keys are added (keys
+        // are never deleted and the store never VACUUMs, the two things that could
+        // renumber rowids under a cursor).
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT rowid, id, kind, unit, created_at, expires_at, revoked_at, uses, used_by FROM keys WHERE rowid < ?1 ORDER BY rowid DESC LIMIT ?2",
+        )?;
+        let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![before.unwrap_or(i64::MAX), fetch], |r| {
+            let kind: String = r.get(2)?;
+            Ok((
+                r.get::<_, i64>(0)?,
+                KeyInfo {
+                    id: r.get(1)?,
+                    kind: KeyKind::parse(&kind).map_or("unknown", KeyKind::as_str),
+                    unit: r.get(3)?,
+                    created_at: r.get(4)?,
+                    expires_at: r.get(5)?,
+                    revoked_at: r.get(6)?,
+                    uses: r.get::<_, i64>(7)?.try_into().unwrap_or(0),
+                    used_by: r.get(8)?,
+                },
+            ))
+        })?;
+        let mut page: Vec<(i64, KeyInfo)> = rows.collect::<Result<_, _>>()?;
+        // One row more than asked for tells whether another page follows.
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let next = if more {
+            page.last().map(|(rowid, _)| *rowid)
+        } else {
+            None
+        };
+        Ok((page.into_iter().map(|(_, k)| k).collect(), next))
     }
 
     fn revoke_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
