@@ -295,11 +295,11 @@ impl ControlPlane {
                 bump(&self.shared, |s| &s.enrollments_refused);
                 self.record_failure(ip, now_i);
                 // The reason is for the operator; the device learns only "refused".
-                warn!(unit, %ip, reason = reason.as_str(), "enrollment refused");
+                crate::warn_limited!(unit, %ip, reason = reason.as_str(), "enrollment refused");
                 refused()
             }
             Err(e) => {
-                warn!("enrollment failed: {e}");
+                crate::warn_limited!("enrollment failed: {e}");
                 json_response(
                     503,
                     "Service Unavailable",
@@ -353,11 +353,11 @@ impl ControlPlane {
             }
             Ok(false) => {
                 self.record_failure(ip, now_i);
-                warn!(manager = name, %ip, "manager pairing refused");
+                crate::warn_limited!(manager = name, %ip, "manager pairing refused");
                 refused()
             }
             Err(e) => {
-                warn!("pairing failed: {e}");
+                crate::warn_limited!("pairing failed: {e}");
                 json_response(
                     503,
                     "Service Unavailable",
