@@ -59,7 +59,7 @@ const MAX_STREAMS_PER_MANAGER: usize = 4096;
 /// Timers handled per tick: a burst of handshake timeouts (a flood's connections all
 /// accepted at once expire at once) is spread over loop turns, with the sockets served in
 /// between, instead of closing thousands in one turn.
-const TIMERS_PER_TICK: usize = 256;
+const TIMERS_PER_TICK: usize = 64;
 
 /// What a driver should do with a connection after a write attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

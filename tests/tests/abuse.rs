@@ -274,6 +274,16 @@ fn hostile_peers_log_a_bounded_number_of_lines() -> Result<()> {
         refused_lines <= 2 * budget,
         "{refused_lines} 'enrollment refused' lines for {ENROLLS} refusals:\n{logs}"
     );
+    // Both floods were there and were summarised, not just absent.
+    let summary = |site: &str| {
+        logs.lines()
+            .any(|l| l.contains("similar messages suppressed") && l.contains(site))
+    };
+    assert!(summary("rustls"), "no summary of rustls lines:\n{logs}");
+    assert!(
+        summary("control.rs"),
+        "no summary of enrollment refusals:\n{logs}"
+    );
     assert!(logs.lines().count() < 100, "log flood:\n{logs}");
     Ok(())
 }
