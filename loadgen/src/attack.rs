@@ -177,12 +177,11 @@ async fn one(
                 }
                 // A byte a second, and notice the close meanwhile.
                 let mut buf = [0u8; 512];
-                match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
-                    Ok(Ok(0) | Err(_)) => {
-                        counts.ended_by_gateway.fetch_add(1, Ordering::Relaxed);
-                        return Ok(());
-                    }
-                    Ok(Ok(_)) | Err(_) => {}
+                if let Ok(Ok(0) | Err(_)) =
+                    tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await
+                {
+                    counts.ended_by_gateway.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
                 }
             }
             until_closed(&mut s, end, counts).await;

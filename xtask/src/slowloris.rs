@@ -32,6 +32,12 @@ struct Options {
     drivers: Vec<String>,
     /// Multiplies the attack sizes (0.1 for a quick look).
     scale: f64,
+    /// Attack kinds to run (all by default).
+    attacks: Vec<String>,
+    /// Run the attacker at `nice 19`: on a small shared machine its own TLS handshakes
+    /// (a real attacker spends those on its own machines) otherwise take the CPU the
+    /// gateway and load generator need, which is not what this benchmark is about.
+    nice: bool,
 }
 
 pub(crate) fn task(args: &[String]) -> Result<()> {
@@ -39,6 +45,8 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
         seconds: 15,
         drivers: vec!["io_uring".into(), "epoll".into()],
         scale: 1.0,
+        attacks: ATTACKS.iter().map(|(k, _)| (*k).to_owned()).collect(),
+        nice: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -46,8 +54,10 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
             "--seconds" => o.seconds = it.next().context("--seconds S")?.parse()?,
             "--driver" => o.drivers = vec![it.next().context("--driver NAME")?.clone()],
             "--scale" => o.scale = it.next().context("--scale F")?.parse()?,
+            "--attack" => o.attacks = vec![it.next().context("--attack KIND")?.clone()],
+            "--nice-attacker" => o.nice = true,
             other => bail!(
-                "unknown option {other} (slowloris-bench [--seconds S] [--driver io_uring|epoll] [--scale F])"
+                "unknown option {other} (slowloris-bench [--seconds S] [--driver io_uring|epoll] [--scale F] [--attack silent|partial-hello|slow-head] [--nice-attacker])"
             ),
         }
     }
@@ -75,12 +85,19 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
         phases.extend(
             ATTACKS
                 .iter()
+                .filter(|(k, _)| o.attacks.iter().any(|a| a == k))
                 .map(|(k, n)| ((*k).to_owned(), (*n as f64 * o.scale) as u64)),
         );
         for (kind, n) in phases {
             eprintln!("== {driver}: attack {kind} ({n} connections)");
             let attacker = if n > 0 {
-                let mut a = Command::new(bin("devgate-loadgen"));
+                let mut a = if o.nice {
+                    let mut c = Command::new("nice");
+                    c.args(["-n", "19"]).arg(bin("devgate-loadgen"));
+                    c
+                } else {
+                    Command::new(bin("devgate-loadgen"))
+                };
                 a.args(["attack", "--gateway", LISTEN, "--data-dir"])
                     .arg(&data)
                     .args(["--attack", &kind, "--devices", &n.to_string()])
@@ -153,8 +170,12 @@ fn summarize(results: &[Value], o: &Options) -> String {
     let mut md = String::from("# Slowloris: established devices under attack (same run)\n\n");
     let _ = writeln!(
         md,
-        "200 devices, 1 manager, 1,000 commands/s for {} s per phase; gateway, load generator and attacker share the machine. Command: `cargo xtask slowloris-bench --seconds {} --scale {}`.\n",
-        o.seconds, o.seconds, o.scale
+        "200 devices, 1 manager, 1,000 commands/s for {} s per phase; gateway, load generator and attacker share the machine{}. Command: `cargo xtask slowloris-bench --seconds {} --scale {}{}`.\n",
+        o.seconds,
+        if o.nice { " (attacker at nice 19)" } else { "" },
+        o.seconds,
+        o.scale,
+        if o.nice { " --nice-attacker" } else { "" }
     );
     md.push_str("| data path | attack | connections | p50 µs | p99 µs | p50 ratio | p99 ratio | handshake timeouts | errors |\n|---|---|---|---|---|---|---|---|---|\n");
     for driver in &o.drivers {
