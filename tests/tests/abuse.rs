@@ -325,3 +325,22 @@ async fn refusals_at_the_connection_limit_are_counted_on_both_data_paths() -> Re
     );
     Ok(())
 }
+
+/// Item 5: the new limits are checked by `devgate config check` (one line naming the key).
+#[test]
+fn config_check_validates_the_unauthenticated_limits() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "[limits]\nsession_reserve_percent = 95\n")?;
+    let path = file.to_string_lossy().into_owned();
+    let (ok, out, err) = devgate_tests::devgate(&["config", "check", &path])?;
+    assert!(!ok, "a 95 % reserve was accepted: {out}");
+    assert!(err.contains("limits.session_reserve_percent"), "{err}");
+    std::fs::write(
+        &file,
+        "[limits]\nmax_handshakes_per_source = 32\nsession_reserve_percent = 20\n",
+    )?;
+    let (ok, out, err) = devgate_tests::devgate(&["config", "check", &path])?;
+    assert!(ok, "valid limits refused: {out}{err}");
+    Ok(())
+}
