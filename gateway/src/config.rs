@@ -213,6 +213,12 @@ pub struct Limits {
     pub max_streams_per_device: usize,
     /// Credit outstanding per stream direction is capped at this many bytes.
     pub stream_window_cap: u32,
+    /// Unauthenticated connections (TLS handshake or HTTP head not finished) one source
+    /// (IPv4 address, IPv6 /64) may hold at once; more are refused at accept. 0 = no cap.
+    pub max_handshakes_per_source: u32,
+    /// Share of `max_connections`, in percent, that only sessions may use: unauthenticated
+    /// connections fill at most the rest, and a newcomer past that evicts the oldest one.
+    pub session_reserve_percent: u8,
 }
 
 /// Keep-alive settings.
@@ -278,6 +284,8 @@ impl Default for Limits {
             request_timeout_ms: 60_000,
             max_streams_per_device: 8,
             stream_window_cap: 1024 * 1024,
+            max_handshakes_per_source: 128,
+            session_reserve_percent: 10,
         }
     }
 }
@@ -579,6 +587,12 @@ impl Config {
         }
         if l.stream_window_cap < 1024 {
             return Err(invalid("limits.stream_window_cap", "must be at least 1024"));
+        }
+        if l.session_reserve_percent > 90 {
+            return Err(invalid(
+                "limits.session_reserve_percent",
+                "must be at most 90 (unauthenticated connections need room to become sessions)",
+            ));
         }
         if self.keepalive.ping_interval_ms < 100 {
             return Err(invalid(

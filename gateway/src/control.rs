@@ -369,7 +369,7 @@ impl ControlPlane {
                 refused()
             }
             Err(e) => {
-                warn!("enrollment failed: {e}");
+                crate::warn_limited!("enrollment failed: {e}");
                 json_response(
                     503,
                     "Service Unavailable",
@@ -504,7 +504,7 @@ impl ControlPlane {
                 refused()
             }
             Err(e) => {
-                warn!("pairing failed: {e}");
+                crate::warn_limited!("pairing failed: {e}");
                 json_response(
                     503,
                     "Service Unavailable",

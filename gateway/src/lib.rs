@@ -9,6 +9,8 @@
 //! - [`worker`] — the sans-IO core of one core's connections: TLS (rustls, fed bytes),
 //!   the HTTP upgrade, WebSocket framing and devgate frames (from `devgate-proto`), keep-
 //!   alives, and the router. It never touches a socket or reads the clock itself.
+//! - [`timers`] — a worker's per-connection timers (handshake deadlines, session sweeps),
+//!   so that a tick touches only what is due.
 //! - [`conn`] — what the worker keeps per connection, sized for tens of thousands idle.
 //! - [`shared`] — the session map (unit ID → connection), the manager list, the per-worker
 //!   inboxes through which workers hand each other [`msg`]s, limits and counters.
@@ -46,6 +48,7 @@ pub mod server;
 pub mod shared;
 pub mod stats;
 pub mod store;
+pub mod timers;
 pub mod tls;
 pub mod tls_conn;
 pub mod worker;

@@ -206,6 +206,8 @@ pub struct Shared {
     manager_seen: AtomicBool,
     /// Admission of new connections (XDP or user space).
     pub guard: Box<dyn Guard>,
+    /// Unauthenticated connections per source and in total (limited by default).
+    pub unauthenticated: crate::guard::unauth::Unauthenticated,
     /// Per worker: milliseconds after `started` of its last loop turn (the watchdog's
     /// proof that the data path is alive).
     pub heartbeats: Box<[AtomicU64]>,
@@ -263,6 +265,8 @@ impl Shared {
     ) -> Self {
         let device_limit = config.limits.device_limit;
         let identity = crate::identity::Identity::new(config.credentials.require_registered);
+        let unauthenticated =
+            crate::guard::unauth::Unauthenticated::new(config.limits.max_handshakes_per_source);
         Self {
             config,
             data_path: DataPath::default(),
@@ -288,6 +292,7 @@ impl Shared {
             no_manager_since_ms: AtomicU64::new(0),
             manager_seen: AtomicBool::new(false),
             guard,
+            unauthenticated,
             heartbeats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             accepting: Mutex::new(true),
             revoked: DashMap::new(),
