@@ -137,6 +137,75 @@ pub async fn enroll(
     })
 }
 
+/// The gateway's renewal path.
+pub const RENEW_PATH: &str = "/v1/renew";
+
+/// Renews the device's certificate: proves possession of the current one (`current`,
+/// presented over mutual TLS), sends a CSR for a fresh P-256 key pair and returns the new
+/// chain with its key.
+///
+/// ```text
+/// POST /v1/renew                       (TLS with the current device certificate)
+/// {"csr": "-----BEGIN CERTIFICATE REQUEST-----..."}
+///
+/// 200 {"certificate_chain": "<PEM>"}   401 {"error": "renewal refused"}
+/// ```
+///
+/// The certificate used for the request stays valid until the new one is first used or
+/// the gateway's overlap ends (one hour), so a lost answer can be retried with it.
+/// Errors as for [`enroll`]; a certificate the gateway no longer accepts is
+/// [`ClientError::Refused`] with status 403.
+pub async fn renew(
+    addr: SocketAddr,
+    server_name: &str,
+    roots: &[CertificateDer<'static>],
+    unit_id: &str,
+    current: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+) -> Result<Enrolled, ClientError> {
+    let tls = tls_config(roots, Some(current))?;
+    let (key_pair, csr_pem) = key_and_csr(unit_id)?;
+    let body = serde_json::json!({ "unit_id": unit_id, "csr": csr_pem }).to_string();
+    let response = http_request(
+        addr,
+        server_name,
+        tls,
+        &Request {
+            method: "POST",
+            path: RENEW_PATH,
+            body: Some(("application/json", body.as_bytes())),
+        },
+        MAX_ENROLL_BODY,
+    )
+    .await?;
+    match response.status {
+        200 => {}
+        401 => return Err(ClientError::EnrollmentRefused),
+        429 => {
+            return Err(ClientError::RateLimited {
+                retry_after: response.retry_after,
+            });
+        }
+        status => {
+            return Err(ClientError::Refused {
+                status,
+                body: String::from_utf8_lossy(&response.body).into_owned(),
+            });
+        }
+    }
+    let chain_pem = certificate_chain(&response.body)?;
+    let chain = certs_from_pem(chain_pem.as_bytes()).map_err(|e| {
+        ClientError::Protocol(format!("the renewal answer's certificate_chain: {e}"))
+    })?;
+    let key_der = PrivateKeyDer::Pkcs8(key_pair.serialize_der().into());
+    check_key_matches(&chain, &key_der, &base_provider())?;
+    Ok(Enrolled {
+        chain,
+        key: key_der,
+        chain_pem,
+        key_pem: key_pair.serialize_pem(),
+    })
+}
+
 /// A fresh P-256 key pair and a PEM CSR whose subject is `CN=<unit_id>`.
 fn key_and_csr(unit_id: &str) -> Result<(KeyPair, String), ClientError> {
     let key_pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)

@@ -71,7 +71,7 @@ pub use conn::{Connection, Incoming, Received, Receiver, Sender};
 pub use connect::{ConnectOptions, Role, connect, http_get, http_post};
 pub use devgate_proto::frame::{Body, ErrorCode, Frame, FrameType, PresenceReason};
 pub use discover::{DEFAULT_GATEWAY_PORT, Discovered, ResolverConfigChoice, discover};
-pub use enroll::{ENROLL_PATH, Enrolled, enroll};
+pub use enroll::{ENROLL_PATH, Enrolled, RENEW_PATH, enroll, renew};
 pub use error::ClientError;
 pub use first_contact::{FirstContact, fetch_gateway_root};
 pub use mux::{DevgateStream, IncomingStream, MAX_CHUNK, Mux, STREAM_WINDOW};

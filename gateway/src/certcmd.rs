@@ -31,6 +31,10 @@ pub enum CertCommand {
         /// Stage it as the next chain of a root exchange instead of installing it now.
         #[arg(long)]
         stage: bool,
+        /// Install a chain with a new root that is not staged (devices that do not trust
+        /// it yet will refuse the gateway until they are given the new root).
+        #[arg(long, conflicts_with = "stage")]
+        force: bool,
     },
     /// Validate the installed server chain and key.
     Check {
@@ -161,7 +165,7 @@ fn check_acknowledgements(data_dir: &Path, min_acked: f64, force: bool) -> Resul
             bail!(
                 "only {acked} of {total} enrolled devices acknowledged the new root (need {min_acked} %): \
                  wait until `devgate status` shows more (devices receive it when they connect), \
-                 lower the bar with --min-acked, or pass --force"
+                 lower the bar with `devgate cert activate-root --min-acked`, or pass --force"
             );
         }
     }
@@ -232,7 +236,47 @@ fn write_bundle(data_dir: &Path, roots: &[&Path]) -> Result<()> {
         );
     }
     let path = crate::reload::trust_bundle_path(data_dir);
-    std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+    devgate_pki::write_file(&path, pem.as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Whether `root` is the staged next root (`pki/next/root.pem`) or in the trust bundle
+/// that devices are being sent.
+fn is_staged(data_dir: &Path, root: &rustls_pki_types::CertificateDer<'_>) -> bool {
+    [
+        next_dir(data_dir).join("root.pem"),
+        crate::reload::trust_bundle_path(data_dir),
+    ]
+    .iter()
+    .filter_map(|p| devgate_pki::load_certs(p).ok())
+    .flatten()
+    .any(|c| c.as_ref() == root.as_ref())
+}
+
+/// After importing the staged root without `--stage`: the staged exchange is complete, so
+/// `pki/next/` goes (its root key, if `stage-root` made one, becomes the root key, as
+/// `activate-root` would do).
+fn finish_staging(data_dir: &Path, root: &rustls_pki_types::CertificateDer<'_>) -> Result<()> {
+    let paths = PkiPaths::new(data_dir);
+    let next = next_dir(data_dir);
+    let staged_root = devgate_pki::load_certs(&next.join("root.pem"))
+        .ok()
+        .and_then(|c| c.into_iter().next());
+    if staged_root.as_ref().map(|r| r.as_ref()) != Some(root.as_ref()) {
+        return Ok(());
+    }
+    if next.join("root.key").exists() {
+        if paths.root_key().exists() {
+            copy_atomic(
+                &paths.root_key(),
+                &paths.dir.join("previous-root.key"),
+                0o600,
+            )?;
+        }
+        std::fs::rename(next.join("root.key"), paths.root_key())?;
+    }
+    std::fs::remove_dir_all(&next).with_context(|| format!("removing {}", next.display()))?;
     Ok(())
 }
 
@@ -246,6 +290,7 @@ pub fn run(cmd: CertCommand) -> Result<()> {
             key,
             name,
             stage,
+            force,
         } => {
             let paths = PkiPaths::new(&data_dir);
             let names = names_or_installed(&paths, name)?;
@@ -258,13 +303,40 @@ pub fn run(cmd: CertCommand) -> Result<()> {
                 );
             }
             let certs = devgate_pki::load_certs(&chain)?;
+            // Decide before writing anything: a new root that devices were never sent
+            // would strand every enrolled device (they trust the installed root only).
+            let new_root = certs.last().context("the chain holds no certificate")?;
+            let current_root = devgate_pki::load_certs(&paths.root_cert())
+                .ok()
+                .and_then(|c| c.first().cloned());
+            let root_changes = current_root.as_ref() != Some(new_root);
+            let root_staged = root_changes && is_staged(&data_dir, new_root);
+            if !stage && root_changes && !root_staged && !force {
+                bail!(
+                    "{} has a different root (fingerprint {}) than the installed one ({}): installing it would strand every enrolled device, which trusts only the installed root. Nothing was installed. Stage it first: `devgate cert import --stage --data-dir {} --chain … --key …`, reload, let the devices receive the trust bundle, then `devgate cert activate-root` (see \"Root exchange\" under Certificates in docs/OPERATIONS.md); or pass --force to install it anyway",
+                    chain.display(),
+                    devgate_pki::fingerprint(new_root.as_ref()),
+                    current_root.as_ref().map_or_else(
+                        || "none".to_owned(),
+                        |r| devgate_pki::fingerprint(r.as_ref())
+                    ),
+                    data_dir.display(),
+                );
+            }
+            if !stage && root_staged {
+                // Installing a staged root is the activation step: the same bar applies.
+                check_acknowledgements(&data_dir, 100.0, force)?;
+            }
             let root_path = if stage {
                 next_dir(&data_dir).join("root.pem")
             } else {
                 paths.root_cert()
             };
             let (server_out, key_out) = if stage {
-                std::fs::create_dir_all(next_dir(&data_dir))?;
+                devgate_pki::create_dir_with_mode(
+                    &next_dir(&data_dir),
+                    devgate_pki::PRIVATE_DIR_MODE,
+                )?;
                 (
                     next_dir(&data_dir).join("server.pem"),
                     next_dir(&data_dir).join("server.key"),
@@ -276,23 +348,38 @@ pub fn run(cmd: CertCommand) -> Result<()> {
             copy_atomic(&key, &key_out, 0o600)?;
             // The last certificate is the root (validation insists on it): keep it where
             // `devgate fingerprint` and the trust bundle look.
-            if let Some(root) = certs.last() {
-                let same_root = devgate_pki::load_certs(&paths.root_cert())
-                    .ok()
-                    .and_then(|c| c.first().cloned())
-                    .is_some_and(|r| r == *root);
-                if stage {
-                    std::fs::write(&root_path, crate::tls::cert_pem(root.as_ref()))?;
-                    write_bundle(&data_dir, &[&paths.root_cert(), &root_path])?;
+            let root = new_root;
+            if stage {
+                devgate_pki::write_file(
+                    &root_path,
+                    crate::tls::cert_pem(root.as_ref()).as_bytes(),
+                    0o644,
+                )?;
+                write_bundle(&data_dir, &[&paths.root_cert(), &root_path])?;
+                println!(
+                    "staged; devices are sent the trust bundle on reload; then run `devgate cert activate-root`"
+                );
+            } else if root_changes {
+                let prev = paths.dir.join("previous-root.pem");
+                let _ = std::fs::copy(paths.root_cert(), &prev);
+                if root_staged {
+                    // Devices have been sent this root: the import is the activation
+                    // step; keep sending both roots until `cert finish-root`.
+                    finish_staging(&data_dir, root)?;
+                }
+                devgate_pki::write_file(
+                    &root_path,
+                    crate::tls::cert_pem(root.as_ref()).as_bytes(),
+                    0o644,
+                )?;
+                if root_staged {
+                    write_bundle(&data_dir, &[&paths.root_cert(), &prev])?;
                     println!(
-                        "staged; devices are sent the trust bundle on reload; then run `devgate cert activate-root`"
+                        "the staged root is now active; run `devgate cert finish-root` once no device needs the old root"
                     );
-                } else if !same_root {
-                    let prev = paths.dir.join("previous-root.pem");
-                    let _ = std::fs::copy(paths.root_cert(), &prev);
-                    std::fs::write(&root_path, crate::tls::cert_pem(root.as_ref()))?;
+                } else {
                     eprintln!(
-                        "warning: this chain has a different root; devices that do not trust it yet will refuse the gateway (use --stage for a root exchange)"
+                        "warning: --force: this chain has a root that was not staged; devices that do not trust it yet will refuse the gateway"
                     );
                 }
             }
@@ -333,7 +420,7 @@ pub fn run(cmd: CertCommand) -> Result<()> {
             let paths = PkiPaths::new(&data_dir);
             let names = names_or_installed(&paths, name)?;
             let tmp = paths.dir.join("renew");
-            std::fs::create_dir_all(&tmp)?;
+            devgate_pki::create_dir_with_mode(&tmp, devgate_pki::PRIVATE_DIR_MODE)?;
             let (chain, key) = (tmp.join("server.pem"), tmp.join("server.key"));
             let _ = std::fs::remove_file(&chain);
             let _ = std::fs::remove_file(&key);
@@ -364,7 +451,7 @@ pub fn run(cmd: CertCommand) -> Result<()> {
                     next.display()
                 );
             }
-            std::fs::create_dir_all(&next)?;
+            devgate_pki::create_dir_with_mode(&next, devgate_pki::PRIVATE_DIR_MODE)?;
             let fp = devgate_pki::create_root(
                 &next.join("root.pem"),
                 &next.join("root.key"),

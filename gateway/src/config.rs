@@ -17,6 +17,13 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin listener (`/v1/status`, `/metrics`); keep it on loopback.
     pub admin: SocketAddr,
+    /// Who may use the admin listener: `auto` (open on loopback, a bearer token from
+    /// `admin_token_file` required on any other address) or `token` (always required).
+    pub admin_auth: AdminAuth,
+    /// The admin listener's bearer token; unset = `<data_dir>/admin.token` (written
+    /// mode 0600 by `devgate init` and `devgate admin-token`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
     /// State directory (PKI, later the store).
     pub data_dir: PathBuf,
     /// Data-path worker threads; 0 means one per available core.
@@ -30,6 +37,8 @@ pub struct Config {
     pub keepalive: Keepalive,
     /// Behaviour while no manager is connected.
     pub managers: Managers,
+    /// Which client certificates are accepted (`[credentials]`).
+    pub credentials: Credentials,
     /// The connection guard: XDP program, per-source limits (`[xdp]`).
     pub xdp: crate::guard::config::GuardConfig,
     /// TLS record layer (`[tls]`).
@@ -43,6 +52,81 @@ pub struct TlsSection {
     /// Where records are sealed after the handshake: `auto` (the kernel when its `tls`
     /// ULP and the cipher are there, else rustls) or `off` (always rustls).
     pub offload: TlsOffloadChoice,
+    /// Lowest TLS version the public listener accepts: `"1.2"` (default) or `"1.3"`.
+    pub min_version: TlsMinVersion,
+    /// Cipher suites the public listener offers, by their rustls names (e.g.
+    /// `TLS13_AES_128_GCM_SHA256`, `TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384`), in order of
+    /// preference; unset = rustls' defaults (AEAD suites only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cipher_suites: Option<Vec<String>>,
+}
+
+/// The lowest TLS version accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsMinVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+impl TlsSection {
+    /// The cipher suites to offer, checked against the crypto provider: every name must
+    /// be a suite it has, the list must not be empty, and at least one suite must belong
+    /// to a version at or above `min_version`.
+    pub fn suites(&self) -> Result<Vec<rustls::SupportedCipherSuite>, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            key: "tls.cipher_suites",
+            message,
+        };
+        let available = rustls::crypto::aws_lc_rs::default_provider().cipher_suites;
+        let usable = |s: &rustls::SupportedCipherSuite| {
+            self.min_version == TlsMinVersion::Tls12
+                || matches!(s, rustls::SupportedCipherSuite::Tls13(_))
+        };
+        let Some(names) = &self.cipher_suites else {
+            return Ok(available.into_iter().filter(usable).collect());
+        };
+        let name_of = |s: &rustls::SupportedCipherSuite| s.suite().as_str().unwrap_or("?");
+        let known = || {
+            available
+                .iter()
+                .map(&name_of)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if names.is_empty() {
+            return Err(invalid(format!(
+                "is empty: list at least one suite, or remove the key for the defaults (known: {})",
+                known()
+            )));
+        }
+        let mut chosen = Vec::with_capacity(names.len());
+        for name in names {
+            let Some(suite) = available
+                .iter()
+                .find(|s| name_of(s).eq_ignore_ascii_case(name.trim()))
+            else {
+                return Err(invalid(format!(
+                    "unknown cipher suite {name:?} (known: {})",
+                    known()
+                )));
+            };
+            if !chosen.contains(suite) {
+                chosen.push(*suite);
+            }
+        }
+        let chosen: Vec<_> = chosen.into_iter().filter(usable).collect();
+        if chosen.is_empty() {
+            return Err(invalid(
+                "lists only TLS 1.2 suites but tls.min_version is \"1.3\": add a TLS13_* suite or lower min_version".to_owned(),
+            ));
+        }
+        Ok(chosen)
+    }
 }
 
 /// Kernel TLS offload choice.
@@ -56,6 +140,21 @@ pub enum TlsOffloadChoice {
     #[serde(rename = "off")]
     Off,
 }
+
+/// When the admin listener requires its bearer token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminAuth {
+    /// Open on a loopback address (127.0.0.0/8, ::1), token required on any other.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// Token required on every address.
+    #[serde(rename = "token")]
+    Token,
+}
+
+/// File name of the admin token in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 /// Which I/O driver runs the data path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +213,12 @@ pub struct Limits {
     pub max_streams_per_device: usize,
     /// Credit outstanding per stream direction is capped at this many bytes.
     pub stream_window_cap: u32,
+    /// Unauthenticated connections (TLS handshake or HTTP head not finished) one source
+    /// (IPv4 address, IPv6 /64) may hold at once; more are refused at accept. 0 = no cap.
+    pub max_handshakes_per_source: u32,
+    /// Share of `max_connections`, in percent, that only sessions may use: unauthenticated
+    /// connections fill at most the rest, and a newcomer past that evicts the oldest one.
+    pub session_reserve_percent: u8,
 }
 
 /// Keep-alive settings.
@@ -122,6 +227,17 @@ pub struct Limits {
 pub struct Keepalive {
     /// A peer silent for this long is sent a ping; silent for twice this long, it is dead.
     pub ping_interval_ms: u64,
+}
+
+/// The `[credentials]` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Credentials {
+    /// Refuse device certificates of units the registry has never seen and manager
+    /// certificates of names nothing is recorded under. Off by default: certificates made
+    /// directly with the CA key (the load generator, test fleets, managers issued before
+    /// certificates were recorded) are then accepted on the CA's signature alone.
+    pub require_registered: bool,
 }
 
 /// Manager presence policy (the ICG's "no UMS connected" grace period).
@@ -139,12 +255,15 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
             admin: SocketAddr::from(([127, 0, 0, 1], 9180)),
+            admin_auth: AdminAuth::Auto,
+            admin_token_file: None,
             data_dir: PathBuf::from("/var/lib/devgate"),
             workers: 0,
             data_path: DataPathChoice::Auto,
             limits: Limits::default(),
             keepalive: Keepalive::default(),
             managers: Managers::default(),
+            credentials: Credentials::default(),
             xdp: Default::default(),
             tls: TlsSection::default(),
         }
@@ -165,6 +284,8 @@ impl Default for Limits {
             request_timeout_ms: 60_000,
             max_streams_per_device: 8,
             stream_window_cap: 1024 * 1024,
+            max_handshakes_per_source: 128,
+            session_reserve_percent: 10,
         }
     }
 }
@@ -467,12 +588,19 @@ impl Config {
         if l.stream_window_cap < 1024 {
             return Err(invalid("limits.stream_window_cap", "must be at least 1024"));
         }
+        if l.session_reserve_percent > 90 {
+            return Err(invalid(
+                "limits.session_reserve_percent",
+                "must be at most 90 (unauthenticated connections need room to become sessions)",
+            ));
+        }
         if self.keepalive.ping_interval_ms < 100 {
             return Err(invalid(
                 "keepalive.ping_interval_ms",
                 "must be at least 100 ms",
             ));
         }
+        self.tls.suites()?;
         self.xdp.validate()?;
         if self.workers > 1024 {
             return Err(invalid(
@@ -481,6 +609,18 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Where the admin listener's bearer token is read from.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(ADMIN_TOKEN_FILE))
+    }
+
+    /// Whether the admin listener requires the bearer token.
+    pub fn admin_requires_token(&self) -> bool {
+        self.admin_auth == AdminAuth::Token || !self.admin.ip().is_loopback()
     }
 
     /// Worker threads to start.

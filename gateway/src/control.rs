@@ -60,6 +60,27 @@ pub enum Job {
         /// Request body (JSON).
         body: Vec<u8>,
     },
+    /// `POST /v1/renew` from a device over mutual TLS: `presented` is the SHA-256 of the
+    /// certificate it connected with, `unit` the unit that certificate names.
+    Renew {
+        /// The waiting connection.
+        reply_to: ConnHandle,
+        /// Source address (rate limiting).
+        ip: IpAddr,
+        /// The unit the presented certificate names.
+        unit: Arc<str>,
+        /// SHA-256 of the presented certificate.
+        presented: crate::identity::Fp,
+        /// Request body (JSON).
+        body: Vec<u8>,
+    },
+    /// A connection presented `unit`'s current certificate for the first time.
+    CertUsed {
+        /// The unit.
+        unit: Arc<str>,
+        /// SHA-256 of its current certificate.
+        fingerprint: crate::identity::Fp,
+    },
     /// A manager's control request that needs the store.
     Manager {
         /// The manager connection.
@@ -94,7 +115,10 @@ pub fn start(shared: Arc<Shared>, store: Arc<dyn Store>) -> anyhow::Result<SyncS
         failures: HashMap::new(),
         revocation_seq: 0,
         trust_acks: Vec::new(),
+        change_seq: 0,
+        overlaps: Vec::new(),
     };
+    plane.load_identity()?;
     plane.poll_revocations();
     plane.refresh_trust_progress();
     std::thread::Builder::new()
@@ -128,6 +152,11 @@ struct ControlPlane {
     revocation_seq: i64,
     /// Acknowledgements not yet written (flushed once a second, in one transaction).
     trust_acks: Vec<store::TrustAck>,
+    /// Last applied entry of the store's credential change log.
+    change_seq: i64,
+    /// Units in a renewal overlap and when it ends: their sessions on the previous
+    /// certificate are closed then.
+    overlaps: Vec<(Arc<str>, i64)>,
 }
 
 fn json_response(status: u16, reason: &str, body: &Value, extra: Option<(&str, String)>) -> Bytes {
@@ -175,6 +204,7 @@ impl ControlPlane {
             if Instant::now() >= next_poll || self.trust_acks.len() >= MAX_PENDING_ACKS {
                 self.poll_revocations();
                 self.refresh_trust_progress();
+                self.poll_changes();
                 next_poll = Instant::now() + Duration::from_secs(1);
             }
         }
@@ -200,6 +230,23 @@ impl ControlPlane {
             }
             Job::TrustAck { bundle, kind, name } => {
                 self.trust_acks.push(store::TrustAck { bundle, kind, name });
+            }
+            Job::Renew {
+                reply_to,
+                ip,
+                unit,
+                presented,
+                body,
+            } => {
+                let resp = self.renew(ip, &unit, &presented, &body);
+                self.reply(reply_to, MsgKind::HttpResponse(resp));
+            }
+            Job::CertUsed { unit, fingerprint } => {
+                let fp = devgate_pki::format_fingerprint(&fingerprint);
+                if let Err(e) = self.store.mark_cert_used(&unit, &fp, unix_now()) {
+                    warn!("cannot record the first use of {unit}'s certificate: {e}");
+                }
+                self.poll_changes();
             }
             Job::Manager {
                 reply_to,
@@ -269,7 +316,7 @@ impl ControlPlane {
             429,
             "Too Many Requests",
             &json!({"error": "too many failed attempts from this address; retry later"}),
-            Some(("Retry-After", wait.as_secs().max(1).to_string())),
+            Some(("Retry-After", retry_after_secs(wait).to_string())),
         )
     }
 
@@ -290,8 +337,8 @@ impl ControlPlane {
         ) else {
             return bad_request("expected {\"unit_id\": …, \"key\": …, \"csr\": \"<PEM CSR>\"}");
         };
-        if !devgate_pki::is_valid_unit_id(unit) {
-            return bad_request("unit_id must be 1-64 printable ASCII characters without spaces");
+        if let Err(why) = devgate_pki::check_unit_id("unit ID", unit) {
+            return bad_request(&why);
         }
         let chain = match self.device_ca.sign_device_csr(unit, csr.as_bytes()) {
             Ok(chain) => chain,
@@ -307,7 +354,9 @@ impl ControlPlane {
         {
             Ok(KeyCheck::Accepted) => {
                 bump(&self.shared, |s| &s.enrollments);
-                info!(unit, %ip, "device enrolled");
+                info!(unit, %ip, certificate = %fingerprint, "device enrolled");
+                // Mirror the new certificate at once: the device connects right away.
+                self.poll_changes();
                 let pem = pem_chain(&chain);
                 json_response(200, "OK", &json!({"certificate_chain": pem}), None)
             }
@@ -315,11 +364,88 @@ impl ControlPlane {
                 bump(&self.shared, |s| &s.enrollments_refused);
                 self.record_failure(ip, now_i);
                 // The reason is for the operator; the device learns only "refused".
-                warn!(unit, %ip, reason = reason.as_str(), "enrollment refused");
+                // Unauthenticated peers trigger this line: rate-limited.
+                crate::warn_limited!(unit, %ip, reason = reason.as_str(), "enrollment refused");
                 refused()
             }
             Err(e) => {
-                warn!("enrollment failed: {e}");
+                crate::warn_limited!("enrollment failed: {e}");
+                json_response(
+                    503,
+                    "Service Unavailable",
+                    &json!({"error": "the credential store is unavailable; retry later"}),
+                    Some(("Retry-After", "5".into())),
+                )
+            }
+        }
+    }
+
+    /// Renewal: the device proved possession of `presented` over mutual TLS; it gets a
+    /// new certificate for the CSR, and `presented` stays valid for the overlap.
+    fn renew(
+        &mut self,
+        ip: IpAddr,
+        unit: &str,
+        presented: &crate::identity::Fp,
+        body: &[u8],
+    ) -> Bytes {
+        let now_i = Instant::now();
+        if let Some(wait) = self.blocked(ip, now_i) {
+            bump(&self.shared, |s| &s.enroll_rate_limited);
+            return Self::too_many(wait);
+        }
+        let req: Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => return bad_request(&format!("body is not JSON: {e}")),
+        };
+        let Some(csr) = req.get("csr").and_then(Value::as_str) else {
+            return bad_request("expected {\"csr\": \"<PEM CSR>\"}");
+        };
+        if let Some(named) = req.get("unit_id").and_then(Value::as_str)
+            && named != unit
+        {
+            return bad_request("unit_id differs from the unit the client certificate names");
+        }
+        let chain = match self.device_ca.sign_device_csr(unit, csr.as_bytes()) {
+            Ok(chain) => chain,
+            Err(e) => return bad_request(&format!("the CSR cannot be used: {e}")),
+        };
+        let Some(leaf) = chain.first() else {
+            return bad_request("the CSR cannot be used");
+        };
+        let fingerprint = devgate_pki::fingerprint(leaf.as_ref());
+        let presented_text = devgate_pki::format_fingerprint(presented);
+        match self.store.renew(
+            unit,
+            &presented_text,
+            &fingerprint,
+            unix_now(),
+            crate::identity::RENEW_OVERLAP_SECS,
+        ) {
+            Ok(KeyCheck::Accepted) => {
+                bump(&self.shared, |s| &s.enrollments);
+                info!(unit, %ip, certificate = %fingerprint, previous = %presented_text, "device certificate renewed");
+                self.poll_changes();
+                json_response(
+                    200,
+                    "OK",
+                    &json!({"certificate_chain": pem_chain(&chain)}),
+                    None,
+                )
+            }
+            Ok(KeyCheck::Refused(reason)) => {
+                bump(&self.shared, |s| &s.enrollments_refused);
+                self.record_failure(ip, now_i);
+                crate::warn_limited!(unit, %ip, reason = reason.as_str(), "renewal refused");
+                json_response(
+                    401,
+                    "Unauthorized",
+                    &json!({"error": "renewal refused"}),
+                    None,
+                )
+            }
+            Err(e) => {
+                warn!("renewal failed: {e}");
                 json_response(
                     503,
                     "Service Unavailable",
@@ -346,8 +472,8 @@ impl ControlPlane {
         ) else {
             return bad_request("expected {\"name\": …, \"token\": …, \"csr\": \"<PEM CSR>\"}");
         };
-        if !devgate_pki::is_valid_unit_id(name) {
-            return bad_request("name must be 1-64 printable ASCII characters without spaces");
+        if let Err(why) = devgate_pki::check_unit_id("manager name", name) {
+            return bad_request(&why);
         }
         let chain = match self.manager_ca.sign_manager_csr(name, csr.as_bytes()) {
             Ok(chain) => chain,
@@ -364,6 +490,7 @@ impl ControlPlane {
         ) {
             Ok(true) => {
                 info!(manager = name, %ip, "manager paired");
+                self.poll_changes();
                 json_response(
                     200,
                     "OK",
@@ -373,11 +500,11 @@ impl ControlPlane {
             }
             Ok(false) => {
                 self.record_failure(ip, now_i);
-                warn!(manager = name, %ip, "manager pairing refused");
+                crate::warn_limited!(manager = name, %ip, "manager pairing refused");
                 refused()
             }
             Err(e) => {
-                warn!("pairing failed: {e}");
+                crate::warn_limited!("pairing failed: {e}");
                 json_response(
                     503,
                     "Service Unavailable",
@@ -394,11 +521,23 @@ impl ControlPlane {
         let store_err = |e: store::StoreError| e.to_string();
         match op {
             "create_keys" => {
+                check_create_keys_size(req, self.reply_budget())?;
                 let created = create_keys_from_json(&*self.store, req, now)?;
                 Ok(json!({"ok": true, "keys": created}))
             }
             "list_keys" => {
-                Ok(json!({"ok": true, "keys": self.store.list_keys().map_err(store_err)?}))
+                let (limit, before) = list_keys_page_args(req)?;
+                // Fewer per page where the operator made the send queue small.
+                let limit = limit.min(self.reply_budget() / KEY_INFO_MAX_JSON).max(1);
+                let (keys, next) = self
+                    .store
+                    .list_keys_page(before, limit)
+                    .map_err(store_err)?;
+                Ok(json!({
+                    "ok": true,
+                    "keys": keys,
+                    "next_cursor": next.map(|rowid| rowid.to_string()),
+                }))
             }
             "revoke_key" => {
                 let id = req
@@ -414,18 +553,49 @@ impl ControlPlane {
                     .get("unit")
                     .and_then(Value::as_str)
                     .ok_or("revoke_device needs \"unit\"")?;
-                let revoked = self.store.revoke_device(unit, now).map_err(store_err)?;
+                devgate_pki::check_unit_id("unit ID", unit)?;
+                let outcome = self.store.revoke_device(unit, now).map_err(store_err)?;
+                if outcome == store::UnitRevocation::Unknown {
+                    return Err(format!("unit {unit} is not enrolled (see list_enrolled)"));
+                }
                 self.poll_revocations();
-                Ok(json!({"ok": true, "revoked": revoked}))
+                self.poll_changes();
+                Ok(json!({"ok": true, "revoked": outcome == store::UnitRevocation::Revoked}))
             }
             "unrevoke_device" => {
                 let unit = req
                     .get("unit")
                     .and_then(Value::as_str)
                     .ok_or("unrevoke_device needs \"unit\"")?;
-                let lifted = self.store.unrevoke_device(unit).map_err(store_err)?;
+                devgate_pki::check_unit_id("unit ID", unit)?;
+                let lifted = self.store.unrevoke_device(unit, now).map_err(store_err)?;
                 self.poll_revocations();
+                self.poll_changes();
                 Ok(json!({"ok": true, "unrevoked": lifted}))
+            }
+            "reset_device" => {
+                let unit = req
+                    .get("unit")
+                    .and_then(Value::as_str)
+                    .ok_or("reset_device needs \"unit\"")?;
+                devgate_pki::check_unit_id("unit ID", unit)?;
+                if !self.store.reset_device(unit, now).map_err(store_err)? {
+                    return Err(format!("unit {unit} is not enrolled (see list_enrolled)"));
+                }
+                self.poll_changes();
+                Ok(json!({"ok": true, "reset": true}))
+            }
+            "revoke_certificate" => {
+                let text = req
+                    .get("sha256")
+                    .and_then(Value::as_str)
+                    .ok_or("revoke_certificate needs \"sha256\"")?;
+                let fp = devgate_pki::parse_fingerprint(text)
+                    .ok_or("\"sha256\" must be 64 hex digits (spaces or colons allowed)")?;
+                let fp = devgate_pki::format_fingerprint(&fp);
+                let revoked = self.store.revoke_cert(&fp, now).map_err(store_err)?;
+                self.poll_changes();
+                Ok(json!({"ok": true, "revoked": revoked}))
             }
             "list_enrolled" => {
                 Ok(json!({"ok": true, "devices": self.store.devices().map_err(store_err)?}))
@@ -483,6 +653,130 @@ impl ControlPlane {
     }
 }
 
+impl ControlPlane {
+    /// Loads the accepted certificates into the mirror (at start, before any worker runs).
+    fn load_identity(&mut self) -> anyhow::Result<()> {
+        let store = &*self.store;
+        // The head first: changes made while loading are applied again by the first poll.
+        self.change_seq = store.cred_change_head()?;
+        let id = &self.shared.identity;
+        for (unit, creds) in store.all_device_creds()? {
+            id.set_device(&unit, Some(&creds));
+        }
+        for (name, accepted) in store.all_manager_creds()? {
+            id.set_manager(&name, Some(accepted.as_slice()));
+        }
+        for fp in store.revoked_certs()? {
+            id.add_revoked(&fp);
+        }
+        self.overlaps = id.overlaps();
+        Ok(())
+    }
+
+    /// Applies new entries of the store's credential change log to the mirror and closes
+    /// sessions whose certificate is no longer accepted; also ends renewal overlaps.
+    fn poll_changes(&mut self) {
+        let (changes, last) = match self.store.cred_changes_since(self.change_seq) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("cannot read credential changes: {e}");
+                return;
+            }
+        };
+        self.change_seq = last;
+        let now = unix_now();
+        let mut devices = std::collections::BTreeSet::new();
+        let mut managers = std::collections::BTreeSet::new();
+        let mut certs = Vec::new();
+        for c in changes {
+            match c {
+                store::CredChange::Device(u) => {
+                    devices.insert(u);
+                }
+                store::CredChange::Manager(m) => {
+                    managers.insert(m);
+                }
+                store::CredChange::Cert(fp) => certs.push(fp),
+            }
+        }
+        let mut close: Vec<(ConnHandle, String)> = Vec::new();
+        for fp in certs {
+            if let Some(raw) = self.shared.identity.add_revoked(&fp) {
+                for h in self.shared.identity.sessions_with(&raw) {
+                    close.push((h, format!("certificate {fp} revoked")));
+                }
+            }
+        }
+        for unit in devices {
+            match self.store.device_creds(&unit) {
+                Ok(creds) => {
+                    self.shared.identity.set_device(&unit, creds.as_ref());
+                    if let Some((_, until)) = creds.as_ref().and_then(|c| c.previous.as_ref()) {
+                        self.overlaps.push((Arc::from(unit.as_str()), *until));
+                    }
+                }
+                Err(e) => {
+                    warn!("cannot read the credentials of {unit}: {e}");
+                    continue;
+                }
+            }
+            if let Some(h) = self.shared.identity.stale_device_session(&unit, now) {
+                close.push((h, format!("device {unit}'s certificate is no longer valid")));
+            }
+        }
+        for name in managers {
+            match self.store.manager_creds(&name) {
+                Ok(accepted) => self.shared.identity.set_manager(&name, accepted.as_deref()),
+                Err(e) => {
+                    warn!("cannot read the credentials of manager {name}: {e}");
+                    continue;
+                }
+            }
+            for h in self.shared.identity.stale_manager_sessions(&name) {
+                close.push((
+                    h,
+                    format!("manager {name}'s certificate is no longer valid"),
+                ));
+            }
+        }
+        // Renewal overlaps that ended: sessions still on the previous certificate go.
+        let mut ended = Vec::new();
+        self.overlaps.retain(|(unit, until)| {
+            if now >= *until {
+                ended.push(unit.clone());
+                false
+            } else {
+                true
+            }
+        });
+        for unit in ended {
+            if let Some(h) = self.shared.identity.stale_device_session(&unit, now) {
+                close.push((
+                    h,
+                    format!("device {unit}'s previous certificate expired (renewal overlap over)"),
+                ));
+            }
+        }
+        for (h, why) in close {
+            info!("{why}: disconnecting it");
+            self.reply(h, MsgKind::Close(CloseReason::Revoked));
+        }
+    }
+}
+
+/// Whole seconds a client must wait for a retry to be accepted: rounded up (a header
+/// that rounded down would announce a time after which the bucket still holds less than
+/// one token, so an obedient client would get another 429), at least 1.
+fn retry_after_secs(wait: Duration) -> u64 {
+    let whole = wait.as_secs();
+    let secs = if wait.subsec_nanos() > 0 {
+        whole.saturating_add(1)
+    } else {
+        whole
+    };
+    secs.max(1)
+}
+
 fn bump(shared: &Shared, f: impl Fn(&crate::stats::WorkerStats) -> &std::sync::atomic::AtomicU64) {
     // The store thread has no worker slot; it counts on worker 0's line (rare events).
     if let Some(s) = shared.stats.first() {
@@ -501,6 +795,82 @@ fn pem_chain(chain: &[rustls_pki_types::CertificateDer<'_>]) -> String {
         .iter()
         .map(|c| crate::tls::cert_pem(c.as_ref()))
         .collect()
+}
+
+/// Keys per `list_keys` page, by default and at most. A key entry is at most
+/// [`KEY_INFO_MAX_JSON`] bytes, so a full page (~350 KB) stays far below the 1 MiB frame
+/// limit of managers and the per-connection send queue: a large store must not get its
+/// manager disconnected as a slow consumer.
+pub const LIST_KEYS_MAX_LIMIT: usize = 1000;
+
+/// Keys one `create_keys` control request may create. The reply carries every secret
+/// (at most [`CREATED_KEY_MAX_JSON`] bytes each), so 1000 keep it far below the frame
+/// limits; the CLI (`devgate keys create`), which writes to the store directly, has no
+/// such cap.
+pub const CREATE_KEYS_MAX_PER_REQUEST: u64 = 1000;
+
+/// Upper bound of one `list_keys` entry in JSON: 16-character id, 64-character unit and
+/// used-by, four timestamps, field names.
+const KEY_INFO_MAX_JSON: usize = 350;
+/// Upper bound of one `create_keys` entry in JSON (id, secret, kind, 64-character unit).
+const CREATED_KEY_MAX_JSON: usize = 200;
+
+impl ControlPlane {
+    /// Bytes one control reply may take: half the send queue's soft limit (which is at
+    /// least one largest frame), so a reply never pushes a manager towards the hard limit
+    /// at which it is disconnected.
+    fn reply_budget(&self) -> usize {
+        self.shared.config.limits.queue_bytes / 2
+    }
+}
+
+/// `list_keys` arguments: `limit` (1 to [`LIST_KEYS_MAX_LIMIT`], default the maximum) and
+/// `cursor` (the `next_cursor` of the previous page; absent for the first page).
+fn list_keys_page_args(req: &Value) -> Result<(usize, Option<i64>), String> {
+    let limit = match req.get("limit") {
+        None | Some(Value::Null) => LIST_KEYS_MAX_LIMIT,
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| (1..=LIST_KEYS_MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                format!(
+                    "list_keys: \"limit\" must be an integer from 1 to {LIST_KEYS_MAX_LIMIT} (got {v}); page with \"cursor\""
+                )
+            })?,
+    };
+    let before = match req.get("cursor") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_str()
+                .and_then(|c| c.parse::<i64>().ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    format!("list_keys: \"cursor\" {v} is not a next_cursor returned by list_keys")
+                })?,
+        ),
+    };
+    Ok((limit, before))
+}
+
+/// Refuses a `create_keys` control request that would create more than
+/// [`CREATE_KEYS_MAX_PER_REQUEST`] keys, or more than a reply of `budget` bytes holds.
+fn check_create_keys_size(req: &Value, budget: usize) -> Result<(), String> {
+    let max = CREATE_KEYS_MAX_PER_REQUEST
+        .min(u64::try_from(budget / CREATED_KEY_MAX_JSON).unwrap_or(u64::MAX))
+        .max(1);
+    let count = req.get("count").and_then(Value::as_u64).unwrap_or(0);
+    let units = req
+        .get("units")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let asked = count.max(u64::try_from(units).unwrap_or(u64::MAX));
+    if asked > max {
+        return Err(format!(
+            "create_keys creates at most {max} keys per request (asked for {asked}): send several requests, or use `devgate keys create` on the gateway host"
+        ));
+    }
+    Ok(())
 }
 
 /// A created key as reported once to whoever created it (the secret is never shown again).
@@ -544,10 +914,17 @@ pub fn create_keys_from_json(
     let mut planned: Vec<(String, Option<String>)> = Vec::new();
     match kind {
         KeyKind::OneTime => {
-            let n = req.get("count").and_then(Value::as_u64).unwrap_or(1);
-            if !(1..=100_000).contains(&n) {
-                return Err("count must be between 1 and 100000".into());
-            }
+            let n = match req.get("count") {
+                None => 1,
+                Some(v) => v
+                    .as_u64()
+                    .filter(|n| (1..=100_000).contains(n))
+                    .ok_or_else(|| {
+                        format!(
+                            "count {v} is invalid: it must be a whole number between 1 and 100000"
+                        )
+                    })?,
+            };
             planned.extend((0..n).map(|_| (store::generate_secret(), None)));
         }
         KeyKind::Bound => {
@@ -564,11 +941,7 @@ pub fn create_keys_from_json(
                 return Err("bound keys need \"units\": [unit IDs]".into());
             }
             for u in units {
-                if !devgate_pki::is_valid_unit_id(&u) {
-                    return Err(format!(
-                        "\"{u}\" is not a valid unit ID (1-64 printable ASCII characters)"
-                    ));
-                }
+                devgate_pki::check_unit_id("unit ID", &u)?;
                 planned.push((store::generate_secret(), Some(u)));
             }
         }

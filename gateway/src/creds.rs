@@ -89,7 +89,8 @@ pub enum KeysCommand {
 /// `devgate devices …`
 #[derive(Subcommand, Debug)]
 pub enum DevicesCommand {
-    /// Issue a device certificate offline (signed by the device CA) and register it.
+    /// Issue a device certificate offline (signed by the device CA) and register it as the
+    /// unit's only valid certificate (earlier ones of the unit stop working).
     Issue {
         /// State directory.
         #[arg(long, env = "DEVGATE_DATA_DIR")]
@@ -101,17 +102,33 @@ pub enum DevicesCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Revoke a device's credential: a connected device is disconnected within a second
-    /// and the unit is refused (also for re-enrollment) until `unrevoke`.
+    /// Revoke a device: a connected device is disconnected within a second and the unit is
+    /// refused (also for re-enrollment) until `unrevoke`; its certificates stay revoked for
+    /// good. With --cert, revoke one certificate (device or manager) by its SHA-256.
     Revoke {
+        /// State directory.
+        #[arg(long, env = "DEVGATE_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Unit ID.
+        #[arg(required_unless_present = "cert", conflicts_with = "cert")]
+        unit: Option<String>,
+        /// SHA-256 of the certificate to revoke (64 hex digits; spaces or colons allowed).
+        #[arg(long, value_name = "SHA256")]
+        cert: Option<String>,
+    },
+    /// Lift a unit's revocation. Its revoked certificates stay revoked: the unit is left
+    /// reset and enrolls again with a key bound to it, created after this command.
+    Unrevoke {
         /// State directory.
         #[arg(long, env = "DEVGATE_DATA_DIR")]
         data_dir: PathBuf,
         /// Unit ID.
         unit: String,
     },
-    /// Lift a revocation (the device must enroll again with a key).
-    Unrevoke {
+    /// Reset an enrolled unit (e.g. a replaced or factory-reset device): its certificates
+    /// stop working within a second, and it may enroll again with a key bound to it and
+    /// created after the reset (`devgate keys create --unit UNIT`).
+    Reset {
         /// State directory.
         #[arg(long, env = "DEVGATE_DATA_DIR")]
         data_dir: PathBuf,
@@ -141,6 +158,28 @@ pub enum ManagersCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// List recorded manager certificates (from `init`, `managers issue` and pairing).
+    List {
+        /// State directory.
+        #[arg(long, env = "DEVGATE_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke every certificate of a manager (connected ones are disconnected within a
+    /// second), or with --cert one certificate by its SHA-256.
+    Revoke {
+        /// State directory.
+        #[arg(long, env = "DEVGATE_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Manager name.
+        #[arg(required_unless_present = "cert", conflicts_with = "cert")]
+        name: Option<String>,
+        /// SHA-256 of the certificate to revoke (64 hex digits; spaces or colons allowed).
+        #[arg(long, value_name = "SHA256")]
+        cert: Option<String>,
+    },
     /// Create a one-time pairing token for a new manager (`POST /v1/pair`).
     Token {
         /// State directory.
@@ -162,6 +201,15 @@ pub(crate) fn open_store(data_dir: &Path) -> Result<SqliteStore> {
         );
     }
     Ok(SqliteStore::open(data_dir)?)
+}
+
+/// Records `pki/manager.pem` (made by `devgate init`) in the store of `data_dir`.
+pub fn record_init_manager(data_dir: &Path) -> Result<()> {
+    let store = open_store(data_dir)?;
+    let pem = PkiPaths::new(data_dir).manager_cert();
+    let fp = devgate_pki::fingerprint_file(&pem)?;
+    store.record_manager_cert(devgate_pki::FIRST_MANAGER_NAME, &fp, unix_now(), "init")?;
+    Ok(())
 }
 
 /// Creates a pairing token in the store of `data_dir`; returns the secret.
@@ -226,37 +274,12 @@ fn keys(cmd: KeysCommand) -> Result<()> {
             Ok(())
         }
         KeysCommand::List { data_dir, json } => {
-            let keys = open_store(&data_dir)?.list_keys()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&keys)?);
-                return Ok(());
+            let store = open_store(&data_dir)?;
+            match list_keys(&store, json) {
+                // `devgate keys list | head`: the reader left; not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                other => other.context("writing the key list"),
             }
-            println!(
-                "{:<16}  {:<8}  {:<20}  {:>5}  {:<10}  expires",
-                "id", "kind", "unit / used by", "uses", "state"
-            );
-            for k in keys {
-                let state = if k.revoked_at.is_some() {
-                    "revoked"
-                } else if k.expires_at.is_some_and(|e| e <= unix_now()) {
-                    "expired"
-                } else if k.kind != "multi" && k.used_by.is_some() {
-                    "used"
-                } else {
-                    "valid"
-                };
-                let who = k
-                    .unit
-                    .clone()
-                    .or(k.used_by.clone())
-                    .unwrap_or_else(|| "-".into());
-                let expires = k.expires_at.map_or_else(|| "never".to_owned(), rfc3339);
-                println!(
-                    "{:<16}  {:<8}  {:<20}  {:>5}  {:<10}  {expires}",
-                    k.id, k.kind, who, k.uses, state
-                );
-            }
-            Ok(())
         }
         KeysCommand::Revoke { data_dir, id } => {
             if open_store(&data_dir)?.revoke_key(&id, unix_now())? {
@@ -286,51 +309,118 @@ fn devices(cmd: DevicesCommand) -> Result<()> {
             unit,
             out,
         } => {
+            devgate_pki::check_unit_id("unit ID", &unit).map_err(anyhow::Error::msg)?;
+            let store = open_store(&data_dir)?;
             let paths = PkiPaths::new(&data_dir);
             let ca = ClientCa::load(&paths.device_ca_cert(), &paths.device_ca_key())?;
             let issued = ca.issue_device(&unit)?;
-            if let Some(leaf) = issued.chain.first() {
-                open_store(&data_dir)?.register_device(
-                    &unit,
-                    &devgate_pki::fingerprint(leaf.as_ref()),
-                    unix_now(),
-                )?;
-            }
+            let leaf = issued
+                .chain
+                .first()
+                .context("the device CA returned an empty chain")?;
+            store.register_device(&unit, &devgate_pki::fingerprint(leaf.as_ref()), unix_now())?;
             write_credential(&issued, &out, &unit)
         }
-        DevicesCommand::Revoke { data_dir, unit } => {
-            if open_store(&data_dir)?.revoke_device(&unit, unix_now())? {
-                println!("device {unit} revoked; a running gateway disconnects it within a second");
-            } else {
-                println!("device {unit} was already revoked");
-            }
-            Ok(())
-        }
+        DevicesCommand::Revoke {
+            data_dir,
+            unit,
+            cert,
+        } => revoke(&data_dir, unit.as_deref(), cert.as_deref(), "unit ID"),
         DevicesCommand::Unrevoke { data_dir, unit } => {
-            if open_store(&data_dir)?.unrevoke_device(&unit)? {
-                println!("revocation of {unit} lifted; it must enroll again");
+            devgate_pki::check_unit_id("unit ID", &unit).map_err(anyhow::Error::msg)?;
+            if open_store(&data_dir)?.unrevoke_device(&unit, unix_now())? {
+                println!(
+                    "revocation of {unit} lifted; its old certificates stay revoked: enroll it with a key bound to it (devgate keys create --unit {unit})"
+                );
+                Ok(())
             } else {
-                println!("device {unit} was not revoked");
+                bail!("device {unit} is not revoked")
             }
-            Ok(())
+        }
+        DevicesCommand::Reset { data_dir, unit } => {
+            devgate_pki::check_unit_id("unit ID", &unit).map_err(anyhow::Error::msg)?;
+            if open_store(&data_dir)?.reset_device(&unit, unix_now())? {
+                println!(
+                    "device {unit} reset: its certificates stop working within a second; enroll it again with a key bound to it (devgate keys create --unit {unit})"
+                );
+                Ok(())
+            } else {
+                bail!("device {unit} is not enrolled (see `devgate devices list`)")
+            }
         }
         DevicesCommand::List { data_dir } => {
             for d in open_store(&data_dir)?.devices()? {
                 let state = if d.revoked_at.is_some() {
                     "revoked"
+                } else if d.cert_fingerprint.is_empty() {
+                    "reset"
                 } else {
                     "enrolled"
                 };
+                let cert = if d.cert_fingerprint.is_empty() {
+                    "-"
+                } else {
+                    d.cert_fingerprint.as_str()
+                };
+                let previous = match (&d.previous_fingerprint, d.previous_until) {
+                    (Some(p), Some(until)) if until > unix_now() => {
+                        format!("  previous {p} until {}", rfc3339(until))
+                    }
+                    _ => String::new(),
+                };
                 println!(
-                    "{:<24}  {:<8}  enrolled {}  certificate {}",
+                    "{:<24}  {:<8}  enrolled {}  certificate {cert}{previous}",
                     d.unit,
                     state,
                     rfc3339(d.enrolled_at),
-                    d.cert_fingerprint
                 );
             }
             Ok(())
         }
+    }
+}
+
+/// `devices revoke` / `managers revoke`: by unit (or manager name) or by certificate.
+fn revoke(data_dir: &Path, name: Option<&str>, cert: Option<&str>, kind: &str) -> Result<()> {
+    let store = open_store(data_dir)?;
+    let now = unix_now();
+    if let Some(cert) = cert {
+        let fp = devgate_pki::parse_fingerprint(cert).with_context(|| {
+            format!("--cert \"{}\" is not a SHA-256 fingerprint (64 hex digits, e.g. from `devgate devices list` or `openssl x509 -noout -fingerprint -sha256`)", cert.escape_default())
+        })?;
+        let fp = devgate_pki::format_fingerprint(&fp);
+        if store.revoke_cert(&fp, now)? {
+            println!(
+                "certificate {fp} revoked; a running gateway disconnects its sessions within a second"
+            );
+        } else {
+            println!("certificate {fp} was already revoked");
+        }
+        return Ok(());
+    }
+    let Some(name) = name else {
+        bail!("say what to revoke: a {kind} or --cert SHA256");
+    };
+    devgate_pki::check_unit_id(kind, name).map_err(anyhow::Error::msg)?;
+    if kind == "manager name" {
+        let n = store.revoke_manager(name, now)?;
+        println!(
+            "manager {name}: {n} certificate(s) revoked; a running gateway disconnects it within a second and refuses every certificate of this name not issued after now"
+        );
+        return Ok(());
+    }
+    match store.revoke_device(name, now)? {
+        store::UnitRevocation::Revoked => {
+            println!("device {name} revoked; a running gateway disconnects it within a second");
+            Ok(())
+        }
+        store::UnitRevocation::AlreadyRevoked => {
+            println!("device {name} was already revoked");
+            Ok(())
+        }
+        store::UnitRevocation::Unknown => bail!(
+            "device {name} is not enrolled (see `devgate devices list`); to refuse a certificate issued outside the registry, revoke it with --cert SHA256"
+        ),
     }
 }
 
@@ -341,11 +431,55 @@ fn managers(cmd: ManagersCommand) -> Result<()> {
             name,
             out,
         } => {
+            devgate_pki::check_unit_id("manager name", &name).map_err(anyhow::Error::msg)?;
+            let store = open_store(&data_dir)?;
             let paths = PkiPaths::new(&data_dir);
             let ca = ClientCa::load(&paths.manager_ca_cert(), &paths.manager_ca_key())?;
             let issued = ca.issue_manager(&name)?;
+            let leaf = issued
+                .chain
+                .first()
+                .context("the manager CA returned an empty chain")?;
+            store.record_manager_cert(
+                &name,
+                &devgate_pki::fingerprint(leaf.as_ref()),
+                unix_now(),
+                "issue",
+            )?;
             write_credential(&issued, &out, &name)
         }
+        ManagersCommand::List { data_dir, json } => {
+            let certs = open_store(&data_dir)?.manager_certs()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&certs)?);
+                return Ok(());
+            }
+            println!(
+                "{:<20}  {:<8}  {:<7}  {:<20}  certificate",
+                "name", "state", "source", "issued"
+            );
+            for c in certs {
+                let state = if c.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "valid"
+                };
+                println!(
+                    "{:<20}  {:<8}  {:<7}  {:<20}  {}",
+                    c.name,
+                    state,
+                    c.source,
+                    rfc3339(c.issued_at),
+                    c.fingerprint.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(())
+        }
+        ManagersCommand::Revoke {
+            data_dir,
+            name,
+            cert,
+        } => revoke(&data_dir, name.as_deref(), cert.as_deref(), "manager name"),
         ManagersCommand::Token { data_dir, expires } => {
             println!("{}", create_pairing_token(&data_dir, &expires)?);
             Ok(())
@@ -353,9 +487,73 @@ fn managers(cmd: ManagersCommand) -> Result<()> {
     }
 }
 
+/// Keys read from the store per page by `keys list`.
+const LIST_PAGE: usize = 10_000;
+
+/// Prints every key, newest first, a page at a time: a store of 300,000 keys is never
+/// held in memory at once (nor rendered as one JSON string).
+fn list_keys(store: &crate::store::sqlite::SqliteStore, json: bool) -> std::io::Result<()> {
+    use crate::store::Store as _;
+    use std::io::Write as _;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if json {
+        write!(out, "[")?;
+    } else {
+        writeln!(
+            out,
+            "{:<16}  {:<8}  {:<20}  {:>5}  {:<10}  expires",
+            "id", "kind", "unit / used by", "uses", "state"
+        )?;
+    }
+    let now = unix_now();
+    let (mut before, mut first) = (None, true);
+    loop {
+        let (keys, next) = store
+            .list_keys_page(before, LIST_PAGE)
+            .map_err(std::io::Error::other)?;
+        for k in keys {
+            if json {
+                // The same document `to_string_pretty` of the whole list would be.
+                let item = serde_json::to_string_pretty(&k).map_err(std::io::Error::other)?;
+                write!(out, "{}\n  ", if first { "" } else { "," })?;
+                write!(out, "{}", item.replace('\n', "\n  "))?;
+                first = false;
+                continue;
+            }
+            let state = if k.revoked_at.is_some() {
+                "revoked"
+            } else if k.expires_at.is_some_and(|e| e <= now) {
+                "expired"
+            } else if k.kind != "multi" && k.used_by.is_some() {
+                "used"
+            } else {
+                "valid"
+            };
+            let who = k.unit.as_deref().or(k.used_by.as_deref()).unwrap_or("-");
+            let expires = k.expires_at.map_or_else(|| "never".to_owned(), rfc3339);
+            writeln!(
+                out,
+                "{:<16}  {:<8}  {:<20}  {:>5}  {:<10}  {expires}",
+                k.id, k.kind, who, k.uses, state
+            )?;
+        }
+        match next {
+            Some(n) => before = Some(n),
+            None => break,
+        }
+    }
+    if json {
+        writeln!(out, "{}]", if first { "" } else { "\n" })?;
+    }
+    out.flush()
+}
+
 /// Writes `<name>.pem` and `<name>.key` into `out`.
 pub fn write_credential(issued: &IssuedCert, out: &Path, name: &str) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // 0700 whatever the umask: the folder receives a private key.
+    devgate_pki::create_dir_with_mode(out, devgate_pki::PRIVATE_DIR_MODE)
+        .with_context(|| format!("creating {}", out.display()))?;
     let safe: String = name
         .chars()
         .map(|c| {

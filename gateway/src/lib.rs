@@ -9,11 +9,15 @@
 //! - [`worker`] — the sans-IO core of one core's connections: TLS (rustls, fed bytes),
 //!   the HTTP upgrade, WebSocket framing and devgate frames (from `devgate-proto`), keep-
 //!   alives, and the router. It never touches a socket or reads the clock itself.
+//! - [`timers`] — a worker's per-connection timers (handshake deadlines, session sweeps),
+//!   so that a tick touches only what is due.
 //! - [`conn`] — what the worker keeps per connection, sized for tens of thousands idle.
 //! - [`shared`] — the session map (unit ID → connection), the manager list, the per-worker
 //!   inboxes through which workers hand each other [`msg`]s, limits and counters.
 //! - [`guard`] — admission of new connections per source IP and globally (XDP or user space).
 //! - [`store`] — the credential store (SQLite by default): keys, device registry, revocations.
+//! - [`identity`] — which certificates are accepted (current, renewal overlap, revoked),
+//!   mirrored from the store for the workers.
 //! - [`control`] — the control plane's store thread: enrollment, pairing, key management,
 //!   revocation, off the data path.
 //! - [`certcmd`] — `devgate cert …`: import/check chains, renewal, root exchange.
@@ -35,6 +39,7 @@ pub mod control;
 pub mod creds;
 pub mod driver;
 pub mod guard;
+pub mod identity;
 pub mod ktls;
 pub mod msg;
 pub mod ops;
@@ -43,6 +48,7 @@ pub mod server;
 pub mod shared;
 pub mod stats;
 pub mod store;
+pub mod timers;
 pub mod tls;
 pub mod tls_conn;
 pub mod worker;

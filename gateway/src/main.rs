@@ -131,7 +131,12 @@ fn run(cli: Cli) -> Result<()> {
             force,
         } => {
             let report = devgate_pki::init(&data_dir, &InitOptions { names: name, force })?;
+            // The first manager's certificate is recorded like every issued one (it can
+            // be listed and revoked by name or SHA-256).
+            gateway::creds::record_init_manager(&data_dir)?;
             let token = gateway::creds::create_pairing_token(&data_dir, "7d")?;
+            // Ready for an admin listener off loopback, which refuses to start without it.
+            gateway::admin::create_token(&data_dir.join(gateway::config::ADMIN_TOKEN_FILE), force)?;
             println!("Created the PKI in {}", report.paths.dir.display());
             println!("Root fingerprint: {}", report.fingerprint);
             println!("Manager pairing token (one use, valid 7 days): {token}");

@@ -60,7 +60,7 @@ pub fn load_trust_bundle(shared: &Shared) -> Result<()> {
 
 /// Re-reads the PKI; on any error the running material stays in place.
 pub fn reload(shared: &Shared) {
-    match crate::tls::load(&shared.config.data_dir) {
+    match crate::tls::load_with(&shared.config.data_dir, &shared.config.tls) {
         Ok(material) => {
             let server = material
                 .certificates

@@ -3,6 +3,7 @@
 //! shutdown.
 
 use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -40,6 +41,88 @@ pub fn raise_nofile_limit() -> u64 {
         }
     }
     lim.rlim_cur
+}
+
+/// Refuses to start on an address another process listens on. The workers' listeners use
+/// `SO_REUSEPORT`, with which a second devgate (same user) would bind the same port without
+/// an error and silently take half the connections; a probe socket without `SO_REUSEPORT`
+/// does get `EADDRINUSE` from any listener there. Port 0 (any free port) needs no probe.
+/// What it cannot see: a process that binds the port in the instant between this probe and
+/// the real bind (both then share it).
+fn ensure_address_free(addr: SocketAddr) -> Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .context("creating the listening socket")?;
+    // Without SO_REUSEADDR, connections of a previous run in TIME_WAIT would count as "in use".
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    match socket.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+            "cannot listen on {addr}: another process already listens there (another devgate instance? its listeners share ports with SO_REUSEPORT, so this one refuses to start rather than silently split the connections with it); stop it, or give this instance another `listen` address"
+        ),
+        Err(e) => Err(e).with_context(|| {
+            format!("cannot listen on {addr} (a port below 1024 without CAP_NET_BIND_SERVICE?)")
+        }),
+    }
+}
+
+/// The lock file that makes a data directory belong to one `devgate serve`.
+pub fn lockfile(data_dir: &Path) -> PathBuf {
+    data_dir.join("devgate.lock")
+}
+
+/// An exclusive `flock` on `<data_dir>/devgate.lock`, held while the value lives (the
+/// kernel drops it when the process ends, however it ends, so a crash leaves no stale lock).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+/// Takes the data directory's lock, or says which process holds it. Two gateways on one
+/// data dir would both write the pid file (after which `devgate reload` signals the
+/// wrong process) and the store.
+pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = lockfile(data_dir);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(err).with_context(|| format!("cannot lock {}", path.display()));
+        }
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        let holder = match text.trim().parse::<u32>() {
+            Ok(pid) => format!("pid {pid}"),
+            Err(_) => "a process that is still starting".to_owned(),
+        };
+        bail!(
+            "data dir {} is in use by another devgate ({holder} holds {}): stop that instance first, or give this one its own --data-dir (the pid file was left alone)",
+            data_dir.display(),
+            path.display()
+        );
+    }
+    // The holder's pid, for the message above (the pid file stays what `reload` reads).
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(DataDirLock { _file: file })
 }
 
 /// Binds one `SO_REUSEPORT` listener per worker on the same address (the first one
@@ -137,7 +220,7 @@ pub fn serve(config: Config) -> Result<()> {
     let tls_offload = choose_tls_offload(config.tls.offload, &data_path);
     // rustls hands out traffic secrets only to sessions whose config allows it.
     crate::tls::set_secret_extraction(tls_offload.is_kernel());
-    let tls = match crate::tls::load(&config.data_dir) {
+    let tls = match crate::tls::load_with(&config.data_dir, &config.tls) {
         Ok(tls) => tls,
         // A data dir with CAs but no usable server chain: keep answering check-status (err).
         Err(e)
@@ -148,7 +231,7 @@ pub fn serve(config: Config) -> Result<()> {
             tracing::error!(
                 "no usable server certificate ({e:#}): answering with a temporary self-signed one; check-status says err until a valid chain is installed (devgate cert renew or cert import, then devgate reload)"
             );
-            crate::tls::without_server_certificate(&config.data_dir)?
+            crate::tls::without_server_certificate(&config.data_dir, &config.tls)?
         }
         Err(e) => return Err(e),
     };
@@ -194,6 +277,10 @@ pub fn serve(config: Config) -> Result<()> {
         0 => usize::try_from(fd_bound).unwrap_or(usize::MAX).max(64),
         n => usize::try_from(n).unwrap_or(usize::MAX),
     };
+    // Before anything is bound or written: the data dir belongs to one instance.
+    let _lock = lock_data_dir(&config.data_dir)?;
+    ensure_address_free(config.listen)?;
+    let admin_token = crate::admin::load_token(&config)?;
     let listeners = bind_listeners(config.listen, workers)?;
     let public = listeners
         .first()
@@ -242,7 +329,7 @@ pub fn serve(config: Config) -> Result<()> {
             .context("starting a worker thread")?;
         threads.push(thread);
     }
-    crate::admin::start(shared.clone(), admin, public)?;
+    crate::admin::start(shared.clone(), admin, public, admin_token)?;
     info!(
         listen = %public,
         admin = %admin_addr,
@@ -270,7 +357,9 @@ pub fn pidfile(data_dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 fn write_pidfile(data_dir: &std::path::Path) {
-    if let Err(e) = std::fs::write(pidfile(data_dir), format!("{}\n", std::process::id())) {
+    // 0644 whatever the umask: `devgate reload` signals whatever pid this file names.
+    let pid = format!("{}\n", std::process::id());
+    if let Err(e) = devgate_pki::write_file(&pidfile(data_dir), pid.as_bytes(), 0o644) {
         warn!(
             "cannot write {}: {e} (`devgate reload` will not find this process)",
             pidfile(data_dir).display()

@@ -206,6 +206,8 @@ pub struct Shared {
     manager_seen: AtomicBool,
     /// Admission of new connections (XDP or user space).
     pub guard: Box<dyn Guard>,
+    /// Unauthenticated connections per source and in total (limited by default).
+    pub unauthenticated: crate::guard::unauth::Unauthenticated,
     /// Per worker: milliseconds after `started` of its last loop turn (the watchdog's
     /// proof that the data path is alive).
     pub heartbeats: Box<[AtomicU64]>,
@@ -214,6 +216,9 @@ pub struct Shared {
     accepting: Mutex<bool>,
     /// Units whose credentials are revoked (mirrored from the store's revocation log).
     pub revoked: DashMap<Arc<str>, ()>,
+    /// Which certificates are accepted per unit and manager, and revoked certificates
+    /// (mirrored from the store; see [`crate::identity`]).
+    pub identity: crate::identity::Identity,
     /// Jobs for the control plane's store thread.
     pub jobs: OnceLock<std::sync::mpsc::SyncSender<crate::control::Job>>,
     /// The credential store (status reads its health).
@@ -259,6 +264,9 @@ impl Shared {
         guard: Box<dyn Guard>,
     ) -> Self {
         let device_limit = config.limits.device_limit;
+        let identity = crate::identity::Identity::new(config.credentials.require_registered);
+        let unauthenticated =
+            crate::guard::unauth::Unauthenticated::new(config.limits.max_handshakes_per_source);
         Self {
             config,
             data_path: DataPath::default(),
@@ -284,9 +292,11 @@ impl Shared {
             no_manager_since_ms: AtomicU64::new(0),
             manager_seen: AtomicBool::new(false),
             guard,
+            unauthenticated,
             heartbeats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             accepting: Mutex::new(true),
             revoked: DashMap::new(),
+            identity,
             jobs: OnceLock::new(),
             store: OnceLock::new(),
             trust_bundle: arc_swap::ArcSwapOption::empty(),
@@ -362,6 +372,7 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut list = Vec::clone(&self.managers.load());
         list.retain(|h| *h != handle);
+        self.identity.manager_disconnected(handle);
         if list.is_empty() {
             self.no_manager_since_ms
                 .store(self.ms_since_start(now), Ordering::Release);

@@ -34,6 +34,14 @@ counters! {
     refused_max_connections,
     /// Connections refused at accept by the guard (per-IP or rate limits, admission off).
     refused_by_guard,
+    /// Connections refused at accept because their source holds
+    /// `limits.max_handshakes_per_source` unauthenticated connections.
+    refused_handshakes_per_source,
+    /// Unauthenticated connections closed to make room for a newer one (table full).
+    evicted_unauthenticated,
+    /// Timer entries a worker examined (handshake deadlines, session sweeps): grows with
+    /// the timers that fall due, not with the connections held.
+    timer_checks,
     /// TLS handshakes completed.
     handshakes_ok,
     /// TLS handshakes that failed (bad client hello, certificate, protocol).

@@ -1,4 +1,5 @@
-//! TLS configuration: rustls with TLS 1.2 and 1.3 only, AEAD suites only, and client
+//! TLS configuration: rustls with TLS 1.2 and 1.3 only (or 1.3 only, `[tls] min_version`),
+//! AEAD suites only (or the operator's list, `[tls] cipher_suites`), and client
 //! certificates verified against devgate's device CA and manager CA.
 //!
 //! Client certificates are optional at the TLS layer (`allow_unauthenticated`) because
@@ -14,6 +15,8 @@ use anyhow::{Context, Result, bail};
 use devgate_pki::{CertSummary, PeerClassifier, PkiPaths};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+
+use crate::config::{TlsMinVersion, TlsSection};
 
 /// Whether server configs allow traffic-secret extraction (set once at start-up when
 /// kernel TLS is on; rustls refuses to hand out secrets otherwise).
@@ -54,8 +57,41 @@ pub fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Loads the server chain, its key and the client CAs from `<data_dir>/pki`.
+/// A server config builder for the `[tls]` settings: the protocol versions from
+/// `min_version` up, and the configured cipher suites (already validated by
+/// `Config::validate`; checked again here for callers that skip it).
+fn builder(
+    settings: &TlsSection,
+) -> Result<rustls::ConfigBuilder<ServerConfig, rustls::WantsVerifier>> {
+    let suites = settings.suites()?;
+    // Offer only versions that have a suite: a TLS 1.3-only suite list means TLS 1.3 only.
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> =
+        [&rustls::version::TLS13, &rustls::version::TLS12]
+            .into_iter()
+            .filter(|v| {
+                (settings.min_version == TlsMinVersion::Tls12
+                    || v.version == rustls::ProtocolVersion::TLSv1_3)
+                    && suites.iter().any(|s| s.version().version == v.version)
+            })
+            .collect();
+    let provider = rustls::crypto::CryptoProvider {
+        cipher_suites: suites,
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    };
+    ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&versions)
+        .context("[tls] min_version and cipher_suites leave no usable protocol version")
+}
+
+/// Loads the server chain, its key and the client CAs from `<data_dir>/pki`, with the
+/// default `[tls]` settings (for tools such as the benchmarks).
 pub fn load(data_dir: &Path) -> Result<TlsMaterial> {
+    load_with(data_dir, &TlsSection::default())
+}
+
+/// Loads the server chain, its key and the client CAs from `<data_dir>/pki`, with the
+/// protocol versions and cipher suites of `settings`.
+pub fn load_with(data_dir: &Path, settings: &TlsSection) -> Result<TlsMaterial> {
     let paths = PkiPaths::new(data_dir);
     if !paths.server_cert().exists() {
         bail!(
@@ -76,19 +112,16 @@ pub fn load(data_dir: &Path) -> Result<TlsMaterial> {
     let (server_not_before, server_not_after) = validity(&server_cert)
         .with_context(|| format!("server certificate {}", paths.server_cert().display()))?;
 
-    let mut config = ServerConfig::builder_with_protocol_versions(&[
-        &rustls::version::TLS13,
-        &rustls::version::TLS12,
-    ])
-    .with_client_cert_verifier(verifier)
-    .with_single_cert(chain.clone(), key)
-    .with_context(|| {
-        format!(
-            "server certificate {} and key {} do not match or are unusable",
-            paths.server_cert().display(),
-            paths.server_key().display()
-        )
-    })?;
+    let mut config = builder(settings)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key)
+        .with_context(|| {
+            format!(
+                "server certificate {} and key {} do not match or are unusable",
+                paths.server_cert().display(),
+                paths.server_key().display()
+            )
+        })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     config.enable_secret_extraction = SECRET_EXTRACTION.load(std::sync::atomic::Ordering::Relaxed);
     // One ticket is enough for a device's next reconnect; each costs a write and a seal.
@@ -150,7 +183,7 @@ impl ClientSide {
 /// TLS material for a gateway whose server certificate is missing or unusable: a
 /// temporary self-signed certificate, so that `/usg/check-status` can still answer `err`
 /// (monitoring probes do not verify it; devices and managers refuse it).
-pub fn without_server_certificate(data_dir: &Path) -> Result<TlsMaterial> {
+pub fn without_server_certificate(data_dir: &Path, settings: &TlsSection) -> Result<TlsMaterial> {
     let paths = PkiPaths::new(data_dir);
     let client = ClientSide::load(&paths)?;
     let key = rcgen::KeyPair::generate().context("generating a temporary key")?;
@@ -163,13 +196,10 @@ pub fn without_server_certificate(data_dir: &Path) -> Result<TlsMaterial> {
     let cert = params.self_signed(&key).context("temporary certificate")?;
     let key_der = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der())
         .map_err(|e| anyhow::anyhow!("temporary key: {e}"))?;
-    let mut config = ServerConfig::builder_with_protocol_versions(&[
-        &rustls::version::TLS13,
-        &rustls::version::TLS12,
-    ])
-    .with_client_cert_verifier(client.verifier)
-    .with_single_cert(vec![cert.der().clone()], key_der)
-    .context("temporary certificate")?;
+    let mut config = builder(settings)?
+        .with_client_cert_verifier(client.verifier)
+        .with_single_cert(vec![cert.der().clone()], key_der)
+        .context("temporary certificate")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsMaterial {
         server_config: Arc::new(config),

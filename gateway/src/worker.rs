@@ -46,6 +46,7 @@ use crate::conn::{
 use crate::msg::{CloseReason, Msg, MsgKind, Priority};
 use crate::shared::{ConnHandle, Shared};
 use crate::stats::WorkerStats;
+use crate::timers::{FifoTimers, Timer};
 
 /// Largest plaintext chunk handed to rustls at once (one TLS record).
 const RECORD_PLAINTEXT: usize = 16 * 1024;
@@ -55,6 +56,10 @@ const INBOX_BATCH: usize = 4096;
 const CLOSE_REPLACED: u16 = 4001;
 /// Most streams one manager connection may hold open.
 const MAX_STREAMS_PER_MANAGER: usize = 4096;
+/// Timers handled per tick: a burst of handshake timeouts (a flood's connections all
+/// accepted at once expire at once) is spread over loop turns, with the sockets served in
+/// between, instead of closing thousands in one turn.
+const TIMERS_PER_TICK: usize = 64;
 
 /// What a driver should do with a connection after a write attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +73,8 @@ pub enum Flush {
 struct Slot {
     generation: u32,
     conn: Option<Conn>,
+    /// The connection counts in `shared.unauthenticated` (accepted, not yet a session).
+    unauthenticated: bool,
 }
 
 /// A data-path worker (see the module docs).
@@ -88,6 +95,14 @@ pub struct Worker {
     fd_pending: Vec<u32>,
     to_release: Vec<u32>,
     deferred_close: Vec<(u32, Ending)>,
+    /// Handshake deadlines in accept order (the oldest unauthenticated connection first).
+    handshake_timers: FifoTimers,
+    /// Sessions' next keep-alive / request-timeout check.
+    session_timers: FifoTimers,
+    /// How many unauthenticated connections the gateway's table may hold (the rest of
+    /// `max_connections` is reserved for sessions).
+    unauthenticated_cap: usize,
+    /// Next check of the worker-wide conditions (shutdown, no manager, trust bundle).
     next_sweep: Instant,
     refusing_devices: bool,
     shutdown_started: bool,
@@ -129,6 +144,10 @@ fn bump(counter: &AtomicU64) {
 impl Worker {
     /// A worker with id `id` (its index in `shared.inboxes`).
     pub fn new(id: u16, shared: Arc<Shared>, now: Instant) -> Self {
+        let unauthenticated_cap = crate::guard::unauth::unauthenticated_cap(
+            shared.max_connections,
+            shared.config.limits.session_reserve_percent,
+        );
         Self {
             id,
             shared,
@@ -142,6 +161,9 @@ impl Worker {
             fd_pending: Vec::new(),
             to_release: Vec::new(),
             deferred_close: Vec::new(),
+            handshake_timers: FifoTimers::default(),
+            session_timers: FifoTimers::default(),
+            unauthenticated_cap,
             next_sweep: now,
             refusing_devices: false,
             shutdown_started: false,
@@ -177,14 +199,30 @@ impl Worker {
         if self.shared.shutting_down.load(Ordering::Relaxed) {
             return None;
         }
-        if !self.shared.guard.admit(peer.ip(), now) {
+        let ip = peer.ip();
+        if !self.shared.guard.admit(ip, now) {
             bump(&self.stats().refused_by_guard);
             return None;
         }
+        if self.shared.unauthenticated.try_add(ip).is_err() {
+            self.shared.guard.closed(ip);
+            bump(&self.stats().refused_handshakes_per_source);
+            debug!(%peer, "refused: the source holds limits.max_handshakes_per_source handshakes");
+            return None;
+        }
+        let undo = |shared: &Shared| {
+            shared.connection_count.fetch_sub(1, Ordering::AcqRel);
+            shared.unauthenticated.remove(ip);
+            shared.guard.closed(ip);
+        };
         let open = self.shared.connection_count.fetch_add(1, Ordering::AcqRel);
-        if open >= self.shared.max_connections {
-            self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
-            self.shared.guard.closed(peer.ip());
+        let full = open >= self.shared.max_connections
+            || self.shared.unauthenticated.total() > self.unauthenticated_cap;
+        // A full table takes the newcomer in place of this worker's oldest unauthenticated
+        // connection (its slot comes free at the end of this loop turn), so that a flood of
+        // silent connections cannot lock new devices out; a table full of sessions refuses.
+        if full && !self.evict_oldest_unauthenticated(now) {
+            undo(&self.shared);
             bump(&self.stats().refused_max_connections);
             return None;
         }
@@ -193,18 +231,21 @@ impl Worker {
             Ok(tls) => tls,
             Err(e) => {
                 crate::warn_limited!(%peer, "cannot start TLS session: {e}");
-                self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
-                self.shared.guard.closed(peer.ip());
+                undo(&self.shared);
                 return None;
             }
         };
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
-                let s = u32::try_from(self.slots.len()).ok()?;
+                let Ok(s) = u32::try_from(self.slots.len()) else {
+                    undo(&self.shared);
+                    return None;
+                };
                 self.slots.push(Slot {
                     generation: 0,
                     conn: None,
+                    unauthenticated: false,
                 });
                 s
             }
@@ -216,6 +257,9 @@ impl Worker {
             generation: entry.generation,
         };
         let handshake = Duration::from_millis(self.shared.config.limits.handshake_timeout_ms);
+        self.handshake_timers
+            .push(now + handshake, slot, entry.generation);
+        entry.unauthenticated = true;
         entry.conn = Some(Conn {
             handle,
             peer,
@@ -332,15 +376,146 @@ impl Worker {
 
     /// Timers: handshake timeouts, keep-alives, dead peers, request timeouts, the
     /// no-manager grace period and shutdown. Returns when it wants to be called next.
+    ///
+    /// Per-connection timers come from queues in deadline order ([`crate::timers`]), so a
+    /// tick touches only the connections that are due, at most [`TIMERS_PER_TICK`] of them
+    /// (it asks to be called again at once when more are due): thousands of connections
+    /// sitting in their handshake cost the loop nothing until their deadline.
     pub fn tick(&mut self, now: Instant) -> Instant {
         self.shared.heartbeat(self.id, now);
-        if now < self.next_sweep {
-            return self.next_sweep;
+        let interval = self.ping_interval();
+        let mut budget = TIMERS_PER_TICK;
+        while budget > 0 {
+            let Some(t) = self.handshake_timers.pop_due(now) else {
+                break;
+            };
+            budget -= 1;
+            bump(&self.stats().timer_checks);
+            self.handshake_timer(t, now);
         }
-        let interval = Duration::from_millis(self.shared.config.keepalive.ping_interval_ms);
-        self.next_sweep =
-            now + (interval / 4).clamp(Duration::from_millis(25), Duration::from_secs(1));
+        while budget > 0 {
+            let Some(t) = self.session_timers.pop_due(now) else {
+                break;
+            };
+            budget -= 1;
+            bump(&self.stats().timer_checks);
+            if self
+                .timer_conn(t)
+                .is_some_and(|c| matches!(c.phase, Phase::Session(_)))
+            {
+                self.sweep_conn(t.slot, now, interval);
+                if self
+                    .timer_conn(t)
+                    .is_some_and(|c| matches!(c.phase, Phase::Session(_)))
+                {
+                    self.session_timers.push(
+                        now + Self::sweep_period(interval),
+                        t.slot,
+                        t.generation,
+                    );
+                }
+            }
+        }
+        if now >= self.next_sweep {
+            self.next_sweep = now + Self::sweep_period(interval);
+            self.sweep_worker(now);
+        }
+        self.run_local(now);
+        if budget == 0 {
+            return now; // more timers are due: come back after serving the sockets
+        }
+        [
+            self.handshake_timers.next_due(),
+            self.session_timers.next_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(self.next_sweep, Instant::min)
+    }
 
+    fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.shared.config.keepalive.ping_interval_ms)
+    }
+
+    /// How often a session is checked for keep-alives and request timeouts.
+    fn sweep_period(interval: Duration) -> Duration {
+        (interval / 4).clamp(Duration::from_millis(25), Duration::from_secs(1))
+    }
+
+    /// The connection a timer was armed for, if the slot still holds it.
+    fn timer_conn(&self, t: Timer) -> Option<&Conn> {
+        let entry = self.slots.get(t.slot as usize)?;
+        if entry.generation != t.generation {
+            return None;
+        }
+        entry.conn.as_ref()
+    }
+
+    /// A handshake deadline came up: the connection times out unless it became a session
+    /// (or closed) meanwhile.
+    fn handshake_timer(&mut self, t: Timer, now: Instant) {
+        let Some(conn) = self.timer_conn(t) else {
+            return;
+        };
+        if matches!(conn.phase, Phase::Handshake | Phase::Waiting) && now >= conn.handshake_deadline
+        {
+            debug!(peer = %conn.peer, "handshake timeout");
+            bump(&self.stats().handshakes_failed_timeout);
+            self.close(t.slot, now, Ending::Lost);
+        }
+    }
+
+    /// Closes this worker's oldest unauthenticated connection to make room for a new one;
+    /// false if it holds none.
+    fn evict_oldest_unauthenticated(&mut self, now: Instant) -> bool {
+        while let Some(t) = self.handshake_timers.pop_oldest() {
+            bump(&self.stats().timer_checks);
+            let Some(conn) = self.timer_conn(t) else {
+                continue;
+            };
+            if !matches!(conn.phase, Phase::Handshake | Phase::Waiting) {
+                continue;
+            }
+            debug!(peer = %conn.peer, "table full: evicting the oldest unauthenticated connection");
+            bump(&self.stats().evicted_unauthenticated);
+            self.close(t.slot, now, Ending::Lost);
+            return true;
+        }
+        false
+    }
+
+    /// The driver refused a connection because this worker's share of descriptors is
+    /// full (io_uring's file table): counted like `max_connections`, and the oldest
+    /// unauthenticated connection makes room for the next attempt.
+    pub fn refuse_at_capacity(&mut self, now: Instant) {
+        bump(&self.stats().refused_max_connections);
+        self.evict_oldest_unauthenticated(now);
+    }
+
+    /// A connection finished its handshake and HTTP upgrade: it no longer counts as
+    /// unauthenticated, and its keep-alive checks start.
+    fn became_session(&mut self, slot: u32, now: Instant) {
+        let period = Self::sweep_period(self.ping_interval());
+        let Some(entry) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        let Some(conn) = entry.conn.as_ref() else {
+            return;
+        };
+        if !matches!(conn.phase, Phase::Session(_)) {
+            return;
+        }
+        if std::mem::take(&mut entry.unauthenticated) {
+            self.shared.unauthenticated.remove(conn.peer.ip());
+        }
+        self.session_timers
+            .push(now + period, slot, entry.generation);
+    }
+
+    /// Worker-wide conditions, checked once per sweep period: shutdown, the no-manager
+    /// grace period and a new trust bundle. Each walks the connections only when its
+    /// condition changes.
+    fn sweep_worker(&mut self, now: Instant) {
         if self.shared.shutting_down.load(Ordering::Relaxed) && !self.shutdown_started {
             self.shutdown_started = true;
             for slot in self.occupied_slots() {
@@ -388,11 +563,6 @@ impl Worker {
                 }
             }
         }
-        for slot in self.occupied_slots() {
-            self.sweep_conn(slot, now, interval);
-        }
-        self.run_local(now);
-        self.next_sweep
     }
 
     /// Slots with bytes to send since the last call.
@@ -621,6 +791,9 @@ impl Worker {
             self.free.push(slot);
             self.live -= 1;
             self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
+            if std::mem::take(&mut entry.unauthenticated) {
+                self.shared.unauthenticated.remove(conn.peer.ip());
+            }
             self.shared.guard.closed(conn.peer.ip());
         }
     }
@@ -629,6 +802,14 @@ impl Worker {
     pub fn is_active(&self, slot: u32) -> bool {
         self.conn_ref(slot)
             .is_some_and(|c| !matches!(c.phase, Phase::Closing))
+    }
+
+    /// Whether `slot` holds an established session (a device or manager past its TLS
+    /// handshake and upgrade). Drivers serve these first: a handshake costs a hundred
+    /// routed frames, and handshakes (honest or a flood's) must not delay the fleet.
+    pub fn is_established(&self, slot: u32) -> bool {
+        self.conn_ref(slot)
+            .is_some_and(|c| matches!(c.phase, Phase::Session(_)))
     }
 
     /// True when shutdown is under way and every connection is gone.
@@ -1015,7 +1196,7 @@ impl Worker {
         };
         let path = request.path;
         match path {
-            "/v1/enroll" | "/v1/pair" if request.method == "POST" => {
+            "/v1/enroll" | "/v1/pair" | "/v1/renew" if request.method == "POST" => {
                 let Some(len) = request.content_length else {
                     self.refuse(
                         slot,
@@ -1040,12 +1221,24 @@ impl Worker {
                 let Some(body) = buf.get(header_len..header_len + len) else {
                     return Some(0); // the body has not all arrived yet
                 };
+                // Renewal: the device proves possession of its current certificate.
+                let renewal = if path == "/v1/renew" {
+                    Some(self.renewal_identity(slot, now)?)
+                } else {
+                    None
+                };
                 let conn = self.conn_mut(slot)?;
                 let (reply_to, ip, body) = (conn.handle, conn.peer.ip(), body.to_vec());
-                let job = if path == "/v1/enroll" {
-                    crate::control::Job::Enroll { reply_to, ip, body }
-                } else {
-                    crate::control::Job::Pair { reply_to, ip, body }
+                let job = match (path, renewal) {
+                    (_, Some((unit, presented))) => crate::control::Job::Renew {
+                        reply_to,
+                        ip,
+                        unit,
+                        presented,
+                        body,
+                    },
+                    ("/v1/enroll", None) => crate::control::Job::Enroll { reply_to, ip, body },
+                    _ => crate::control::Job::Pair { reply_to, ip, body },
                 };
                 if !crate::control::submit(&self.shared, job) {
                     self.refuse(
@@ -1086,7 +1279,11 @@ impl Worker {
                 }
                 let key = request.websocket_key.unwrap_or_default().to_owned();
                 let want_device = path == "/v1/device";
-                self.upgrade(slot, &key, want_device, header_len, now)
+                let used = self.upgrade(slot, &key, want_device, header_len, now);
+                if used.is_some() {
+                    self.became_session(slot, now);
+                }
+                used
             }
             _ => {
                 self.refuse(slot, 404, "Not Found", "not found\n", now);
@@ -1119,6 +1316,117 @@ impl Worker {
         self.close(slot, now, Ending::Quiet);
     }
 
+    /// The client certificate the peer presented, if any.
+    fn peer_certificate(&self, slot: u32) -> Option<rustls_pki_types::CertificateDer<'static>> {
+        self.conn_ref(slot).and_then(|c| match &c.tls {
+            Tls::User(tls) => tls
+                .peer_certificates()
+                .and_then(|certs| certs.first().cloned()),
+            _ => None,
+        })
+    }
+
+    /// Whether the registry accepts certificate `fp` for device `unit` or manager
+    /// `manager` (see [`crate::identity`]); refuses the request with 403 if not.
+    fn certificate_accepted(
+        &mut self,
+        slot: u32,
+        unit: Option<&Arc<str>>,
+        manager: Option<&str>,
+        fp: &crate::identity::Fp,
+        now: Instant,
+    ) -> bool {
+        let identity = &self.shared.identity;
+        let verdict = match (unit, manager) {
+            (Some(unit), _) => identity.check_device(unit, fp, crate::identity::unix_at(now)),
+            (None, Some(name)) => identity.check_manager(name, fp),
+            (None, None) => return false,
+        };
+        let body = match verdict {
+            crate::identity::Verdict::Accepted => return true,
+            crate::identity::Verdict::FirstUse => {
+                if let Some(unit) = unit {
+                    // The store ends the renewal overlap and the enrollment retry window;
+                    // if its queue is full, the next connection tells it again.
+                    let job = crate::control::Job::CertUsed {
+                        unit: unit.clone(),
+                        fingerprint: *fp,
+                    };
+                    if crate::control::submit(&self.shared, job) {
+                        self.shared.identity.note_used(unit, fp);
+                    }
+                }
+                return true;
+            }
+            crate::identity::Verdict::Revoked => "this credential has been revoked\n",
+            crate::identity::Verdict::Superseded => {
+                "this certificate is no longer valid: it was replaced, reset or revoked\n"
+            }
+            crate::identity::Verdict::Unregistered => {
+                "this certificate is not registered with this gateway\n"
+            }
+        };
+        bump(&self.stats().rejected_revoked);
+        let who = unit.map_or_else(
+            || format!("manager {}", manager.unwrap_or_default()),
+            |u| format!("device {u}"),
+        );
+        crate::warn_limited!(
+            certificate = %devgate_pki::format_fingerprint(fp),
+            "{who} refused: {}",
+            body.trim_end()
+        );
+        self.refuse(slot, 403, "Forbidden", body, now);
+        false
+    }
+
+    /// For `POST /v1/renew`: the unit and certificate SHA-256 of a device connected with a
+    /// certificate the registry accepts; refuses the request otherwise.
+    fn renewal_identity(
+        &mut self,
+        slot: u32,
+        now: Instant,
+    ) -> Option<(Arc<str>, crate::identity::Fp)> {
+        let Some(cert) = self.peer_certificate(slot) else {
+            self.refuse(
+                slot,
+                401,
+                "Unauthorized",
+                "renewal needs the device's current certificate (mutual TLS)\n",
+                now,
+            );
+            return None;
+        };
+        let fp = devgate_pki::fingerprint_bytes(cert.as_ref());
+        let Some(PeerRole::Device { unit_id }) = self.shared.tls.load().classifier.classify(&cert)
+        else {
+            self.refuse(
+                slot,
+                403,
+                "Forbidden",
+                "only a device certificate of this gateway can be renewed\n",
+                now,
+            );
+            return None;
+        };
+        let unit: Arc<str> = Arc::from(unit_id.as_str());
+        if self.shared.revoked.contains_key(&*unit) {
+            bump(&self.stats().rejected_revoked);
+            self.refuse(
+                slot,
+                403,
+                "Forbidden",
+                "this credential has been revoked\n",
+                now,
+            );
+            return None;
+        }
+        if !self.certificate_accepted(slot, Some(&unit), None, &fp, now) {
+            return None;
+        }
+        Some((unit, fp))
+    }
+
     fn upgrade(
         &mut self,
         slot: u32,
@@ -1128,15 +1436,14 @@ impl Worker {
         now: Instant,
     ) -> Option<usize> {
         let tls = self.shared.tls.load();
-        let role = self
-            .conn_ref(slot)
-            .and_then(|c| match &c.tls {
-                Tls::User(tls) => tls
-                    .peer_certificates()
-                    .and_then(|certs| certs.first().cloned()),
-                _ => None,
-            })
-            .map(|cert| tls.classifier.classify(&cert));
+        let cert = self.peer_certificate(slot);
+        // SHA-256 of the presented certificate: the registry accepts certificates, not
+        // just the names they carry.
+        let fp = cert
+            .as_ref()
+            .map(|c| devgate_pki::fingerprint_bytes(c.as_ref()))
+            .unwrap_or_default();
+        let role = cert.map(|cert| tls.classifier.classify(&cert));
         let role = match role {
             None => {
                 self.refuse(
@@ -1187,6 +1494,9 @@ impl Worker {
                     );
                     return None;
                 }
+                if !self.certificate_accepted(slot, Some(&unit), None, &fp, now) {
+                    return None;
+                }
                 if self.shared.devices_refused(now) {
                     bump(&self.stats().rejected_no_manager);
                     info!("no manager connected: device {unit} rejected");
@@ -1212,10 +1522,19 @@ impl Worker {
                     return None;
                 }
                 bump(&self.stats().device_sessions);
+                self.shared
+                    .identity
+                    .device_connected(unit.clone(), handle, fp);
                 Role::Device(DeviceSession::new(unit))
             }
             (PeerRole::Manager { name }, false) => {
+                if !self.certificate_accepted(slot, None, Some(&name), &fp, now) {
+                    return None;
+                }
                 info!(manager = %name, peer = %self.conn_ref(slot)?.peer, "manager connected");
+                self.shared
+                    .identity
+                    .manager_connected(handle, Arc::from(name.as_str()), fp);
                 self.shared.add_manager(handle);
                 bump(&self.stats().manager_sessions);
                 Role::Manager(ManagerSession {
@@ -1923,7 +2242,7 @@ impl Worker {
                 Ok(Some(serde_json::json!({"ok": true, "total": shared.device_count.load(Ordering::Relaxed), "devices": units}).to_string()))
             }
             "create_keys" | "list_keys" | "revoke_key" | "revoke_device" | "unrevoke_device"
-            | "list_enrolled" => {
+            | "reset_device" | "revoke_certificate" | "list_enrolled" => {
                 let job = crate::control::Job::Manager {
                     reply_to: me,
                     request_id,
@@ -1936,7 +2255,7 @@ impl Worker {
                 }
             }
             other => Err(format!(
-                "unknown control op \"{other}\" (known: set_device_limit, get_status, list_devices, create_keys, list_keys, revoke_key, revoke_device, unrevoke_device, list_enrolled)"
+                "unknown control op \"{other}\" (known: set_device_limit, get_status, list_devices, create_keys, list_keys, revoke_key, revoke_device, unrevoke_device, reset_device, revoke_certificate, list_enrolled)"
             )),
         }
     }

@@ -29,6 +29,8 @@ pub(crate) enum Scenario {
     Churn,
     /// N devices enroll with a first-authentication key (`--key`); reports enrollments/s.
     Enroll,
+    /// `--devices` hostile connections of one `--attack` kind held for `--duration` s.
+    Attack,
 }
 
 impl Scenario {
@@ -40,6 +42,7 @@ impl Scenario {
             Self::Storm => "storm",
             Self::Churn => "churn",
             Self::Enroll => "enroll",
+            Self::Attack => "attack",
         }
     }
 }
@@ -135,6 +138,9 @@ pub(crate) struct Args {
     /// First-authentication key for `enroll` (a multi-use key: `devgate keys create --multi`).
     #[arg(long)]
     pub(crate) key: Option<String>,
+    /// attack: what each hostile connection does.
+    #[arg(long, value_enum)]
+    pub(crate) attack: Option<crate::attack::Kind>,
     /// Internal: run as worker I of P (`I/P`), talking JSON lines on stdin/stdout.
     #[arg(long, hide = true)]
     pub(crate) worker: Option<String>,
@@ -189,6 +195,9 @@ impl Args {
             }
             Scenario::Stream if self.streams == 0 || self.streams > self.devices => {
                 bail!("--streams must be between 1 and --devices")
+            }
+            Scenario::Attack if self.attack.is_none() => {
+                bail!("attack needs --attack silent|partial-hello|slow-head")
             }
             Scenario::Enroll if self.key.is_none() => {
                 bail!("enroll needs --key (a multi-use key: `devgate keys create --multi`)")

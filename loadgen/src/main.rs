@@ -1,6 +1,6 @@
 //! `devgate-loadgen`: simulated devices and managers against a real gateway.
 //!
-//! `devgate-loadgen <connect|steady|stream|storm|churn|enroll> --gateway ADDR
+//! `devgate-loadgen <connect|steady|stream|storm|churn|enroll|attack> --gateway ADDR
 //! --data-dir DIR … --json FILE` (see docs/OPERATIONS.md, "Load testing").
 //!
 //! How the parts fit:
@@ -18,8 +18,10 @@
 //!   and the merged report.
 //! * `report`: counters, timelines, HDR histograms, the JSON and the table.
 //! * `progress`: the live display. `sys`: two system calls.
+//! * `attack`: hostile connections (slowloris and kin) held beside a measured run.
 
 mod args;
+mod attack;
 mod device;
 mod fleet;
 mod process;
@@ -50,6 +52,11 @@ fn main() -> Result<()> {
         .build()?;
     if let Some((i, p)) = slot {
         let r = rt.block_on(process::child_main(args, i, p));
+        rt.shutdown_timeout(Duration::from_secs(1));
+        return r;
+    }
+    if args.scenario == args::Scenario::Attack {
+        let r = rt.block_on(attack::run(&args));
         rt.shutdown_timeout(Duration::from_secs(1));
         return r;
     }

@@ -139,6 +139,39 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()
     Ok(())
 }
 
+/// Mode of the data directory: the gateway's user, and its group for reading (backups).
+pub const DATA_DIR_MODE: u32 = 0o750;
+/// Mode of directories holding private keys (`pki/`, credential `--out` folders).
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` (and missing parents) with `mode`, whatever the umask: under `umask 000`
+/// a plain `create_dir_all` would leave a world-writable directory in which anyone could
+/// swap a key or certificate. Parents are created with `mode` too (the umask can only
+/// remove bits from it); the directory itself is then set to exactly `mode`. An existing
+/// directory is left as the operator made it.
+pub fn create_dir_with_mode(dir: &Path, mode: u32) -> Result<(), PkiError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let io_err = |source: io::Error| PkiError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(io_err)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io_err)
+}
+
+/// Writes `contents` to `path` atomically with exactly `mode` (not widened by the umask;
+/// see [`write_atomic`]): for files beside the keys such as the trust bundle or the pid file.
+pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+    write_atomic(path, contents, mode)
+}
+
 /// Makes the renames in `dir` durable. Without this a power cut right after `init` can leave
 /// the directory without the files even though every file was synced.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), PkiError> {

@@ -38,6 +38,56 @@ pub fn bundle_id<C: AsRef<[u8]>>(roots: &[C]) -> String {
         .collect()
 }
 
+/// SHA-256 of the certificate DER as raw bytes (the gateway's in-memory form of
+/// [`fingerprint`]).
+pub fn fingerprint_bytes(cert_der: &[u8]) -> [u8; 32] {
+    Sha256::digest(cert_der).into()
+}
+
+/// Parses a SHA-256 fingerprint as people paste it: 64 hex digits, upper or lower case,
+/// optionally separated by spaces or colons (the [`fingerprint`] form, `openssl x509
+/// -fingerprint -sha256`'s `AB:CD:…` form, or `sha256sum`'s plain hex). `None` if it is not
+/// exactly 32 bytes of hex.
+pub fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
+    let text = text.trim();
+    let text = text
+        .strip_prefix("sha256:")
+        .or_else(|| text.strip_prefix("SHA256:"))
+        .or_else(|| text.strip_prefix("sha256 Fingerprint="))
+        .unwrap_or(text);
+    let mut out = [0u8; 32];
+    let mut n = 0usize;
+    let mut high: Option<u8> = None;
+    for c in text.chars() {
+        if matches!(c, ' ' | ':' | '\t') {
+            continue;
+        }
+        let v = u8::try_from(c.to_digit(16)?).ok()?;
+        match high.take() {
+            None => high = Some(v),
+            Some(h) => {
+                *out.get_mut(n)? = (h << 4) | v;
+                n += 1;
+            }
+        }
+    }
+    (n == 32 && high.is_none()).then_some(out)
+}
+
+/// The [`fingerprint`] form of raw SHA-256 bytes.
+pub fn format_fingerprint(digest: &[u8; 32]) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(64 + 3);
+    for (i, b) in digest.iter().enumerate() {
+        if i > 0 && i % 8 == 0 {
+            out.push(' ');
+        }
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
 /// Fingerprint of the first certificate in a PEM file.
 pub fn fingerprint_file(pem_path: &Path) -> Result<String, PkiError> {
     let certs = load_certs(pem_path)?;
@@ -97,6 +147,24 @@ mod tests {
             fp,
             "BA7816BF8F01CFEA 414140DE5DAE2223 B00361A396177A9C B410FF61F20015AD"
         );
+    }
+
+    #[test]
+    fn parse_and_format_round_trip() {
+        let fp = fingerprint(b"abc");
+        let raw = parse_fingerprint(&fp).unwrap();
+        assert_eq!(raw, fingerprint_bytes(b"abc"));
+        assert_eq!(format_fingerprint(&raw), fp);
+        let colons = raw
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        assert_eq!(parse_fingerprint(&colons), Some(raw));
+        assert_eq!(parse_fingerprint(&fp.replace(' ', "")), Some(raw));
+        assert_eq!(parse_fingerprint(&fp[..60]), None);
+        assert_eq!(parse_fingerprint(&format!("{fp}0")), None);
+        assert_eq!(parse_fingerprint("zz"), None);
     }
 
     #[test]

@@ -121,10 +121,9 @@ pub fn init(data_dir: &Path, opts: &InitOptions) -> Result<InitReport, PkiError>
             });
         }
     }
-    fs::create_dir_all(&paths.dir).map_err(|source| PkiError::Io {
-        path: paths.dir.clone(),
-        source,
-    })?;
+    // Explicit modes: under `umask 000` the directories would otherwise be world-writable.
+    crate::files::create_dir_with_mode(data_dir, crate::files::DATA_DIR_MODE)?;
+    crate::files::create_dir_with_mode(&paths.dir, crate::files::PRIVATE_DIR_MODE)?;
 
     // Server chain. pathlen 1 on the root: exactly one CA level (device CA, manager CA) may
     // sit below it.

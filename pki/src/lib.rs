@@ -92,14 +92,19 @@ pub use chain::{
     create_server, validate_server_chain, validate_server_chain_files,
 };
 pub use error::PkiError;
-pub use files::{load_certs, load_key};
-pub use fingerprint::{bundle_id, fingerprint, fingerprint_file, fingerprint_matches};
+pub use files::{
+    DATA_DIR_MODE, PRIVATE_DIR_MODE, create_dir_with_mode, load_certs, load_key, write_file,
+};
+pub use fingerprint::{
+    bundle_id, fingerprint, fingerprint_bytes, fingerprint_file, fingerprint_matches,
+    format_fingerprint, parse_fingerprint,
+};
 pub use init::{FIRST_MANAGER_NAME, InitOptions, InitReport, PkiPaths, init};
 pub use issue::{
     CA_VALIDITY, CLOCK_SKEW, ClientCa, DEVICE_VALIDITY, IssuedCert, MANAGER_VALIDITY,
     SERVER_VALIDITY,
 };
-pub use names::{MAX_IDENTITY_LEN, is_valid_unit_id};
+pub use names::{MAX_IDENTITY_LEN, check_unit_id, is_valid_unit_id};
 pub use peer::{CertSummary, PeerClassifier, PeerRole, summarize};
 
 /// Re-exported so callers can name the types of this crate's API without depending on

@@ -20,6 +20,23 @@ pub fn is_valid_unit_id(id: &str) -> bool {
     identity_problem(id).is_none()
 }
 
+/// The one validator for unit IDs (and manager names) wherever they enter — enrollment,
+/// the `devgate devices …` / `managers …` commands and manager control ops: `Err` carries one
+/// line saying what is wrong, with the value shown escaped and shortened (it may hold a
+/// newline or be thousands of characters long).
+pub fn check_unit_id(kind: &str, id: &str) -> Result<(), String> {
+    match identity_problem(id) {
+        None => Ok(()),
+        Some(why) => {
+            let shown: String = id.chars().take(40).flat_map(char::escape_default).collect();
+            let more = if id.chars().count() > 40 { "…" } else { "" };
+            Err(format!(
+                "invalid {kind} \"{shown}{more}\": {why} (a {kind} is 1-{MAX_IDENTITY_LEN} printable ASCII characters without spaces, e.g. 00:E0:C5:12:34:56)"
+            ))
+        }
+    }
+}
+
 fn identity_problem(id: &str) -> Option<&'static str> {
     if id.is_empty() {
         Some("it is empty")

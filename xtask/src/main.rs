@@ -8,6 +8,8 @@
 //!   generator, prints what happened and stops the gateway.
 //! - `deb`   — the Debian package (`package.rs`).
 //! - `datapath-bench` — io_uring against epoll in one run (`datapath.rs`).
+//! - `slowloris-bench` — established devices' round trip with and without slow/silent
+//!   connection floods, side by side (`slowloris.rs`, docs/BENCHMARKS.md).
 //! - `bench-check [--update-baseline]` — instruction counts of the hot paths under callgrind
 //!   against `bench/baseline/instructions.json` (fails beyond +3 %); `bench-report [--quick]`
 //!   — devgate against an echo floor and nginx in one run (`bench.rs`, docs/BENCHMARKS.md).
@@ -23,6 +25,7 @@ use anyhow::{Context, Result, bail};
 mod bench;
 mod datapath;
 mod ebpf;
+mod slowloris;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,6 +38,7 @@ fn main() -> Result<()> {
         Some(t @ ("build-ebpf" | "flood-bench")) => ebpf::task(t, &args[1..]),
         Some("deb") => package::deb(&args[1..]),
         Some("datapath-bench") => datapath::task(&args[1..]),
+        Some("slowloris-bench") => slowloris::task(&args[1..]),
         Some("bench-check") => bench::check(&args[1..]),
         Some("bench-report") => bench::report(&args[1..]),
         _ => {
@@ -123,12 +127,15 @@ fn test(extra: &[String]) -> Result<()> {
 
 /// End-to-end suites run on both data-path drivers.
 const EPOLL_SUITES: &[&str] = &[
+    "abuse",
     "e2e",
     "stream",
     "certificates",
     "enroll",
     "rotation",
     "ops_status",
+    "identity",
+    "rails",
 ];
 
 #[derive(Default)]

@@ -21,6 +21,13 @@ const FIRST_CONN: usize = 2;
 const READ_BUDGET: usize = 1024 * 1024;
 /// Connections accepted per loop turn.
 const ACCEPT_BUDGET: usize = 512;
+/// Connections accepted per loop turn even when the handshake budget is spent.
+const ACCEPT_MIN: usize = 16;
+/// Time per loop turn spent on connections that are not yet sessions (accepts, TLS
+/// handshakes, request heads). What is left waits for the next turn, after the sessions'
+/// reads: a flood of handshakes then delays routed frames by about this much, not by the
+/// flood's whole cost.
+const HANDSHAKE_BUDGET: Duration = Duration::from_micros(500);
 
 struct MioWake(Waker);
 
@@ -109,16 +116,37 @@ pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
             }
         }
 
-        if accept_now && listening {
-            accept_again = accept_batch(&mut worker, &listener, &poll, &mut sockets, now);
-        }
+        // Sessions first; then accepts and handshakes while the turn's budget lasts (the
+        // rest is remembered: readiness is edge-triggered).
+        let mut handshaking = Vec::new();
         for slot in to_read {
+            if !worker.is_established(slot) {
+                handshaking.push(slot);
+                continue;
+            }
             let Some(Some(sock)) = sockets.get_mut(slot as usize) else {
                 continue;
             };
             if read_socket(&mut worker, slot, &mut sock.stream, &mut read_buf, now) {
                 read_again.push(slot);
             }
+        }
+        let budget_end = Instant::now() + HANDSHAKE_BUDGET;
+        for slot in handshaking {
+            if Instant::now() >= budget_end {
+                read_again.push(slot);
+                continue;
+            }
+            let Some(Some(sock)) = sockets.get_mut(slot as usize) else {
+                continue;
+            };
+            if read_socket(&mut worker, slot, &mut sock.stream, &mut read_buf, now) {
+                read_again.push(slot);
+            }
+        }
+        if accept_now && listening {
+            accept_again =
+                accept_batch(&mut worker, &listener, &poll, &mut sockets, budget_end, now);
         }
         worker.poll_inbox(now);
 
@@ -173,15 +201,22 @@ pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
     }
 }
 
-/// Accepts pending connections; returns true if more may be waiting.
+/// Accepts pending connections until `budget_end` (at least [`ACCEPT_MIN`]); returns true
+/// if more may be waiting.
 fn accept_batch(
     worker: &mut Worker,
     listener: &TcpListener,
     poll: &Poll,
     sockets: &mut Vec<Option<Socket>>,
+    budget_end: Instant,
     now: Instant,
 ) -> bool {
-    for _ in 0..ACCEPT_BUDGET {
+    for n in 0..ACCEPT_BUDGET {
+        // A few accepts every turn whatever the handshakes took, so that new
+        // connections are never starved by the ones already in their handshake.
+        if n >= ACCEPT_MIN && Instant::now() >= budget_end {
+            return true;
+        }
         match listener.accept() {
             Ok((mut stream, peer)) => {
                 let _ = stream.set_nodelay(true);

@@ -51,6 +51,14 @@ const SEND_POOL: usize = 256;
 const SEND_POOL_KEEP_CAPACITY: usize = 64 * 1024;
 /// After accept fails for lack of file descriptors, wait this long before re-arming.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Time per loop turn spent on bytes for connections that are not yet sessions (TLS
+/// handshakes, request heads); later ones are kept for the next turn while sessions'
+/// bytes go on being handled at once. A flood of handshakes then delays routed frames by
+/// about this much, not by the flood's whole cost.
+const HANDSHAKE_BUDGET: Duration = Duration::from_micros(500);
+/// Bytes kept for one handshaking connection before they are handed over regardless of
+/// the budget (a handshake and request head need far fewer).
+const DEFERRED_MAX: usize = 64 * 1024;
 
 // What a completion is for: the kind in the top byte of `user_data`, the slot below.
 const OP_ACCEPT: u8 = 1;
@@ -316,6 +324,11 @@ struct Socket {
     last_words_sent: bool,
     close_submitted: bool,
     closed: bool,
+    /// Received bytes of a handshaking connection waiting for a turn's budget (in order;
+    /// later bytes queue behind them).
+    deferred: Vec<u8>,
+    /// The peer's EOF arrived behind `deferred`.
+    deferred_eof: bool,
 }
 
 /// A `Write` that takes at most `cap` bytes and then says "would block", so the worker
@@ -368,6 +381,10 @@ struct Driver {
     /// Socket work (kTLS hand-over, close_notify) waiting for a send in flight to finish.
     fd_deferred: Vec<u32>,
     fd_work: Vec<u32>,
+    /// Connections with `deferred` bytes, oldest first.
+    deferred_slots: std::collections::VecDeque<u32>,
+    /// End of this turn's time for handshaking connections.
+    budget_end: Instant,
 }
 
 /// Runs `worker` on the calling thread until shutdown completes. `table_size` is the
@@ -405,6 +422,8 @@ pub fn run(worker: Worker, listener: StdListener, table_size: u32) -> io::Result
         ktls: shared.tls_offload.is_kernel(),
         fd_deferred: Vec::new(),
         fd_work: Vec::new(),
+        deferred_slots: std::collections::VecDeque::new(),
+        budget_end: Instant::now(),
     };
     driver.arm_accept()?;
     driver.arm_wake()?;
@@ -458,8 +477,10 @@ impl Driver {
             let timeout = deadline.saturating_duration_since(now);
             // Never sleep with work at hand: re-arms pending, or messages that arrived
             // before the inbox saw us announce the sleep.
-            let wait =
-                self.rearm.is_empty() && shared.inboxes[id].prepare_sleep() && !timeout.is_zero();
+            let wait = self.rearm.is_empty()
+                && self.deferred_slots.is_empty()
+                && shared.inboxes[id].prepare_sleep()
+                && !timeout.is_zero();
             self.submit(wait, timeout)?;
             shared.inboxes[id].woke();
             let now = Instant::now();
@@ -481,6 +502,10 @@ impl Driver {
                 self.arm_accept()?;
             }
 
+            // Handshake bytes left from earlier turns first (they are older), then this
+            // turn's completions; sessions' bytes are never held back.
+            self.budget_end = Instant::now() + HANDSHAKE_BUDGET;
+            self.run_deferred(now);
             completions.clear();
             completions.extend(
                 self.ring
@@ -585,6 +610,7 @@ impl Driver {
         };
         let _ = sock.set_tcp_nodelay(true);
         if self.worker.live() >= self.capacity as usize {
+            self.worker.refuse_at_capacity(now);
             crate::warn_limited!(
                 %peer,
                 "worker {} holds {} connections, its file table's size: refusing (raise workers or RLIMIT_NOFILE)",
@@ -598,6 +624,7 @@ impl Driver {
         };
         if slot >= self.capacity {
             self.worker.release(slot);
+            self.worker.refuse_at_capacity(now);
             return Ok(());
         }
         let registered = if self.ktls {
@@ -630,6 +657,8 @@ impl Driver {
             last_words_sent: false,
             close_submitted: false,
             closed: false,
+            deferred: Vec::new(),
+            deferred_eof: false,
         });
         self.arm_recv(slot)
     }
@@ -669,7 +698,21 @@ impl Driver {
                     // The buffer ring and the worker are distinct fields: no copy here,
                     // the worker copies only what it keeps.
                     let data = self.bufs.data(bid, len);
-                    self.worker.on_received(slot, data, now);
+                    let defer = !sock.deferred.is_empty()
+                        || (!self.worker.is_established(slot) && Instant::now() >= self.budget_end);
+                    if defer && sock.deferred.len() + len <= DEFERRED_MAX {
+                        if sock.deferred.is_empty() {
+                            self.deferred_slots.push_back(slot);
+                        }
+                        sock.deferred.extend_from_slice(data);
+                    } else if defer {
+                        // Past the cap: hand everything over now, in order.
+                        let mut pending = std::mem::take(&mut sock.deferred);
+                        pending.extend_from_slice(data);
+                        self.worker.on_received(slot, &pending, now);
+                    } else {
+                        self.worker.on_received(slot, data, now);
+                    }
                 }
                 self.bufs.push(bid);
             }
@@ -677,7 +720,9 @@ impl Driver {
                 self.rearm.push(slot);
             }
         } else if result == 0 {
-            if !closing {
+            if !closing && !sock.deferred.is_empty() {
+                sock.deferred_eof = true;
+            } else if !closing {
                 self.worker.on_eof(slot, now);
             }
         } else if result == -libc::ENOBUFS {
@@ -701,6 +746,28 @@ impl Driver {
             return self.finish_close(slot, now);
         }
         Ok(())
+    }
+
+    /// Hands deferred handshake bytes to the worker, oldest connection first, while the
+    /// turn's budget lasts.
+    fn run_deferred(&mut self, now: Instant) {
+        while Instant::now() < self.budget_end {
+            let Some(slot) = self.deferred_slots.pop_front() else {
+                return;
+            };
+            let Some(Some(sock)) = self.sockets.get_mut(slot as usize) else {
+                continue; // closed meanwhile; a reused slot starts with nothing deferred
+            };
+            let data = std::mem::take(&mut sock.deferred);
+            let eof = std::mem::take(&mut sock.deferred_eof);
+            if sock.closing || data.is_empty() {
+                continue;
+            }
+            self.worker.on_received(slot, &data, now);
+            if eof {
+                self.worker.on_eof(slot, now);
+            }
+        }
     }
 
     /// Socket work the worker asked for (kTLS hand-over, close_notify), on the socket's

@@ -17,6 +17,7 @@
 //! [`build`] picks one from the `[xdp]` configuration ([`config::GuardConfig`]).
 
 pub mod config;
+pub mod unauth;
 pub mod userspace;
 pub mod xdp;
 

@@ -19,6 +19,7 @@ pub mod watchdog;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -37,6 +38,23 @@ pub enum OpsCommand {
         /// Print the raw `/v1/status` JSON instead.
         #[arg(long)]
         json: bool,
+        /// Bearer token for an admin listener that requires one (default:
+        /// `admin_token_file` of the configuration, else DATA_DIR/admin.token, if readable).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// State directory whose admin.token to send.
+        #[arg(long, env = "DEVGATE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Create the admin listener's bearer token (DATA_DIR/admin.token, mode 0600) if there
+    /// is none, and print its path. An admin listener off loopback requires it.
+    AdminToken {
+        /// State directory.
+        #[arg(long, env = "DEVGATE_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Replace an existing token (restart the gateway, then update Prometheus).
+        #[arg(long)]
+        rotate: bool,
     },
     /// Install devgate as a systemd service: binary in /usr/local/bin, user `devgate`,
     /// /etc/devgate/devgate.toml (kept if present), the unit; enables and starts it.
@@ -50,9 +68,15 @@ pub enum OpsCommand {
 /// Runs an operations subcommand.
 pub fn run(cmd: OpsCommand) -> Result<()> {
     match cmd {
-        OpsCommand::Status { admin, json } => {
+        OpsCommand::Status {
+            admin,
+            json,
+            token_file,
+            data_dir,
+        } => {
             let admin = admin.unwrap_or_else(default_admin);
-            let body = admin_get(admin, "/v1/status")?;
+            let token = status_token(token_file, data_dir)?;
+            let body = admin_get(admin, "/v1/status", token.as_deref())?;
             let v: Value =
                 serde_json::from_str(&body).context("the admin listener returned invalid JSON")?;
             if json {
@@ -60,6 +84,21 @@ pub fn run(cmd: OpsCommand) -> Result<()> {
             } else {
                 print!("{}", summary(&v));
             }
+            Ok(())
+        }
+        OpsCommand::AdminToken { data_dir, rotate } => {
+            let path = data_dir.join(crate::config::ADMIN_TOKEN_FILE);
+            let created = crate::admin::create_token(&path, rotate)?;
+            println!(
+                "{} {} (mode 0600); clients send it as `Authorization: Bearer <token>`{}",
+                if created { "wrote" } else { "kept" },
+                path.display(),
+                if created && rotate {
+                    "; restart the gateway to use it"
+                } else {
+                    ""
+                }
+            );
             Ok(())
         }
         OpsCommand::Install(opts) => install::install(&opts),
@@ -80,6 +119,28 @@ fn default_admin() -> SocketAddr {
     }
 }
 
+/// The admin token `devgate status` sends: `--token-file` (which must be readable), else
+/// the token file of `--data-dir` or of the configuration if this user can read it (a
+/// loopback listener needs none, so an unreadable default is no error).
+fn status_token(token_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<Option<String>> {
+    if let Some(file) = token_file {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read the admin token {}", file.display()))?;
+        return Ok(Some(text.trim().to_owned()));
+    }
+    let path = match data_dir {
+        Some(dir) => dir.join(crate::config::ADMIN_TOKEN_FILE),
+        None => crate::config::Config::load_effective(None)
+            .map(|(cfg, _)| cfg)
+            .unwrap_or_default()
+            .admin_token_path(),
+    };
+    Ok(std::fs::read_to_string(path)
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty()))
+}
+
 /// The soft `RLIMIT_NOFILE` of this process.
 pub fn nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
@@ -93,23 +154,34 @@ pub fn nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// GET `path` on the admin listener; returns the body.
-pub fn admin_get(admin: SocketAddr, path: &str) -> Result<String> {
+/// GET `path` on the admin listener (with the bearer token, if given); returns the body.
+pub fn admin_get(admin: SocketAddr, path: &str, token: Option<&str>) -> Result<String> {
     let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(3)).with_context(|| {
         format!(
             "cannot reach the admin listener at {admin}: is devgate running, and is --admin right?"
         )
     })?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
     )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let (head, body) = resp
         .split_once("\r\n\r\n")
         .context("malformed admin response")?;
+    if head.starts_with("HTTP/1.1 401") {
+        anyhow::bail!(
+            "the admin listener at {admin} requires a bearer token and {}: pass --token-file FILE or --data-dir DIR (its admin.token), as a user that can read it",
+            if token.is_some() {
+                "refused the one sent"
+            } else {
+                "none was found"
+            }
+        );
+    }
     if !head.starts_with("HTTP/1.1 200") {
         anyhow::bail!(
             "admin listener answered: {}",

@@ -101,6 +101,66 @@ pub struct DeviceRecord {
     pub updated_at: i64,
     /// Revocation time, if revoked.
     pub revoked_at: Option<i64>,
+    /// When the unit was last reset (`devices reset`, or `devices unrevoke`); while
+    /// `cert_fingerprint` is empty it has no valid certificate and may enroll again with a
+    /// key bound to it and created since.
+    pub reset_at: Option<i64>,
+    /// The certificate replaced by the last renewal, valid until `previous_until` or until
+    /// the new one is first used.
+    pub previous_fingerprint: Option<String>,
+    /// End of the renewal overlap (unix seconds).
+    pub previous_until: Option<i64>,
+}
+
+/// Which certificates the gateway accepts for one unit in the registry (mirrored into
+/// memory for the workers; see `crate::identity`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceCreds {
+    /// The current certificate's SHA-256 ([`devgate_pki::fingerprint`] form); `None` after
+    /// a reset.
+    pub current: Option<String>,
+    /// Whether a connection has presented the current certificate yet.
+    pub current_used: bool,
+    /// The certificate replaced by a renewal and the end of its overlap (unix seconds).
+    pub previous: Option<(String, i64)>,
+}
+
+/// A change of accepted certificates, from the store's change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredChange {
+    /// A unit's accepted certificates changed (enroll, renew, issue, reset, revoke).
+    Device(String),
+    /// A manager name's accepted certificates changed.
+    Manager(String),
+    /// A certificate (this SHA-256) was revoked.
+    Cert(String),
+}
+
+/// A recorded manager certificate (`devgate managers list`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ManagerCert {
+    /// Manager name (the certificate's CN).
+    pub name: String,
+    /// SHA-256 of the certificate; `None` for the placeholder that `managers revoke NAME`
+    /// records for a name without recorded certificates.
+    pub fingerprint: Option<String>,
+    /// When it was issued or recorded (unix seconds).
+    pub issued_at: i64,
+    /// When it was revoked.
+    pub revoked_at: Option<i64>,
+    /// `init`, `issue`, `pair` or `migrated`.
+    pub source: String,
+}
+
+/// Outcome of revoking a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitRevocation {
+    /// Revoked now.
+    Revoked,
+    /// It already was.
+    AlreadyRevoked,
+    /// The registry has no such unit.
+    Unknown,
 }
 
 /// A peer's acknowledgement of a trust bundle (root exchange).
@@ -152,6 +212,14 @@ pub enum RefusalReason {
     AlreadyUsed,
     /// The unit itself is revoked.
     UnitRevoked,
+    /// The unit is already enrolled: only `devgate devices reset`, renewal over mutual TLS
+    /// or the lost-answer retry (see [`Store::enroll`]) give it a new credential.
+    AlreadyEnrolled,
+    /// The unit was reset (or its revocation lifted): only a key bound to it and created
+    /// at or after the reset may enroll it.
+    ResetNeedsBoundKey,
+    /// Renewal: the presented certificate is not the unit's current one.
+    NotCurrent,
 }
 
 impl RefusalReason {
@@ -164,6 +232,9 @@ impl RefusalReason {
             Self::Revoked => "revoked",
             Self::AlreadyUsed => "already_used",
             Self::UnitRevoked => "unit_revoked",
+            Self::AlreadyEnrolled => "already_enrolled",
+            Self::ResetNeedsBoundKey => "reset_needs_bound_key",
+            Self::NotCurrent => "not_current_certificate",
         }
     }
 }
@@ -185,6 +256,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn create_keys(&self, keys: &[NewKey]) -> Result<(), StoreError>;
     /// All keys, newest first.
     fn list_keys(&self) -> Result<Vec<KeyInfo>, StoreError>;
+    /// One page of keys, newest first: at most `limit` keys created before the position
+    /// `before` (from the newest without one), and the position to continue from if more
+    /// keys follow. Positions are opaque to callers (`list_keys`' cursor); each page costs
+    /// an index walk of `limit` rows, not a scan of the table.
+    fn list_keys_page(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<KeyInfo>, Option<i64>), StoreError>;
     /// Revokes a key by id; false if there is no such key.
     fn revoke_key(&self, id: &str, now: i64) -> Result<bool, StoreError>;
     /// Checks `secret` for `unit` and, if it is accepted, consumes it (one-time kinds) and
@@ -193,7 +273,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     ///
     /// A one-time key already consumed by the *same* unit within `retry_window_secs` is
     /// accepted again: the device lost the response (e.g. the gateway crashed after the
-    /// commit) and retries with a new key pair. Another unit never gets it.
+    /// commit) and retries with a new key pair. Another unit never gets it, and only while
+    /// the certificate of that enrollment has never connected (a device that saw its
+    /// answer connects at once; after that the key cannot replace the credential).
+    ///
+    /// A unit already in the registry is refused ([`RefusalReason::AlreadyEnrolled`])
+    /// unless it was reset, and then only with a key bound to it and created since the
+    /// reset ([`RefusalReason::ResetNeedsBoundKey`]).
     fn enroll(
         &self,
         secret: &str,
@@ -202,17 +288,68 @@ pub trait Store: Send + Sync + fmt::Debug {
         now: i64,
         retry_window_secs: i64,
     ) -> Result<KeyCheck, StoreError>;
-    /// Registers (or re-registers) a device credential issued offline.
+    /// Registers (or re-registers) a device credential issued offline: it becomes the
+    /// unit's only accepted certificate (an operator action, so it may replace an enrolled
+    /// unit's credential).
     fn register_device(
         &self,
         unit: &str,
         cert_fingerprint: &str,
         now: i64,
     ) -> Result<(), StoreError>;
-    /// Revokes a unit; false if it was already revoked.
-    fn revoke_device(&self, unit: &str, now: i64) -> Result<bool, StoreError>;
-    /// Lifts a unit's revocation; false if it was not revoked.
-    fn unrevoke_device(&self, unit: &str) -> Result<bool, StoreError>;
+    /// Renewal: `presented` must be the unit's current certificate (the device proved
+    /// possession over mutual TLS); `new_fingerprint` becomes current and `presented` stays
+    /// valid until `now + overlap_secs` or until the new one is first used.
+    fn renew(
+        &self,
+        unit: &str,
+        presented: &str,
+        new_fingerprint: &str,
+        now: i64,
+        overlap_secs: i64,
+    ) -> Result<KeyCheck, StoreError>;
+    /// Records that a connection presented `fingerprint`, the unit's current certificate:
+    /// ends the renewal overlap and the lost-answer retry.
+    fn mark_cert_used(&self, unit: &str, fingerprint: &str, now: i64) -> Result<(), StoreError>;
+    /// Resets an enrolled unit: no certificate of it is accepted any more, and it may
+    /// enroll again with a key bound to it and created since. False if the registry has no
+    /// such unit.
+    fn reset_device(&self, unit: &str, now: i64) -> Result<bool, StoreError>;
+    /// Revokes a unit and, by certificate, its current and previous certificates.
+    fn revoke_device(&self, unit: &str, now: i64) -> Result<UnitRevocation, StoreError>;
+    /// Lifts a unit's revocation and leaves it reset (its certificates stay revoked); false
+    /// if it was not revoked.
+    fn unrevoke_device(&self, unit: &str, now: i64) -> Result<bool, StoreError>;
+    /// Revokes one certificate (device or manager) by SHA-256; false if it already was.
+    fn revoke_cert(&self, fingerprint: &str, now: i64) -> Result<bool, StoreError>;
+    /// All revoked certificate fingerprints.
+    fn revoked_certs(&self) -> Result<Vec<String>, StoreError>;
+    /// Changes of accepted certificates with a sequence number above `after`, and the
+    /// highest one.
+    fn cred_changes_since(&self, after: i64) -> Result<(Vec<CredChange>, i64), StoreError>;
+    /// The highest sequence number of the change log (0 if empty).
+    fn cred_change_head(&self) -> Result<i64, StoreError>;
+    /// Accepted certificates of one unit; `None` if the registry has no such unit.
+    fn device_creds(&self, unit: &str) -> Result<Option<DeviceCreds>, StoreError>;
+    /// Accepted certificates of every unit in the registry.
+    fn all_device_creds(&self) -> Result<Vec<(String, DeviceCreds)>, StoreError>;
+    /// Records an issued manager certificate (idempotent per fingerprint).
+    fn record_manager_cert(
+        &self,
+        name: &str,
+        fingerprint: &str,
+        now: i64,
+        source: &str,
+    ) -> Result<(), StoreError>;
+    /// Every recorded manager certificate, by name then issue time.
+    fn manager_certs(&self) -> Result<Vec<ManagerCert>, StoreError>;
+    /// Revokes every certificate of manager `name` (and keeps the name known, so that a
+    /// certificate never recorded is refused too); returns how many were revoked.
+    fn revoke_manager(&self, name: &str, now: i64) -> Result<usize, StoreError>;
+    /// Unrevoked certificates of manager `name`; `None` if nothing is recorded under it.
+    fn manager_creds(&self, name: &str) -> Result<Option<Vec<String>>, StoreError>;
+    /// Unrevoked certificates of every recorded manager name.
+    fn all_manager_creds(&self) -> Result<Vec<(String, Vec<String>)>, StoreError>;
     /// Revoked units with a revocation sequence number above `after`, and the highest one.
     fn revocations_since(&self, after: i64) -> Result<(Vec<String>, i64), StoreError>;
     /// The device registry.

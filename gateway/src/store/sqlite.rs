@@ -10,8 +10,9 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    DeviceRecord, KeyCheck, KeyInfo, KeyKind, NewKey, RefusalReason, Store, StoreError, TrustAck,
-    TrustProgress, hash_secret, hashes_equal, key_id,
+    CredChange, DeviceCreds, DeviceRecord, KeyCheck, KeyInfo, KeyKind, ManagerCert, NewKey,
+    RefusalReason, Store, StoreError, TrustAck, TrustProgress, UnitRevocation, hash_secret,
+    hashes_equal, key_id,
 };
 
 /// Schema migrations; `user_version` is the number applied.
@@ -58,7 +59,38 @@ const MIGRATIONS: &[&str] = &[
         cert_fingerprint TEXT NOT NULL,
         paired_at INTEGER NOT NULL
     );",
-    // 2: who acknowledged which trust bundle (root exchange progress).
+    // 2: certificate-bound credentials. A unit accepts only its current certificate (and
+    // the previous one during a renewal overlap); certificates can be revoked one by one;
+    // every issued manager certificate is recorded; `cred_changes` is the change log the
+    // gateway polls (like `revocations`). Certificates enrolled before this version count
+    // as used: the lost-answer retry can no longer replace them.
+    "ALTER TABLE devices ADD COLUMN prev_fingerprint TEXT;
+    ALTER TABLE devices ADD COLUMN prev_until INTEGER;
+    ALTER TABLE devices ADD COLUMN cert_used_at INTEGER;
+    ALTER TABLE devices ADD COLUMN reset_at INTEGER;
+    UPDATE devices SET cert_used_at = updated_at;
+    CREATE TABLE revoked_certs (
+        fingerprint TEXT PRIMARY KEY,
+        at INTEGER NOT NULL
+    );
+    CREATE TABLE cred_changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE TABLE manager_certs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        fingerprint TEXT UNIQUE,
+        issued_at INTEGER NOT NULL,
+        revoked_at INTEGER,
+        source TEXT NOT NULL
+    );
+    CREATE INDEX manager_certs_name ON manager_certs(name);
+    INSERT OR IGNORE INTO manager_certs (name, fingerprint, issued_at, source)
+        SELECT name, cert_fingerprint, paired_at, 'pair' FROM managers;",
+    // 3: who acknowledged which trust bundle (root exchange progress).
     "CREATE TABLE trust_acks (
         bundle TEXT NOT NULL,
         kind TEXT NOT NULL,
@@ -84,14 +116,33 @@ impl SqliteStore {
     /// Opens (creating and migrating if needed) the store in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = Self::path_in(data_dir);
+        // Create the file 0600 before SQLite does (it would use 0644 minus the umask, and
+        // its -wal and -shm files copy the database's mode): it holds key hashes.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path);
+        }
         let conn = Connection::open(&path)
             .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        migrate(&conn)
+        let before = migrate(&conn)
             .map_err(|e| StoreError(format!("{}: migration failed: {}", path.display(), e.0)))?;
+        if before < 2 {
+            // Managers issued before certificates were recorded: `devgate init`'s first
+            // manager is known by its file, so it stays accepted. (Others, issued offline
+            // with `managers issue`, stay accepted by the unknown-name policy; see
+            // docs/OPERATIONS.md, Credentials.)
+            record_init_manager(&conn, data_dir)?;
+        }
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -115,6 +166,19 @@ impl SqliteStore {
     }
 }
 
+/// Empties a unit's accepted certificates (reset); returns the rows changed.
+fn reset_row(conn: &Connection, unit: &str, now: i64) -> Result<usize, StoreError> {
+    let n = conn.execute(
+        "UPDATE devices SET cert_fingerprint = '', cert_used_at = NULL, prev_fingerprint = NULL, prev_until = NULL,
+             reset_at = ?2, updated_at = ?2 WHERE unit = ?1",
+        params![unit, now],
+    )?;
+    if n > 0 {
+        log_change(conn, "device", unit, now)?;
+    }
+    Ok(n)
+}
+
 /// Whether the latest revocation event of `unit` revokes it.
 fn is_revoked(conn: &Connection, unit: &str) -> Result<bool, StoreError> {
     Ok(conn
@@ -127,7 +191,90 @@ fn is_revoked(conn: &Connection, unit: &str) -> Result<bool, StoreError> {
         .is_some_and(|r| r != 0))
 }
 
-fn migrate(conn: &Connection) -> Result<(), StoreError> {
+/// Records `pki/manager.pem` (the first manager, made by `devgate init`) if it exists.
+pub(crate) fn record_init_manager(conn: &Connection, data_dir: &Path) -> Result<(), StoreError> {
+    let pem = devgate_pki::PkiPaths::new(data_dir).manager_cert();
+    if !pem.exists() {
+        return Ok(());
+    }
+    let fp = devgate_pki::fingerprint_file(&pem)
+        .map_err(|e| StoreError(format!("cannot record {}: {e}", pem.display())))?;
+    let now = crate::tls::unix_now();
+    insert_manager_cert(conn, devgate_pki::FIRST_MANAGER_NAME, &fp, now, "init")
+}
+
+fn insert_manager_cert(
+    conn: &Connection,
+    name: &str,
+    fingerprint: &str,
+    now: i64,
+    source: &str,
+) -> Result<(), StoreError> {
+    let n = conn.execute(
+        "INSERT OR IGNORE INTO manager_certs (name, fingerprint, issued_at, source) VALUES (?1, ?2, ?3, ?4)",
+        params![name, fingerprint, now, source],
+    )?;
+    if n > 0 {
+        log_change(conn, "manager", name, now)?;
+    }
+    Ok(())
+}
+
+/// Appends to the change log the gateway polls.
+fn log_change(conn: &Connection, kind: &str, name: &str, now: i64) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO cred_changes (kind, name, at) VALUES (?1, ?2, ?3)",
+        params![kind, name, now],
+    )?;
+    Ok(())
+}
+
+/// A unit's registry row: (current fingerprint, cert used at, reset at, key id, previous
+/// fingerprint, previous until).
+type DeviceRow = (
+    String,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
+
+fn device_row(conn: &Connection, unit: &str) -> Result<Option<DeviceRow>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT cert_fingerprint, cert_used_at, reset_at, key_id, prev_fingerprint, prev_until FROM devices WHERE unit = ?1",
+            params![unit],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        )
+        .optional()?)
+}
+
+fn cert_revoked(conn: &Connection, fingerprint: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM revoked_certs WHERE fingerprint = ?1",
+            params![fingerprint],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+fn creds_of(row: &DeviceRow) -> DeviceCreds {
+    let (current, used_at, _, _, prev, prev_until) = row;
+    DeviceCreds {
+        current: (!current.is_empty()).then(|| current.clone()),
+        current_used: used_at.is_some(),
+        previous: match (prev, prev_until) {
+            (Some(p), Some(u)) => Some((p.clone(), *u)),
+            _ => None,
+        },
+    }
+}
+
+/// Applies migrations; returns the schema version found.
+fn migrate(conn: &Connection) -> Result<i64, StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
     if version > known {
@@ -149,7 +296,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         )?;
         tx.commit()?;
     }
-    Ok(())
+    Ok(version)
 }
 
 impl Store for SqliteStore {
@@ -193,6 +340,48 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn list_keys_page(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<KeyInfo>, Option<i64>), StoreError> {
+        // Keyset paging on the rowid (insertion order, so newest first): one B-tree walk
+        // per page however many keys there are, and stable while keys are added (keys
+        // are never deleted and the store never VACUUMs, the two things that could
+        // renumber rowids under a cursor).
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT rowid, id, kind, unit, created_at, expires_at, revoked_at, uses, used_by FROM keys WHERE rowid < ?1 ORDER BY rowid DESC LIMIT ?2",
+        )?;
+        let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![before.unwrap_or(i64::MAX), fetch], |r| {
+            let kind: String = r.get(2)?;
+            Ok((
+                r.get::<_, i64>(0)?,
+                KeyInfo {
+                    id: r.get(1)?,
+                    kind: KeyKind::parse(&kind).map_or("unknown", KeyKind::as_str),
+                    unit: r.get(3)?,
+                    created_at: r.get(4)?,
+                    expires_at: r.get(5)?,
+                    revoked_at: r.get(6)?,
+                    uses: r.get::<_, i64>(7)?.try_into().unwrap_or(0),
+                    used_by: r.get(8)?,
+                },
+            ))
+        })?;
+        let mut page: Vec<(i64, KeyInfo)> = rows.collect::<Result<_, _>>()?;
+        // One row more than asked for tells whether another page follows.
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let next = if more {
+            page.last().map(|(rowid, _)| *rowid)
+        } else {
+            None
+        };
+        Ok((page.into_iter().map(|(_, k)| k).collect(), next))
+    }
+
     fn revoke_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
         let n = self.conn().execute(
             "UPDATE keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
@@ -215,7 +404,7 @@ impl Store for SqliteStore {
         let unit_revoked = is_revoked(&tx, unit)?;
         let row = tx
             .query_row(
-                "SELECT salt, hash, kind, unit, expires_at, revoked_at, used_by, used_at FROM keys WHERE id = ?1",
+                "SELECT salt, hash, kind, unit, expires_at, revoked_at, used_by, used_at, created_at FROM keys WHERE id = ?1",
                 params![id],
                 |r| {
                     Ok((
@@ -227,11 +416,22 @@ impl Store for SqliteStore {
                         r.get::<_, Option<i64>>(5)?,
                         r.get::<_, Option<String>>(6)?,
                         r.get::<_, Option<i64>>(7)?,
+                        r.get::<_, i64>(8)?,
                     ))
                 },
             )
             .optional()?;
-        let Some((salt, hash, kind, bound_unit, expires_at, revoked_at, used_by, used_at)) = row
+        let Some((
+            salt,
+            hash,
+            kind,
+            bound_unit,
+            expires_at,
+            revoked_at,
+            used_by,
+            used_at,
+            created_at,
+        )) = row
         else {
             return Ok(KeyCheck::Refused(RefusalReason::UnknownKey));
         };
@@ -240,6 +440,7 @@ impl Store for SqliteStore {
             return Ok(KeyCheck::Refused(RefusalReason::UnknownKey));
         }
         let kind = KeyKind::parse(&kind).unwrap_or(KeyKind::OneTime);
+        let device = device_row(&tx, unit)?;
         let refusal = if revoked_at.is_some() {
             Some(RefusalReason::Revoked)
         } else if expires_at.is_some_and(|e| now >= e) {
@@ -248,15 +449,37 @@ impl Store for SqliteStore {
             Some(RefusalReason::WrongUnit)
         } else if unit_revoked {
             Some(RefusalReason::UnitRevoked)
-        } else if kind != KeyKind::Multi {
-            match (used_by.as_deref(), used_at) {
-                (None, _) => None,
-                // The same unit retrying shortly after: it never saw our answer.
-                (Some(u), Some(at)) if u == unit && now - at <= retry_window_secs => None,
-                _ => Some(RefusalReason::AlreadyUsed),
-            }
         } else {
-            None
+            let consumed = kind != KeyKind::Multi && used_by.is_some();
+            // The lost-answer retry: this unit consumed this key moments ago, the registry
+            // still holds that enrollment, and its certificate never connected (a device
+            // that received its answer connects at once). Only then may the same key
+            // replace the credential; anything else would let a key holder take over.
+            let retry = consumed
+                && used_by.as_deref() == Some(unit)
+                && used_at.is_some_and(|at| now - at <= retry_window_secs)
+                && device.as_ref().is_some_and(|(fp, used, _, dev_key, _, _)| {
+                    !fp.is_empty() && used.is_none() && dev_key.as_deref() == Some(id.as_str())
+                });
+            if consumed && !retry {
+                Some(RefusalReason::AlreadyUsed)
+            } else if retry {
+                None
+            } else {
+                match &device {
+                    None => None,
+                    Some((fp, ..)) if !fp.is_empty() => Some(RefusalReason::AlreadyEnrolled),
+                    // Reset: only a key bound to this unit and made since the reset.
+                    Some((_, _, reset_at, ..)) => {
+                        let fresh_enough = reset_at.is_none_or(|r| created_at >= r);
+                        if kind == KeyKind::Bound && fresh_enough {
+                            None
+                        } else {
+                            Some(RefusalReason::ResetNeedsBoundKey)
+                        }
+                    }
+                }
+            }
         };
         if let Some(reason) = refusal {
             return Ok(KeyCheck::Refused(reason));
@@ -267,9 +490,11 @@ impl Store for SqliteStore {
         )?;
         tx.execute(
             "INSERT INTO devices (unit, cert_fingerprint, enrolled_at, updated_at, key_id) VALUES (?1, ?2, ?3, ?3, ?4)
-             ON CONFLICT(unit) DO UPDATE SET cert_fingerprint = excluded.cert_fingerprint, updated_at = excluded.updated_at, key_id = excluded.key_id",
+             ON CONFLICT(unit) DO UPDATE SET cert_fingerprint = excluded.cert_fingerprint, updated_at = excluded.updated_at,
+                 key_id = excluded.key_id, cert_used_at = NULL, prev_fingerprint = NULL, prev_until = NULL",
             params![unit, cert_fingerprint, now, id],
         )?;
+        log_change(&tx, "device", unit, now)?;
         tx.commit()?;
         Ok(KeyCheck::Accepted)
     }
@@ -280,30 +505,121 @@ impl Store for SqliteStore {
         cert_fingerprint: &str,
         now: i64,
     ) -> Result<(), StoreError> {
-        self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
             "INSERT INTO devices (unit, cert_fingerprint, enrolled_at, updated_at) VALUES (?1, ?2, ?3, ?3)
-             ON CONFLICT(unit) DO UPDATE SET cert_fingerprint = excluded.cert_fingerprint, updated_at = excluded.updated_at",
+             ON CONFLICT(unit) DO UPDATE SET cert_fingerprint = excluded.cert_fingerprint, updated_at = excluded.updated_at,
+                 key_id = NULL, cert_used_at = NULL, prev_fingerprint = NULL, prev_until = NULL",
             params![unit, cert_fingerprint, now],
         )?;
+        log_change(&tx, "device", unit, now)?;
+        tx.commit()?;
         Ok(())
     }
 
-    fn revoke_device(&self, unit: &str, now: i64) -> Result<bool, StoreError> {
+    fn renew(
+        &self,
+        unit: &str,
+        presented: &str,
+        new_fingerprint: &str,
+        now: i64,
+        overlap_secs: i64,
+    ) -> Result<KeyCheck, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let revoked = is_revoked(&tx, unit)?;
-        if revoked {
-            return Ok(false);
+        if is_revoked(&tx, unit)? {
+            return Ok(KeyCheck::Refused(RefusalReason::UnitRevoked));
         }
+        if cert_revoked(&tx, presented)? {
+            return Ok(KeyCheck::Refused(RefusalReason::Revoked));
+        }
+        match device_row(&tx, unit)? {
+            // A unit the registry never saw, with a certificate of our device CA (issued
+            // directly with the CA key): renewal registers it.
+            None => {
+                tx.execute(
+                    "INSERT INTO devices (unit, cert_fingerprint, enrolled_at, updated_at, prev_fingerprint, prev_until)
+                     VALUES (?1, ?2, ?3, ?3, ?4, ?5)",
+                    params![unit, new_fingerprint, now, presented, now.saturating_add(overlap_secs)],
+                )?;
+            }
+            Some((current, ..)) if current == presented => {
+                tx.execute(
+                    "UPDATE devices SET cert_fingerprint = ?2, updated_at = ?3, cert_used_at = NULL,
+                         prev_fingerprint = ?4, prev_until = ?5 WHERE unit = ?1",
+                    params![unit, new_fingerprint, now, presented, now.saturating_add(overlap_secs)],
+                )?;
+            }
+            // The renewal's answer was lost: the device still holds the previous
+            // certificate (valid in the overlap) and the new one never connected.
+            Some((_, None, _, _, Some(prev), Some(until))) if prev == presented && now < until => {
+                tx.execute(
+                    "UPDATE devices SET cert_fingerprint = ?2, updated_at = ?3 WHERE unit = ?1",
+                    params![unit, new_fingerprint, now],
+                )?;
+            }
+            Some(_) => return Ok(KeyCheck::Refused(RefusalReason::NotCurrent)),
+        }
+        log_change(&tx, "device", unit, now)?;
+        tx.commit()?;
+        Ok(KeyCheck::Accepted)
+    }
+
+    fn mark_cert_used(&self, unit: &str, fingerprint: &str, now: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let had_previous = device_row(&tx, unit)?
+            .is_some_and(|(fp, _, _, _, prev, _)| fp == fingerprint && prev.is_some());
+        let n = tx.execute(
+            "UPDATE devices SET cert_used_at = COALESCE(cert_used_at, ?3), prev_fingerprint = NULL, prev_until = NULL
+             WHERE unit = ?1 AND cert_fingerprint = ?2",
+            params![unit, fingerprint, now],
+        )?;
+        if n > 0 && had_previous {
+            log_change(&tx, "device", unit, now)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn reset_device(&self, unit: &str, now: i64) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = reset_row(&tx, unit, now)?;
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    fn revoke_device(&self, unit: &str, now: i64) -> Result<UnitRevocation, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if is_revoked(&tx, unit)? {
+            return Ok(UnitRevocation::AlreadyRevoked);
+        }
+        let Some((current, _, _, _, prev, _)) = device_row(&tx, unit)? else {
+            return Ok(UnitRevocation::Unknown);
+        };
         tx.execute(
             "INSERT INTO revocations (unit, revoked, at) VALUES (?1, 1, ?2)",
             params![unit, now],
         )?;
+        // By certificate too: lifting the unit's revocation later does not revive these.
+        for fp in std::iter::once(current).chain(prev) {
+            if !fp.is_empty() {
+                tx.execute(
+                    "INSERT OR IGNORE INTO revoked_certs (fingerprint, at) VALUES (?1, ?2)",
+                    params![fp, now],
+                )?;
+                log_change(&tx, "cert", &fp, now)?;
+            }
+        }
+        log_change(&tx, "device", unit, now)?;
         tx.commit()?;
-        Ok(true)
+        Ok(UnitRevocation::Revoked)
     }
 
-    fn unrevoke_device(&self, unit: &str) -> Result<bool, StoreError> {
+    fn unrevoke_device(&self, unit: &str, now: i64) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let revoked = is_revoked(&tx, unit)?;
@@ -311,11 +627,197 @@ impl Store for SqliteStore {
             return Ok(false);
         }
         tx.execute(
-            "INSERT INTO revocations (unit, revoked, at) VALUES (?1, 0, strftime('%s','now'))",
-            params![unit],
+            "INSERT INTO revocations (unit, revoked, at) VALUES (?1, 0, ?2)",
+            params![unit, now],
         )?;
+        reset_row(&tx, unit, now)?;
         tx.commit()?;
         Ok(true)
+    }
+
+    fn revoke_cert(&self, fingerprint: &str, now: i64) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "INSERT OR IGNORE INTO revoked_certs (fingerprint, at) VALUES (?1, ?2)",
+            params![fingerprint, now],
+        )?;
+        tx.execute(
+            "UPDATE manager_certs SET revoked_at = COALESCE(revoked_at, ?2) WHERE fingerprint = ?1",
+            params![fingerprint, now],
+        )?;
+        if n > 0 {
+            log_change(&tx, "cert", fingerprint, now)?;
+        }
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    fn revoked_certs(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT fingerprint FROM revoked_certs")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn cred_changes_since(&self, after: i64) -> Result<(Vec<CredChange>, i64), StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT seq, kind, name FROM cred_changes WHERE seq > ?1 ORDER BY seq")?;
+        let rows = stmt.query_map(params![after], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut last = after;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, kind, name) = row?;
+            last = last.max(seq);
+            out.push(match kind.as_str() {
+                "device" => CredChange::Device(name),
+                "manager" => CredChange::Manager(name),
+                _ => CredChange::Cert(name),
+            });
+        }
+        Ok((out, last))
+    }
+
+    fn cred_change_head(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM cred_changes", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    fn device_creds(&self, unit: &str) -> Result<Option<DeviceCreds>, StoreError> {
+        Ok(device_row(&self.conn(), unit)?.as_ref().map(creds_of))
+    }
+
+    fn all_device_creds(&self) -> Result<Vec<(String, DeviceCreds)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT unit, cert_fingerprint, cert_used_at, reset_at, key_id, prev_fingerprint, prev_until FROM devices",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let row: DeviceRow = (
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            );
+            Ok((r.get::<_, String>(0)?, creds_of(&row)))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn record_manager_cert(
+        &self,
+        name: &str,
+        fingerprint: &str,
+        now: i64,
+        source: &str,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        insert_manager_cert(&tx, name, fingerprint, now, source)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn manager_certs(&self) -> Result<Vec<ManagerCert>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, fingerprint, issued_at, revoked_at, source FROM manager_certs ORDER BY name, issued_at, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ManagerCert {
+                name: r.get(0)?,
+                fingerprint: r.get(1)?,
+                issued_at: r.get(2)?,
+                revoked_at: r.get(3)?,
+                source: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn revoke_manager(&self, name: &str, now: i64) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let fps: Vec<String> = {
+            let mut stmt = tx.prepare(
+                "SELECT fingerprint FROM manager_certs WHERE name = ?1 AND fingerprint IS NOT NULL AND revoked_at IS NULL",
+            )?;
+            let rows = stmt.query_map(params![name], |r| r.get::<_, String>(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let known: bool = tx
+            .query_row(
+                "SELECT 1 FROM manager_certs WHERE name = ?1 LIMIT 1",
+                params![name],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        tx.execute(
+            "UPDATE manager_certs SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL",
+            params![name, now],
+        )?;
+        for fp in &fps {
+            tx.execute(
+                "INSERT OR IGNORE INTO revoked_certs (fingerprint, at) VALUES (?1, ?2)",
+                params![fp, now],
+            )?;
+            log_change(&tx, "cert", fp, now)?;
+        }
+        if !known {
+            // Nothing recorded under this name (certificates issued before they were
+            // recorded): a placeholder makes the name known with no accepted certificate,
+            // so every certificate of it is refused.
+            tx.execute(
+                "INSERT INTO manager_certs (name, fingerprint, issued_at, revoked_at, source) VALUES (?1, NULL, ?2, ?2, 'revoke')",
+                params![name, now],
+            )?;
+        }
+        log_change(&tx, "manager", name, now)?;
+        tx.commit()?;
+        Ok(fps.len())
+    }
+
+    fn manager_creds(&self, name: &str) -> Result<Option<Vec<String>>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT fingerprint, revoked_at FROM manager_certs WHERE name = ?1")?;
+        let rows = stmt.query_map(params![name], |r| {
+            Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<i64>>(1)?))
+        })?;
+        let mut known = false;
+        let mut accepted = Vec::new();
+        for row in rows {
+            let (fp, revoked_at) = row?;
+            known = true;
+            if let (Some(fp), None) = (fp, revoked_at) {
+                accepted.push(fp);
+            }
+        }
+        Ok(known.then_some(accepted))
+    }
+
+    fn all_manager_creds(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        let mut by_name: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for c in self.manager_certs()? {
+            let entry = by_name.entry(c.name).or_default();
+            if let (Some(fp), None) = (c.fingerprint, c.revoked_at) {
+                entry.push(fp);
+            }
+        }
+        Ok(by_name.into_iter().collect())
     }
 
     fn revocations_since(&self, after: i64) -> Result<(Vec<String>, i64), StoreError> {
@@ -348,7 +850,8 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT d.unit, d.cert_fingerprint, d.enrolled_at, d.updated_at,
-                    (SELECT CASE WHEN r.revoked = 1 THEN r.at END FROM revocations r WHERE r.unit = d.unit ORDER BY r.seq DESC LIMIT 1)
+                    (SELECT CASE WHEN r.revoked = 1 THEN r.at END FROM revocations r WHERE r.unit = d.unit ORDER BY r.seq DESC LIMIT 1),
+                    d.reset_at, d.prev_fingerprint, d.prev_until
              FROM devices d ORDER BY d.unit",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -358,6 +861,9 @@ impl Store for SqliteStore {
                 enrolled_at: r.get(2)?,
                 updated_at: r.get(3)?,
                 revoked_at: r.get(4)?,
+                reset_at: r.get(5)?,
+                previous_fingerprint: r.get(6)?,
+                previous_until: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -414,6 +920,7 @@ impl Store for SqliteStore {
              ON CONFLICT(name) DO UPDATE SET cert_fingerprint = excluded.cert_fingerprint, paired_at = excluded.paired_at",
             params![name, cert_fingerprint, now],
         )?;
+        insert_manager_cert(&tx, name, cert_fingerprint, now, "pair")?;
         tx.commit()?;
         Ok(true)
     }
@@ -435,10 +942,9 @@ impl Store for SqliteStore {
 
     fn trust_progress(&self, bundle: &str) -> Result<TrustProgress, StoreError> {
         let conn = self.conn();
-        // A device counts while it is enrolled and its latest revocation event (if any)
-        // does not revoke it.
-        let unrevoked =
-            "NOT EXISTS (SELECT 1 FROM revocations r WHERE r.unit = d.unit AND r.revoked = 1
+        // A device counts while it holds a credential (a reset unit has none) and its latest
+        // revocation event (if any) does not revoke it.
+        let unrevoked = "d.cert_fingerprint <> '' AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.unit = d.unit AND r.revoked = 1
                  AND r.seq = (SELECT MAX(seq) FROM revocations WHERE unit = d.unit))";
         let devices_total: i64 = conn.query_row(
             &format!("SELECT COUNT(*) FROM devices d WHERE {unrevoked}"),
@@ -567,21 +1073,201 @@ mod tests {
         let multi = generate_secret();
         s.create_keys(&[new_key(&multi, KeyKind::Multi, None, None, 0)])
             .expect("create");
-        assert!(s.revoke_device("bad", 5).expect("revoke"));
-        assert!(!s.revoke_device("bad", 6).expect("again"));
+        assert_eq!(
+            s.revoke_device("never", 5).expect("revoke"),
+            UnitRevocation::Unknown
+        );
+        assert_eq!(
+            s.enroll(&multi, "bad", "f1", 4, 0).expect("e"),
+            KeyCheck::Accepted
+        );
+        assert_eq!(
+            s.revoke_device("bad", 5).expect("revoke"),
+            UnitRevocation::Revoked
+        );
+        assert_eq!(
+            s.revoke_device("bad", 6).expect("again"),
+            UnitRevocation::AlreadyRevoked
+        );
+        assert!(s.revoked_certs().expect("certs").contains(&"f1".to_owned()));
         assert_eq!(
             s.enroll(&multi, "bad", "f", 7, 0).expect("e"),
             KeyCheck::Refused(RefusalReason::UnitRevoked)
         );
         let (events, last) = s.revocations_since(0).expect("since");
         assert_eq!(events, vec!["bad".to_owned()]);
-        assert!(s.unrevoke_device("bad").expect("lift"));
+        assert!(s.unrevoke_device("bad", 8).expect("lift"));
         let (events, _) = s.revocations_since(last).expect("since");
         assert_eq!(events, vec!["-bad".to_owned()]);
+        // Lifted: the unit is reset, so only a key bound to it and made since may enroll.
         assert_eq!(
-            s.enroll(&multi, "bad", "f", 8, 0).expect("e"),
+            s.enroll(&multi, "bad", "f2", 9, 0).expect("e"),
+            KeyCheck::Refused(RefusalReason::ResetNeedsBoundKey)
+        );
+        let bound = generate_secret();
+        s.create_keys(&[new_key(&bound, KeyKind::Bound, Some("bad".into()), None, 9)])
+            .expect("create");
+        assert_eq!(
+            s.enroll(&bound, "bad", "f2", 10, 0).expect("e"),
             KeyCheck::Accepted
         );
+    }
+
+    #[test]
+    fn enrolled_units_cannot_be_taken_over_and_reset_needs_a_fresh_bound_key() {
+        let (_d, s) = store();
+        let multi = generate_secret();
+        let one = generate_secret();
+        let early_bound = generate_secret();
+        s.create_keys(&[
+            new_key(&multi, KeyKind::Multi, None, None, 0),
+            new_key(&one, KeyKind::OneTime, None, None, 0),
+            new_key(&early_bound, KeyKind::Bound, Some("u".into()), None, 0),
+        ])
+        .expect("create");
+        assert_eq!(
+            s.enroll(&multi, "u", "f1", 1, 600).expect("e"),
+            KeyCheck::Accepted
+        );
+        for key in [&multi, &one, &early_bound] {
+            assert_eq!(
+                s.enroll(key, "u", "f2", 2, 600).expect("e"),
+                KeyCheck::Refused(RefusalReason::AlreadyEnrolled)
+            );
+        }
+        assert_eq!(
+            s.device_creds("u").expect("c").and_then(|c| c.current),
+            Some("f1".into())
+        );
+        assert!(s.reset_device("u", 10).expect("reset"));
+        assert!(!s.reset_device("nobody", 10).expect("reset"));
+        assert_eq!(
+            s.device_creds("u").expect("c").map(|c| c.current),
+            Some(None)
+        );
+        for key in [&multi, &one, &early_bound] {
+            assert_eq!(
+                s.enroll(key, "u", "f3", 11, 600).expect("e"),
+                KeyCheck::Refused(RefusalReason::ResetNeedsBoundKey)
+            );
+        }
+        let bound = generate_secret();
+        s.create_keys(&[new_key(&bound, KeyKind::Bound, Some("u".into()), None, 10)])
+            .expect("create");
+        assert_eq!(
+            s.enroll(&bound, "u", "f3", 12, 600).expect("e"),
+            KeyCheck::Accepted
+        );
+        // The lost-answer retry: allowed while the certificate never connected...
+        assert_eq!(
+            s.enroll(&bound, "u", "f4", 13, 600).expect("e"),
+            KeyCheck::Accepted
+        );
+        // ...and not once it has.
+        s.mark_cert_used("u", "f4", 14).expect("used");
+        assert_eq!(
+            s.enroll(&bound, "u", "f5", 15, 600).expect("e"),
+            KeyCheck::Refused(RefusalReason::AlreadyUsed)
+        );
+    }
+
+    #[test]
+    fn renewal_needs_the_current_certificate_and_keeps_the_previous_for_the_overlap() {
+        let (_d, s) = store();
+        s.register_device("u", "f1", 0).expect("register");
+        assert_eq!(
+            s.renew("u", "other", "f2", 1, 100).expect("renew"),
+            KeyCheck::Refused(RefusalReason::NotCurrent)
+        );
+        assert_eq!(
+            s.renew("u", "f1", "f2", 1, 100).expect("renew"),
+            KeyCheck::Accepted
+        );
+        let c = s.device_creds("u").expect("c").expect("known");
+        assert_eq!(c.current.as_deref(), Some("f2"));
+        assert_eq!(c.previous, Some(("f1".into(), 101)));
+        // Lost answer: the previous certificate renews again while the new one is unused.
+        assert_eq!(
+            s.renew("u", "f1", "f3", 2, 100).expect("renew"),
+            KeyCheck::Accepted
+        );
+        s.mark_cert_used("u", "f3", 3).expect("used");
+        let c = s.device_creds("u").expect("c").expect("known");
+        assert_eq!(c.previous, None, "first use ends the overlap");
+        assert_eq!(
+            s.renew("u", "f1", "f4", 4, 100).expect("renew"),
+            KeyCheck::Refused(RefusalReason::NotCurrent)
+        );
+        assert!(s.revoke_cert("f3", 5).expect("revoke"));
+        assert!(!s.revoke_cert("f3", 5).expect("again"));
+        assert_eq!(
+            s.renew("u", "f3", "f5", 6, 100).expect("renew"),
+            KeyCheck::Refused(RefusalReason::Revoked)
+        );
+        let (changes, last) = s.cred_changes_since(0).expect("changes");
+        assert!(changes.contains(&CredChange::Cert("f3".into())));
+        assert_eq!(last, s.cred_change_head().expect("head"));
+    }
+
+    #[test]
+    fn manager_certificates_are_recorded_listed_and_revoked() {
+        let (_d, s) = store();
+        assert_eq!(s.manager_creds("ops").expect("m"), None);
+        s.record_manager_cert("ops", "m1", 1, "issue").expect("rec");
+        s.record_manager_cert("ops", "m1", 1, "issue")
+            .expect("idempotent");
+        s.record_manager_cert("ops", "m2", 2, "issue").expect("rec");
+        assert_eq!(
+            s.manager_creds("ops").expect("m"),
+            Some(vec!["m1".into(), "m2".into()])
+        );
+        assert!(s.revoke_cert("m1", 3).expect("revoke"));
+        assert_eq!(s.manager_creds("ops").expect("m"), Some(vec!["m2".into()]));
+        assert_eq!(s.revoke_manager("ops", 4).expect("revoke"), 1);
+        assert_eq!(s.manager_creds("ops").expect("m"), Some(vec![]));
+        // A name never recorded becomes known, with nothing accepted.
+        assert_eq!(s.revoke_manager("legacy", 5).expect("revoke"), 0);
+        assert_eq!(s.manager_creds("legacy").expect("m"), Some(vec![]));
+        assert_eq!(s.manager_certs().expect("list").len(), 3);
+    }
+
+    #[test]
+    fn a_version_1_data_dir_keeps_its_managers_and_enrolled_devices() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        devgate_pki::init(
+            dir.path(),
+            &devgate_pki::InitOptions {
+                names: vec!["localhost".into()],
+                force: false,
+            },
+        )
+        .expect("pki");
+        {
+            let conn = Connection::open(SqliteStore::path_in(dir.path())).expect("db");
+            conn.execute_batch(MIGRATIONS[0]).expect("v1");
+            conn.pragma_update(None, "user_version", 1)
+                .expect("version");
+            conn.execute_batch(
+                "INSERT INTO devices (unit, cert_fingerprint, enrolled_at, updated_at) VALUES ('old', 'f0', 1, 1);
+                 INSERT INTO managers (name, cert_fingerprint, paired_at) VALUES ('ums-2', 'p0', 1);",
+            )
+            .expect("rows");
+        }
+        let s = SqliteStore::open(dir.path()).expect("migrate");
+        let init_fp =
+            devgate_pki::fingerprint_file(&devgate_pki::PkiPaths::new(dir.path()).manager_cert())
+                .expect("fp");
+        assert_eq!(
+            s.manager_creds(devgate_pki::FIRST_MANAGER_NAME).expect("m"),
+            Some(vec![init_fp])
+        );
+        assert_eq!(
+            s.manager_creds("ums-2").expect("m"),
+            Some(vec!["p0".into()])
+        );
+        let old = s.device_creds("old").expect("c").expect("known");
+        assert_eq!(old.current.as_deref(), Some("f0"));
+        assert!(old.current_used, "enrolled before: no retry may replace it");
     }
 
     #[test]

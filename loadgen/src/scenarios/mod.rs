@@ -88,7 +88,8 @@ pub(crate) async fn run(args: &Args) -> Result<Report> {
                 .await;
         }
         Scenario::Churn => run.pump_for(Duration::from_secs_f64(args.duration)).await,
-        Scenario::Enroll => {}
+        // Run by `attack::run` before any scenario starts.
+        Scenario::Enroll | Scenario::Attack => {}
     }
     let scenario_secs = go.elapsed().as_secs_f64();
     run.say(Down::Stop).await;
