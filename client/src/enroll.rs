@@ -95,46 +95,16 @@ pub async fn enroll(
         "csr": csr_pem,
     })
     .to_string();
-    let response = http_request(
+    request_certificate(
         addr,
         server_name,
         tls,
-        &Request {
-            method: "POST",
-            path: ENROLL_PATH,
-            body: Some(("application/json", body.as_bytes())),
-        },
-        MAX_ENROLL_BODY,
+        ENROLL_PATH,
+        &body,
+        &key_pair,
+        "enrollment",
     )
-    .await?;
-    match response.status {
-        200 => {}
-        401 => return Err(ClientError::EnrollmentRefused),
-        429 => {
-            return Err(ClientError::RateLimited {
-                retry_after: response.retry_after,
-            });
-        }
-        status => {
-            return Err(ClientError::Refused {
-                status,
-                body: String::from_utf8_lossy(&response.body).into_owned(),
-            });
-        }
-    }
-
-    let chain_pem = certificate_chain(&response.body)?;
-    let chain = certs_from_pem(chain_pem.as_bytes()).map_err(|e| {
-        ClientError::Protocol(format!("the enrollment answer's certificate_chain: {e}"))
-    })?;
-    let key_der = PrivateKeyDer::Pkcs8(key_pair.serialize_der().into());
-    check_key_matches(&chain, &key_der, &base_provider())?;
-    Ok(Enrolled {
-        chain,
-        key: key_der,
-        chain_pem,
-        key_pem: key_pair.serialize_pem(),
-    })
+    .await
 }
 
 /// The gateway's renewal path.
@@ -165,13 +135,36 @@ pub async fn renew(
     let tls = tls_config(roots, Some(current))?;
     let (key_pair, csr_pem) = key_and_csr(unit_id)?;
     let body = serde_json::json!({ "unit_id": unit_id, "csr": csr_pem }).to_string();
+    request_certificate(
+        addr,
+        server_name,
+        tls,
+        RENEW_PATH,
+        &body,
+        &key_pair,
+        "renewal",
+    )
+    .await
+}
+
+/// POSTs an enrollment or renewal request and turns the answer into the new credential
+/// (`what` names the request in errors).
+async fn request_certificate(
+    addr: SocketAddr,
+    server_name: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    path: &str,
+    body: &str,
+    key_pair: &rcgen::KeyPair,
+    what: &str,
+) -> Result<Enrolled, ClientError> {
     let response = http_request(
         addr,
         server_name,
         tls,
         &Request {
             method: "POST",
-            path: RENEW_PATH,
+            path,
             body: Some(("application/json", body.as_bytes())),
         },
         MAX_ENROLL_BODY,
@@ -194,7 +187,7 @@ pub async fn renew(
     }
     let chain_pem = certificate_chain(&response.body)?;
     let chain = certs_from_pem(chain_pem.as_bytes()).map_err(|e| {
-        ClientError::Protocol(format!("the renewal answer's certificate_chain: {e}"))
+        ClientError::Protocol(format!("the {what} answer's certificate_chain: {e}"))
     })?;
     let key_der = PrivateKeyDer::Pkcs8(key_pair.serialize_der().into());
     check_key_matches(&chain, &key_der, &base_provider())?;
