@@ -1410,8 +1410,25 @@ impl Worker {
             return None;
         };
         let unit: Arc<str> = Arc::from(unit_id.as_str());
-        if self.shared.revoked.contains_key(&*unit) {
+        if !self.device_credential_accepted(slot, &unit, &fp, now) {
+            return None;
+        }
+        Some((unit, fp))
+    }
+
+    /// A device's credential at upgrade and renewal: its unit is not revoked and the
+    /// registry accepts this certificate; refuses the request with 403 otherwise. The log
+    /// line is rate-limited: whoever holds a revoked certificate can repeat it at will.
+    fn device_credential_accepted(
+        &mut self,
+        slot: u32,
+        unit: &Arc<str>,
+        fp: &crate::identity::Fp,
+        now: Instant,
+    ) -> bool {
+        if self.shared.revoked.contains_key(&**unit) {
             bump(&self.stats().rejected_revoked);
+            crate::warn_limited!("revoked device {unit} refused");
             self.refuse(
                 slot,
                 403,
@@ -1419,12 +1436,9 @@ impl Worker {
                 "this credential has been revoked\n",
                 now,
             );
-            return None;
+            return false;
         }
-        if !self.certificate_accepted(slot, Some(&unit), None, &fp, now) {
-            return None;
-        }
-        Some((unit, fp))
+        self.certificate_accepted(slot, Some(unit), None, fp, now)
     }
 
     fn upgrade(
@@ -1482,19 +1496,7 @@ impl Worker {
                     );
                     return None;
                 }
-                if self.shared.revoked.contains_key(&*unit) {
-                    bump(&self.stats().rejected_revoked);
-                    info!("revoked device {unit} refused");
-                    self.refuse(
-                        slot,
-                        403,
-                        "Forbidden",
-                        "this credential has been revoked\n",
-                        now,
-                    );
-                    return None;
-                }
-                if !self.certificate_accepted(slot, Some(&unit), None, &fp, now) {
+                if !self.device_credential_accepted(slot, &unit, &fp, now) {
                     return None;
                 }
                 if self.shared.devices_refused(now) {
