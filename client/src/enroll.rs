@@ -24,6 +24,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::connect::{Request, http_request};
+use crate::proxy::Proxy;
 use crate::tls::base_provider;
 use crate::{ClientError, MAX_ENROLL_BODY, certs_from_pem, tls_config};
 
@@ -79,6 +80,18 @@ pub async fn enroll(
     unit_id: &str,
     key: &str,
 ) -> Result<Enrolled, ClientError> {
+    enroll_via(None, addr, server_name, roots, unit_id, key).await
+}
+
+/// [`enroll`] through `proxy` when given.
+pub async fn enroll_via(
+    proxy: Option<&Proxy>,
+    addr: SocketAddr,
+    server_name: &str,
+    roots: &[CertificateDer<'static>],
+    unit_id: &str,
+    key: &str,
+) -> Result<Enrolled, ClientError> {
     if unit_id.trim().is_empty() {
         return Err(ClientError::Config("the unit ID is empty".to_owned()));
     }
@@ -96,6 +109,7 @@ pub async fn enroll(
     })
     .to_string();
     request_certificate(
+        proxy,
         addr,
         server_name,
         tls,
@@ -132,10 +146,23 @@ pub async fn renew(
     unit_id: &str,
     current: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
 ) -> Result<Enrolled, ClientError> {
+    renew_via(None, addr, server_name, roots, unit_id, current).await
+}
+
+/// [`renew`] through `proxy` when given.
+pub async fn renew_via(
+    proxy: Option<&Proxy>,
+    addr: SocketAddr,
+    server_name: &str,
+    roots: &[CertificateDer<'static>],
+    unit_id: &str,
+    current: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+) -> Result<Enrolled, ClientError> {
     let tls = tls_config(roots, Some(current))?;
     let (key_pair, csr_pem) = key_and_csr(unit_id)?;
     let body = serde_json::json!({ "unit_id": unit_id, "csr": csr_pem }).to_string();
     request_certificate(
+        proxy,
         addr,
         server_name,
         tls,
@@ -150,6 +177,7 @@ pub async fn renew(
 /// POSTs an enrollment or renewal request and turns the answer into the new credential
 /// (`what` names the request in errors).
 async fn request_certificate(
+    proxy: Option<&Proxy>,
     addr: SocketAddr,
     server_name: &str,
     tls: std::sync::Arc<rustls::ClientConfig>,
@@ -159,6 +187,7 @@ async fn request_certificate(
     what: &str,
 ) -> Result<Enrolled, ClientError> {
     let response = http_request(
+        proxy,
         addr,
         server_name,
         tls,
