@@ -113,10 +113,9 @@ pub async fn enroll_via(
         addr,
         server_name,
         tls,
-        ENROLL_PATH,
+        Kind::Enroll,
         &body,
         &key_pair,
-        "enrollment",
     )
     .await
 }
@@ -161,31 +160,30 @@ pub async fn renew_via(
     let tls = tls_config(roots, Some(current))?;
     let (key_pair, csr_pem) = key_and_csr(unit_id)?;
     let body = serde_json::json!({ "unit_id": unit_id, "csr": csr_pem }).to_string();
-    request_certificate(
-        proxy,
-        addr,
-        server_name,
-        tls,
-        RENEW_PATH,
-        &body,
-        &key_pair,
-        "renewal",
-    )
-    .await
+    request_certificate(proxy, addr, server_name, tls, Kind::Renew, &body, &key_pair).await
 }
 
-/// POSTs an enrollment or renewal request and turns the answer into the new credential
-/// (`what` names the request in errors).
+/// Which certificate request [`request_certificate`] makes.
+#[derive(Clone, Copy)]
+enum Kind {
+    Enroll,
+    Renew,
+}
+
+/// POSTs an enrollment or renewal request and turns the answer into the new credential.
 async fn request_certificate(
     proxy: Option<&Proxy>,
     addr: SocketAddr,
     server_name: &str,
     tls: std::sync::Arc<rustls::ClientConfig>,
-    path: &str,
+    kind: Kind,
     body: &str,
     key_pair: &rcgen::KeyPair,
-    what: &str,
 ) -> Result<Enrolled, ClientError> {
+    let (path, what) = match kind {
+        Kind::Enroll => (ENROLL_PATH, "enrollment"),
+        Kind::Renew => (RENEW_PATH, "renewal"),
+    };
     let response = http_request(
         proxy,
         addr,

@@ -202,7 +202,8 @@ pub fn parse_connect_response(
             buf.len() - len
         ))),
         200..=299 => Ok(Some(())),
-        407 => Err(ClientError::Proxy(match &proxy.user {
+        // 407 is the proxy's own "authenticate first"; tinyproxy answers CONNECT with 401.
+        401 | 407 => Err(ClientError::Proxy(match &proxy.user {
             None => format!(
                 "the proxy at {proxy} requires authentication ({said}): give \
                  http://user:pass@host:port"
@@ -454,4 +455,5 @@ fn redact(url: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;

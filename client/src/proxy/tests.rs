@@ -82,6 +82,11 @@ fn refusals_say_what_the_proxy_answered() {
         e.contains("rejected the credentials of user \"bob\""),
         "{e}"
     );
+    let e = msg("http://bob:x@p:1", "HTTP/1.0 401 Unauthorized\r\n\r\n");
+    assert!(
+        e.contains("rejected the credentials") && e.contains("401"),
+        "{e}"
+    );
     let e = msg("p:1", "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
     assert!(
         e.contains("refused to connect to the gateway at 192.0.2.10:8443"),
