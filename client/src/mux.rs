@@ -24,7 +24,9 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Body, ClientError, Connection, ErrorCode, Frame, Incoming, Received, Sender};
+use crate::{
+    Body, ClientError, Connection, ErrorCode, Frame, Incoming, Received, Receiver, Sender,
+};
 
 /// Credit one side grants per stream: the gateway's cap (PROTOCOL.md section 5).
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
@@ -152,8 +154,10 @@ pub struct Mux {
     sender: Sender,
     out: mpsc::UnboundedSender<Out>,
     streams: Arc<Mutex<Streams>>,
-    frames: mpsc::Receiver<Result<Received, ClientError>>,
-    incoming: mpsc::UnboundedReceiver<IncomingStream>,
+    // Behind async mutexes so that both can be awaited through `&self`: one task can
+    // select on them together, or several tasks share an `Arc<Mux>`.
+    frames: tokio::sync::Mutex<mpsc::Receiver<Result<Received, ClientError>>>,
+    incoming: tokio::sync::Mutex<mpsc::UnboundedReceiver<IncomingStream>>,
 }
 
 impl std::fmt::Debug for Streams {
@@ -168,7 +172,14 @@ impl Mux {
     /// Takes over `conn`, starting its reader and writer tasks on the current tokio runtime.
     /// They end when the connection ends; dropping the `Mux` closes the connection.
     pub fn new(conn: Connection) -> Self {
-        let (sender, mut receiver) = conn.split();
+        let (sender, receiver) = conn.split();
+        Self::from_parts(sender, receiver)
+    }
+
+    /// [`Mux::new`] for a connection already split (e.g. one whose frames were read
+    /// before its streams began). No other task may use `receiver`'s connection for
+    /// receiving any more; `sender` clones stay usable.
+    pub fn from_parts(sender: Sender, mut receiver: Receiver) -> Self {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (frames_tx, frames) = mpsc::channel(FRAME_BACKLOG);
         let (incoming_tx, incoming) = mpsc::unbounded_channel();
@@ -223,8 +234,8 @@ impl Mux {
             sender,
             out: out_tx,
             streams,
-            frames,
-            incoming,
+            frames: tokio::sync::Mutex::new(frames),
+            incoming: tokio::sync::Mutex::new(incoming),
         }
     }
 
@@ -234,9 +245,11 @@ impl Mux {
     }
 
     /// The next frame that is not a stream frame; `Err` once the connection has ended (the
-    /// first time with what ended it).
-    pub async fn next_frame(&mut self) -> Result<Received, ClientError> {
-        match self.frames.recv().await {
+    /// first time with what ended it). Cancel-safe, like [`Mux::accept_stream`]; the
+    /// frames wait for it (up to 1024, then the connection's reader waits too), so a
+    /// program must keep calling it while streams run.
+    pub async fn next_frame(&self) -> Result<Received, ClientError> {
+        match self.frames.lock().await.recv().await {
             Some(r) => r,
             None => Err(ClientError::Protocol("the connection has ended".into())),
         }
@@ -290,9 +303,10 @@ impl Mux {
         }
     }
 
-    /// Device side: the next stream a manager opened; `None` once the connection has ended.
-    pub async fn accept_stream(&mut self) -> Option<IncomingStream> {
-        self.incoming.recv().await
+    /// Device side: the next stream a manager opened; `None` once the connection has ended
+    /// ([`Mux::next_frame`] then says how).
+    pub async fn accept_stream(&self) -> Option<IncomingStream> {
+        self.incoming.lock().await.recv().await
     }
 }
 
