@@ -5,7 +5,10 @@
 //!
 //! - reading returns the stream's bytes in order; credit goes back to the sender
 //!   (`StreamWindow`) once half the window has been read, so a reader that stops reading
-//!   stops the sender after at most one window;
+//!   stops the sender after at most one window. The streams of one connection share
+//!   [`CONNECTION_WINDOW`] (each gets at most [`STREAM_WINDOW`] and at least [`MIN_WINDOW`]),
+//!   because the gateway queues up to the granted credit towards a slow reader and
+//!   disconnects it past its hard limit;
 //! - writing waits for credit and splits writes into frames of at most [`MAX_CHUNK`];
 //! - a `StreamClose` with code 0 is end of file, any other code an error naming it; the
 //!   protocol has no half-close, so `poll_shutdown` (and dropping the stream) closes the
@@ -28,8 +31,17 @@ use crate::{
     Body, ClientError, Connection, ErrorCode, Frame, Incoming, Received, Receiver, Sender,
 };
 
-/// Credit one side grants per stream: the gateway's cap (PROTOCOL.md section 5).
+/// Credit one side grants per stream at most: the gateway's cap (PROTOCOL.md section 5).
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
+/// Credit one connection grants over all its streams, as long as each gets at least
+/// [`MIN_WINDOW`]. What the gateway queues towards a connection is bounded only by the credit
+/// that connection granted, and the gateway disconnects a connection whose queue passes its
+/// hard limit (`limits.queue_hard_bytes`, 16 MiB by default): a manager with 20 streams at
+/// a full window each would be dropped as soon as it read a little slower than its devices
+/// send.
+pub const CONNECTION_WINDOW: u64 = 8 * 1024 * 1024;
+/// Smallest window a stream gets, however many are open.
+pub const MIN_WINDOW: u32 = 16 * 1024;
 /// Largest StreamData payload sent.
 pub const MAX_CHUNK: usize = 64 * 1024;
 /// Non-stream frames held for [`Mux::next_frame`] before the reader waits for the caller.
@@ -77,6 +89,9 @@ struct StreamState {
     data: VecDeque<Bytes>,
     /// Bytes read since credit was last returned.
     consumed: u32,
+    /// The credit the peer has when everything read is returned: this side's receive
+    /// window, [`window_for`] the streams open when it was last set.
+    window: u32,
     /// Credit the other side granted that this side has not used.
     credit: u64,
     /// The peer (or the connection) ended the stream.
@@ -101,6 +116,7 @@ enum Out {
     Open {
         unit: Arc<str>,
         id: u32,
+        window: u32,
         params: Bytes,
     },
     Data {
@@ -124,7 +140,12 @@ enum Out {
 impl Out {
     fn frame(&self) -> Frame<'_> {
         match self {
-            Self::Open { unit, id, params } => Frame::stream_open(unit, *id, STREAM_WINDOW, params),
+            Self::Open {
+                unit,
+                id,
+                window,
+                params,
+            } => Frame::stream_open(unit, *id, *window, params),
             Self::Data { unit, id, bytes } => Frame::stream_data(unit, *id, bytes),
             Self::Window {
                 unit,
@@ -269,7 +290,7 @@ impl Mux {
             opened: Some(tx),
             ..StreamState::default()
         }));
-        let id = {
+        let (id, window) = {
             let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
             let mut id = streams.next_id;
             while streams.map.contains_key(&(unit.clone(), id)) || id == 0 {
@@ -277,8 +298,9 @@ impl Mux {
             }
             streams.next_id = id.wrapping_add(1);
             streams.map.insert((unit.clone(), id), shared.clone());
-            id
+            (id, window_for(streams.map.len()))
         };
+        lock(&shared).window = window;
         let stream = DevgateStream {
             unit: unit.clone(),
             id,
@@ -290,6 +312,7 @@ impl Mux {
             .send(Out::Open {
                 unit,
                 id,
+                window,
                 params: Bytes::copy_from_slice(params),
             })
             .map_err(|_| ClientError::Protocol("the connection has ended".into()))?;
@@ -339,10 +362,18 @@ impl IncomingStream {
     /// Accepts: grants the manager credit and returns the stream.
     pub fn accept(self) -> DevgateStream {
         let s = self.stream;
+        let window = window_for(
+            s.streams
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .map
+                .len(),
+        );
+        lock(&s.shared).window = window;
         let _ = s.out.send(Out::Window {
             unit: s.unit.clone(),
             id: s.id,
-            increment: STREAM_WINDOW,
+            increment: window,
         });
         s
     }
@@ -502,6 +533,13 @@ impl Reader {
     }
 }
 
+/// The receive window of each of `open` streams on one connection.
+fn window_for(open: usize) -> u32 {
+    let share = CONNECTION_WINDOW / u64::try_from(open.max(1)).unwrap_or(u64::MAX);
+    u32::try_from(share.clamp(u64::from(MIN_WINDOW), u64::from(STREAM_WINDOW)))
+        .unwrap_or(STREAM_WINDOW)
+}
+
 /// Marks a stream ended and wakes whoever waits on it.
 fn end(s: &Shared, why: &Ended) {
     let mut st = lock(s);
@@ -622,13 +660,26 @@ impl AsyncRead for DevgateStream {
         st.consumed = st
             .consumed
             .saturating_add(u32::try_from(read).unwrap_or(u32::MAX));
-        if st.consumed >= STREAM_WINDOW / 2 && st.ended.is_none() && !st.closed_locally {
-            let increment = std::mem::take(&mut st.consumed);
-            let _ = this.out.send(Out::Window {
-                unit: this.unit.clone(),
-                id: this.id,
-                increment,
-            });
+        if st.consumed >= st.window / 2 && st.ended.is_none() && !st.closed_locally {
+            // Streams share the connection's window: return what was read, less when more
+            // streams opened since (the window shrinks as the peer uses up its credit), more
+            // when some closed. The lock order is always stream state, then the map.
+            let open = this
+                .streams
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .map
+                .len();
+            let target = window_for(open);
+            let left = st.window.saturating_sub(std::mem::take(&mut st.consumed));
+            st.window = target.max(left);
+            if target > left {
+                let _ = this.out.send(Out::Window {
+                    unit: this.unit.clone(),
+                    id: this.id,
+                    increment: target - left,
+                });
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -682,5 +733,23 @@ impl AsyncWrite for DevgateStream {
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.close_with(0, "");
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_share_the_connection_window_within_bounds() {
+        assert_eq!(window_for(0), STREAM_WINDOW);
+        assert_eq!(window_for(8), STREAM_WINDOW);
+        assert_eq!(window_for(16), 512 * 1024);
+        assert_eq!(window_for(20), 419_430);
+        assert_eq!(window_for(100_000), MIN_WINDOW);
+        for open in 1..2000 {
+            let w = u64::from(window_for(open));
+            assert!(w * open as u64 <= CONNECTION_WINDOW || w == u64::from(MIN_WINDOW));
+        }
     }
 }

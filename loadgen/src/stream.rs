@@ -24,6 +24,8 @@ pub(crate) async fn send_until(
     loop {
         match tokio::time::timeout_at(deadline, wr.write_all(&data)).await {
             Ok(Ok(())) => {}
+            // The peer closed the stream normally: its side of the run is over.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return,
             Ok(Err(e)) => {
                 if stop_at > Instant::now() {
                     stats.error(&format!(
