@@ -44,6 +44,8 @@ pub const CONNECTION_WINDOW: u64 = 8 * 1024 * 1024;
 pub const MIN_WINDOW: u32 = 16 * 1024;
 /// Largest StreamData payload sent.
 pub const MAX_CHUNK: usize = 64 * 1024;
+/// Payload bytes the writer task hands the connection in one write (see `write_loop`).
+const BATCH_BYTES: usize = 48 * 1024;
 /// Non-stream frames held for [`Mux::next_frame`] before the reader waits for the caller.
 const FRAME_BACKLOG: usize = 1024;
 
@@ -135,11 +137,27 @@ enum Out {
         code: u16,
         reason: String,
     },
+    /// The `Mux` was dropped: close the connection after everything queued before (a
+    /// stream closed just before must not be overtaken by the connection's end, or the
+    /// peer sees "went away" instead of a normal close).
+    Goodbye,
 }
 
 impl Out {
-    fn frame(&self) -> Frame<'_> {
+    /// Payload bytes of the frame (what counts towards a write's size).
+    fn payload_len(&self) -> usize {
         match self {
+            Self::Open { params, .. } => params.len(),
+            Self::Data { bytes, .. } => bytes.len(),
+            Self::Window { .. } => 4,
+            Self::Close { reason, .. } => reason.len(),
+            Self::Goodbye => 0,
+        }
+    }
+
+    /// The frame to send; `None` for [`Out::Goodbye`].
+    fn frame(&self) -> Option<Frame<'_>> {
+        Some(match self {
             Self::Open {
                 unit,
                 id,
@@ -158,7 +176,8 @@ impl Out {
                 code,
                 reason,
             } => Frame::stream_close(unit, *id, *code, reason),
-        }
+            Self::Goodbye => return None,
+        })
     }
 }
 
@@ -337,7 +356,10 @@ impl Drop for Mux {
     /// Dropping the `Mux` ends the connection (a WebSocket Close, code 1000): its streams
     /// end with it.
     fn drop(&mut self) {
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        if self.out.send(Out::Goodbye).is_err()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            // The writer task is gone (the connection failed): close directly.
             let sender = self.sender.clone();
             rt.spawn(async move {
                 let _ = sender.close(1000, "").await;
@@ -560,9 +582,32 @@ fn end(s: &Shared, why: &Ended) {
 async fn write_loop(sender: Sender, mut out: mpsc::UnboundedReceiver<Out>) {
     let mut batch = Vec::new();
     while out.recv_many(&mut batch, 64).await > 0 {
-        let frames: Vec<Frame<'_>> = batch.iter().map(Out::frame).collect();
+        let mut frames: Vec<Frame<'_>> = Vec::with_capacity(batch.len());
+        // Each write takes at most about BATCH_BYTES of payload (or one frame): the
+        // connection gives its output buffer back after any write that grew it past
+        // 64 KiB (so idle connections stay small), and a whole 1 MiB batch would make it
+        // allocate and grow that buffer again for every write.
+        let mut bytes = 0usize;
+        for o in &batch {
+            let size = o.payload_len();
+            let Some(frame) = o.frame() else {
+                // Goodbye: what came before it, then the WebSocket Close.
+                let _ = sender.send_batch(&frames).await;
+                let _ = sender.close(1000, "").await;
+                return;
+            };
+            if !frames.is_empty() && bytes + size > BATCH_BYTES {
+                if sender.send_batch(&frames).await.is_err() {
+                    // The reader sees the connection end and ends every stream.
+                    return;
+                }
+                frames.clear();
+                bytes = 0;
+            }
+            frames.push(frame);
+            bytes += size;
+        }
         if sender.send_batch(&frames).await.is_err() {
-            // The reader sees the connection end and ends every stream.
             return;
         }
         drop(frames);

@@ -15,7 +15,7 @@ use rustls::{ClientConfig, HandshakeKind};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use crate::report::Stats;
-use crate::stream::{AbortOnDrop, read_counting, send_until};
+use crate::stream::{read_counting, send_until};
 
 /// What the whole worker is doing; every device watches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,18 +317,16 @@ fn lost(e: Option<ClientError>) -> End {
 /// One accepted stream: count what arrives, send `chunk`-byte data back until `stop_at`.
 async fn serve_stream(stream: DevgateStream, stats: Arc<Stats>, chunk: usize, stop_at: Instant) {
     let (rd, wr) = tokio::io::split(stream);
-    let _sender = {
-        let stats = stats.clone();
-        AbortOnDrop(tokio::spawn(async move {
-            send_until(wr, chunk, stop_at, &stats).await;
-        }))
-    };
-    // Reads until the manager closes the stream (or the connection ends, which the
-    // session reports).
+    // Both directions in this one task, so that ending the session (which aborts it)
+    // stops both at once, before the connection closes under them. The reader runs until
+    // the manager closes the stream (or the connection ends, which the session reports);
+    // the sender then stops at its next write.
     let forever = Instant::now() + Duration::from_secs(86_400);
-    read_counting(rd, chunk, forever, |bytes, frames| {
-        stats.add(&stats.frames, frames);
-        stats.add(&stats.bytes, bytes);
-    })
-    .await;
+    tokio::join!(
+        send_until(wr, chunk, stop_at, &stats),
+        read_counting(rd, chunk, forever, |bytes, frames| {
+            stats.add(&stats.frames, frames);
+            stats.add(&stats.bytes, bytes);
+        })
+    );
 }

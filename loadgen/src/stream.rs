@@ -68,13 +68,3 @@ pub(crate) async fn read_counting(
         }
     }
 }
-
-/// A task that is aborted when this handle is dropped: a stream's sender must not outlive
-/// the task that reads the stream (aborted when its session ends).
-pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
