@@ -35,7 +35,10 @@
 //!   client certificate ([`enroll`]), which [`tls_config`] then presents.
 //! * `mux` runs a connection with a reader and a writer task so that streams are
 //!   tokio I/O objects ([`Mux`], [`DevgateStream`]: `AsyncRead` + `AsyncWrite`, credit
-//!   handled inside) — what agents and operator tools build on.
+//!   handled inside, the streams of a connection sharing [`CONNECTION_WINDOW`]) — what
+//!   agents, operator tools and the load generator build on. [`Mux::next_frame`] and
+//!   [`Mux::accept_stream`] take `&self`, so one task can wait on both and tasks can share
+//!   an `Arc<Mux>`.
 //! * `backoff` is the reconnect policy for agents ([`Backoff`]).
 //! * `trust` reads the trust bundle the gateway sends during a root exchange and
 //!   builds its acknowledgement ([`TrustBundle`]).
