@@ -25,6 +25,9 @@ done
 #   nginx            the reverse-proxy baseline of `cargo xtask bench-report` (nginx-light:
 #                    Debian's smallest build with TLS and proxying; its packaged service is
 #                    not used, the report starts its own nginx on a loopback port)
+#   tinyproxy        the HTTP CONNECT proxy that tests/tests/proxy.rs puts between the
+#                    client library and the gateway (its packaged service is not used:
+#                    each test starts its own on a loopback port, as nobody when root)
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v ip >/dev/null || need+=(iproute2)
@@ -33,6 +36,7 @@ command -v unshare >/dev/null || need+=(util-linux)
 command -v nsenter >/dev/null || need+=(util-linux)
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v nginx >/dev/null || need+=(nginx-light)
+command -v tinyproxy >/dev/null || need+=(tinyproxy)
 updated=0
 apt_update() {
   if [ "$updated" -eq 0 ]; then

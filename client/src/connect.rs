@@ -22,6 +22,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::conn::{Connection, Stream};
 use crate::error::from_io;
+use crate::proxy::{Proxy, tunnel};
 use crate::{
     ClientError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE, HTTP_TIMEOUT, MAX_HTTP_BODY,
     MAX_REFUSAL_BODY, MAX_RESPONSE_HEAD, REFUSAL_BODY_TIMEOUT,
@@ -68,6 +69,10 @@ pub struct ConnectOptions {
     /// kernel picks the source port at connect time, per destination, instead
     /// of exhausting one ephemeral range per source address at bind time.
     pub before_bind: Option<fn(&TcpSocket) -> std::io::Result<()>>,
+    /// An HTTP proxy to tunnel through with `CONNECT` (`bind` then applies to the
+    /// connection to the proxy). [`ConnectOptions::with_env_proxy`] sets it from
+    /// `HTTPS_PROXY`/`NO_PROXY`.
+    pub proxy: Option<Proxy>,
 }
 
 impl ConnectOptions {
@@ -82,7 +87,15 @@ impl ConnectOptions {
             max_message: DEFAULT_MAX_MESSAGE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             before_bind: None,
+            proxy: None,
         }
+    }
+
+    /// Sets [`ConnectOptions::proxy`] from the environment ([`Proxy::from_env`] for this
+    /// gateway): the proxy in `HTTPS_PROXY` unless `NO_PROXY` lists the gateway.
+    pub fn with_env_proxy(mut self) -> Result<Self, ClientError> {
+        self.proxy = Proxy::from_env(&self.server_name, self.addr)?;
+        Ok(self)
     }
 }
 
@@ -98,12 +111,14 @@ pub async fn connect(
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Connection, ClientError> {
     let deadline = Instant::now() + opts.connect_timeout;
-    let tcp = timeout_at(
+    let tcp = open_tcp(
+        opts.addr,
+        opts.proxy.as_ref(),
+        opts.bind,
+        opts.before_bind,
         deadline,
-        tcp_connect_with(opts.addr, opts.bind, opts.before_bind),
     )
-    .await
-    .map_err(|_| ClientError::Timeout("TCP connect to the gateway"))??;
+    .await?;
     let mut stream = timeout_at(
         deadline,
         tls_handshake(tcp, opts.addr, &opts.server_name, tls),
@@ -165,7 +180,19 @@ pub async fn http_get(
     tls: Arc<rustls::ClientConfig>,
     path: &str,
 ) -> Result<(u16, Vec<u8>), ClientError> {
+    http_get_via(None, addr, server_name, tls, path).await
+}
+
+/// [`http_get`] through `proxy` when given.
+pub async fn http_get_via(
+    proxy: Option<&Proxy>,
+    addr: SocketAddr,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    path: &str,
+) -> Result<(u16, Vec<u8>), ClientError> {
     let response = http_request(
+        proxy,
         addr,
         server_name,
         tls,
@@ -192,7 +219,21 @@ pub async fn http_post(
     content_type: &str,
     body: &[u8],
 ) -> Result<(u16, Vec<u8>), ClientError> {
+    http_post_via(None, addr, server_name, tls, path, content_type, body).await
+}
+
+/// [`http_post`] through `proxy` when given.
+pub async fn http_post_via(
+    proxy: Option<&Proxy>,
+    addr: SocketAddr,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Result<(u16, Vec<u8>), ClientError> {
     let response = http_request(
+        proxy,
         addr,
         server_name,
         tls,
@@ -226,6 +267,7 @@ pub(crate) struct Response {
 /// One request on a fresh TLS connection (`Connection: close`), the whole
 /// exchange limited to 30 s and the response body to `limit` bytes.
 pub(crate) async fn http_request(
+    proxy: Option<&Proxy>,
     addr: SocketAddr,
     server_name: &str,
     tls: Arc<rustls::ClientConfig>,
@@ -265,9 +307,7 @@ pub(crate) async fn http_request(
     }
 
     let deadline = Instant::now() + HTTP_TIMEOUT;
-    let tcp = timeout_at(deadline, tcp_connect(addr, None))
-        .await
-        .map_err(|_| ClientError::Timeout("TCP connect to the gateway"))??;
+    let tcp = open_tcp(addr, proxy, None, None, deadline).await?;
     let mut stream = timeout_at(deadline, tls_handshake(tcp, addr, server_name, tls))
         .await
         .map_err(|_| ClientError::Timeout("TLS handshake with the gateway"))??;
@@ -304,17 +344,29 @@ fn retry_after(head: &[u8]) -> Option<Duration> {
     Some(Duration::from_secs(secs))
 }
 
-/// TCP connect with `TCP_NODELAY` (frames are small and latency matters more
-/// than packet count), from `bind` when given.
-pub(crate) async fn tcp_connect(
+/// TCP to the gateway at `addr`, directly or through a `CONNECT` tunnel of `proxy`, by
+/// `deadline`.
+pub(crate) async fn open_tcp(
     addr: SocketAddr,
+    proxy: Option<&Proxy>,
     bind: Option<IpAddr>,
+    before_bind: Option<fn(&TcpSocket) -> std::io::Result<()>>,
+    deadline: Instant,
 ) -> Result<TcpStream, ClientError> {
-    tcp_connect_with(addr, bind, None).await
+    match proxy {
+        None => timeout_at(deadline, tcp_connect_with(addr, bind, before_bind))
+            .await
+            .map_err(|_| ClientError::Timeout("TCP connect to the gateway"))?,
+        Some(proxy) => timeout_at(deadline, tunnel(proxy, addr, bind, before_bind))
+            .await
+            .map_err(|_| ClientError::Timeout("CONNECT through the HTTP proxy"))?,
+    }
 }
 
-/// [`tcp_connect`], running `before_bind` on the socket before it is bound.
-async fn tcp_connect_with(
+/// TCP connect with `TCP_NODELAY` (frames are small and latency matters more
+/// than packet count), from `bind` when given, running `before_bind` on the
+/// socket before it is bound.
+pub(crate) async fn tcp_connect_with(
     addr: SocketAddr,
     bind: Option<IpAddr>,
     before_bind: Option<fn(&TcpSocket) -> std::io::Result<()>>,

@@ -24,6 +24,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::connect::{Request, http_request};
+use crate::proxy::Proxy;
 use crate::tls::base_provider;
 use crate::{ClientError, MAX_ENROLL_BODY, certs_from_pem, tls_config};
 
@@ -79,6 +80,18 @@ pub async fn enroll(
     unit_id: &str,
     key: &str,
 ) -> Result<Enrolled, ClientError> {
+    enroll_via(None, addr, server_name, roots, unit_id, key).await
+}
+
+/// [`enroll`] through `proxy` when given.
+pub async fn enroll_via(
+    proxy: Option<&Proxy>,
+    addr: SocketAddr,
+    server_name: &str,
+    roots: &[CertificateDer<'static>],
+    unit_id: &str,
+    key: &str,
+) -> Result<Enrolled, ClientError> {
     if unit_id.trim().is_empty() {
         return Err(ClientError::Config("the unit ID is empty".to_owned()));
     }
@@ -96,13 +109,13 @@ pub async fn enroll(
     })
     .to_string();
     request_certificate(
+        proxy,
         addr,
         server_name,
         tls,
-        ENROLL_PATH,
+        Kind::Enroll,
         &body,
         &key_pair,
-        "enrollment",
     )
     .await
 }
@@ -132,33 +145,47 @@ pub async fn renew(
     unit_id: &str,
     current: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
 ) -> Result<Enrolled, ClientError> {
+    renew_via(None, addr, server_name, roots, unit_id, current).await
+}
+
+/// [`renew`] through `proxy` when given.
+pub async fn renew_via(
+    proxy: Option<&Proxy>,
+    addr: SocketAddr,
+    server_name: &str,
+    roots: &[CertificateDer<'static>],
+    unit_id: &str,
+    current: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+) -> Result<Enrolled, ClientError> {
     let tls = tls_config(roots, Some(current))?;
     let (key_pair, csr_pem) = key_and_csr(unit_id)?;
     let body = serde_json::json!({ "unit_id": unit_id, "csr": csr_pem }).to_string();
-    request_certificate(
-        addr,
-        server_name,
-        tls,
-        RENEW_PATH,
-        &body,
-        &key_pair,
-        "renewal",
-    )
-    .await
+    request_certificate(proxy, addr, server_name, tls, Kind::Renew, &body, &key_pair).await
 }
 
-/// POSTs an enrollment or renewal request and turns the answer into the new credential
-/// (`what` names the request in errors).
+/// Which certificate request [`request_certificate`] makes.
+#[derive(Clone, Copy)]
+enum Kind {
+    Enroll,
+    Renew,
+}
+
+/// POSTs an enrollment or renewal request and turns the answer into the new credential.
 async fn request_certificate(
+    proxy: Option<&Proxy>,
     addr: SocketAddr,
     server_name: &str,
     tls: std::sync::Arc<rustls::ClientConfig>,
-    path: &str,
+    kind: Kind,
     body: &str,
     key_pair: &rcgen::KeyPair,
-    what: &str,
 ) -> Result<Enrolled, ClientError> {
+    let (path, what) = match kind {
+        Kind::Enroll => (ENROLL_PATH, "enrollment"),
+        Kind::Renew => (RENEW_PATH, "renewal"),
+    };
     let response = http_request(
+        proxy,
         addr,
         server_name,
         tls,

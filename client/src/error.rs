@@ -70,6 +70,11 @@ pub enum ClientError {
     /// An operation did not finish in time; the string names the phase.
     #[error("timed out during {0}")]
     Timeout(&'static str),
+    /// The HTTP proxy did not open a tunnel to the gateway: it asked for credentials
+    /// (407) or rejected them, refused the destination, could not reach the gateway, or
+    /// answered with something that is not HTTP. The string says what the proxy answered.
+    #[error("HTTP proxy: {0}")]
+    Proxy(String),
     /// The caller's configuration is unusable (bad certificate or key,
     /// invalid server name, protocol versions without cipher suites, …).
     #[error("client configuration: {0}")]

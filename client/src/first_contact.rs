@@ -25,7 +25,8 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::io::AsyncWriteExt;
 
 use crate::ClientError;
-use crate::connect::{tcp_connect, tls_handshake};
+use crate::connect::{open_tcp, tls_handshake};
+use crate::proxy::Proxy;
 use crate::tls::{ALPN_HTTP11, base_provider};
 
 /// Number of groups in a fingerprint.
@@ -172,6 +173,16 @@ pub async fn fetch_gateway_root(
     server_name: &str,
     timeout: Duration,
 ) -> Result<FirstContact, ClientError> {
+    fetch_gateway_root_via(None, addr, server_name, timeout).await
+}
+
+/// [`fetch_gateway_root`] through `proxy` when given.
+pub async fn fetch_gateway_root_via(
+    proxy: Option<&Proxy>,
+    addr: SocketAddr,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<FirstContact, ClientError> {
     let provider = Arc::new(base_provider());
     let recorder = Arc::new(RecordingVerifier {
         provider: Arc::clone(&provider),
@@ -186,7 +197,8 @@ pub async fn fetch_gateway_root(
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
 
     let handshake = tokio::time::timeout(timeout, async {
-        let tcp = tcp_connect(addr, None).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let tcp = open_tcp(addr, proxy, None, None, deadline).await?;
         tls_handshake(tcp, addr, server_name, Arc::new(config)).await
     })
     .await

@@ -17,6 +17,12 @@
 //!   TLS handshake and the HTTP upgrade ([`connect`], [`ConnectOptions`]),
 //!   and does single HTTPS requests ([`http_get`], [`http_post`]). HTTP and WebSocket
 //!   parsing are `devgate_proto`'s; this crate only moves bytes.
+//! * `proxy` tunnels that TCP connection through an HTTP CONNECT proxy when
+//!   [`ConnectOptions::proxy`] is set ([`Proxy`], `http://[user:pass@]host:port`;
+//!   [`Proxy::from_env`] and [`ConnectOptions::with_env_proxy`] honour `HTTPS_PROXY` and
+//!   [`NoProxy`] lists from `NO_PROXY`). The one-shot requests take a proxy in their
+//!   `_via` forms ([`http_get_via`], [`http_post_via`], [`enroll_via`], [`renew_via`],
+//!   [`fetch_gateway_root_via`]).
 //! * `conn` is the upgraded connection: [`Connection::send`] and
 //!   [`Connection::recv`] (which answers pings and the gateway's Close on the
 //!   way), and [`Connection::split`] into a cloneable [`Sender`] and a
@@ -29,7 +35,10 @@
 //!   client certificate ([`enroll`]), which [`tls_config`] then presents.
 //! * `mux` runs a connection with a reader and a writer task so that streams are
 //!   tokio I/O objects ([`Mux`], [`DevgateStream`]: `AsyncRead` + `AsyncWrite`, credit
-//!   handled inside) — what agents and operator tools build on.
+//!   handled inside, the streams of a connection sharing [`CONNECTION_WINDOW`]) — what
+//!   agents, operator tools and the load generator build on. [`Mux::next_frame`] and
+//!   [`Mux::accept_stream`] take `&self`, so one task can wait on both and tasks can share
+//!   an `Arc<Mux>`.
 //! * `backoff` is the reconnect policy for agents ([`Backoff`]).
 //! * `trust` reads the trust bundle the gateway sends during a root exchange and
 //!   builds its acknowledgement ([`TrustBundle`]).
@@ -63,18 +72,24 @@ mod enroll;
 mod error;
 mod first_contact;
 mod mux;
+mod proxy;
 mod tls;
 mod trust;
 
 pub use backoff::Backoff;
 pub use conn::{Connection, Incoming, Received, Receiver, Sender};
-pub use connect::{ConnectOptions, Role, connect, http_get, http_post};
+pub use connect::{
+    ConnectOptions, Role, connect, http_get, http_get_via, http_post, http_post_via,
+};
 pub use devgate_proto::frame::{Body, ErrorCode, Frame, FrameType, PresenceReason};
 pub use discover::{DEFAULT_GATEWAY_PORT, Discovered, ResolverConfigChoice, discover};
-pub use enroll::{ENROLL_PATH, Enrolled, RENEW_PATH, enroll, renew};
+pub use enroll::{ENROLL_PATH, Enrolled, RENEW_PATH, enroll, enroll_via, renew, renew_via};
 pub use error::ClientError;
-pub use first_contact::{FirstContact, fetch_gateway_root};
-pub use mux::{DevgateStream, IncomingStream, MAX_CHUNK, Mux, STREAM_WINDOW};
+pub use first_contact::{FirstContact, fetch_gateway_root, fetch_gateway_root_via};
+pub use mux::{
+    CONNECTION_WINDOW, DevgateStream, IncomingStream, MAX_CHUNK, MIN_WINDOW, Mux, STREAM_WINDOW,
+};
+pub use proxy::{NoProxy, Proxy, parse_connect_response};
 pub use tls::{certs_from_pem, key_from_pem, tls_config, tls_config_with};
 pub use trust::TrustBundle;
 

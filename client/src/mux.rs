@@ -5,7 +5,10 @@
 //!
 //! - reading returns the stream's bytes in order; credit goes back to the sender
 //!   (`StreamWindow`) once half the window has been read, so a reader that stops reading
-//!   stops the sender after at most one window;
+//!   stops the sender after at most one window. The streams of one connection share
+//!   [`CONNECTION_WINDOW`] (each gets at most [`STREAM_WINDOW`] and at least [`MIN_WINDOW`]),
+//!   because the gateway queues up to the granted credit towards a slow reader and
+//!   disconnects it past its hard limit;
 //! - writing waits for credit and splits writes into frames of at most [`MAX_CHUNK`];
 //! - a `StreamClose` with code 0 is end of file, any other code an error naming it; the
 //!   protocol has no half-close, so `poll_shutdown` (and dropping the stream) closes the
@@ -24,12 +27,25 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Body, ClientError, Connection, ErrorCode, Frame, Incoming, Received, Sender};
+use crate::{
+    Body, ClientError, Connection, ErrorCode, Frame, Incoming, Received, Receiver, Sender,
+};
 
-/// Credit one side grants per stream: the gateway's cap (PROTOCOL.md section 5).
+/// Credit one side grants per stream at most: the gateway's cap (PROTOCOL.md section 5).
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
+/// Credit one connection grants over all its streams, as long as each gets at least
+/// [`MIN_WINDOW`]. What the gateway queues towards a connection is bounded only by the credit
+/// that connection granted, and the gateway disconnects a connection whose queue passes its
+/// hard limit (`limits.queue_hard_bytes`, 16 MiB by default): a manager with 20 streams at
+/// a full window each would be dropped as soon as it read a little slower than its devices
+/// send.
+pub const CONNECTION_WINDOW: u64 = 8 * 1024 * 1024;
+/// Smallest window a stream gets, however many are open.
+pub const MIN_WINDOW: u32 = 16 * 1024;
 /// Largest StreamData payload sent.
 pub const MAX_CHUNK: usize = 64 * 1024;
+/// Payload bytes the writer task hands the connection in one write (see `write_loop`).
+const BATCH_BYTES: usize = 48 * 1024;
 /// Non-stream frames held for [`Mux::next_frame`] before the reader waits for the caller.
 const FRAME_BACKLOG: usize = 1024;
 
@@ -75,6 +91,9 @@ struct StreamState {
     data: VecDeque<Bytes>,
     /// Bytes read since credit was last returned.
     consumed: u32,
+    /// The credit the peer has when everything read is returned: this side's receive
+    /// window, [`window_for`] the streams open when it was last set.
+    window: u32,
     /// Credit the other side granted that this side has not used.
     credit: u64,
     /// The peer (or the connection) ended the stream.
@@ -99,6 +118,7 @@ enum Out {
     Open {
         unit: Arc<str>,
         id: u32,
+        window: u32,
         params: Bytes,
     },
     Data {
@@ -117,12 +137,33 @@ enum Out {
         code: u16,
         reason: String,
     },
+    /// The `Mux` was dropped: close the connection after everything queued before (a
+    /// stream closed just before must not be overtaken by the connection's end, or the
+    /// peer sees "went away" instead of a normal close).
+    Goodbye,
 }
 
 impl Out {
-    fn frame(&self) -> Frame<'_> {
+    /// Payload bytes of the frame (what counts towards a write's size).
+    fn payload_len(&self) -> usize {
         match self {
-            Self::Open { unit, id, params } => Frame::stream_open(unit, *id, STREAM_WINDOW, params),
+            Self::Open { params, .. } => params.len(),
+            Self::Data { bytes, .. } => bytes.len(),
+            Self::Window { .. } => 4,
+            Self::Close { reason, .. } => reason.len(),
+            Self::Goodbye => 0,
+        }
+    }
+
+    /// The frame to send; `None` for [`Out::Goodbye`].
+    fn frame(&self) -> Option<Frame<'_>> {
+        Some(match self {
+            Self::Open {
+                unit,
+                id,
+                window,
+                params,
+            } => Frame::stream_open(unit, *id, *window, params),
             Self::Data { unit, id, bytes } => Frame::stream_data(unit, *id, bytes),
             Self::Window {
                 unit,
@@ -135,7 +176,8 @@ impl Out {
                 code,
                 reason,
             } => Frame::stream_close(unit, *id, *code, reason),
-        }
+            Self::Goodbye => return None,
+        })
     }
 }
 
@@ -152,8 +194,10 @@ pub struct Mux {
     sender: Sender,
     out: mpsc::UnboundedSender<Out>,
     streams: Arc<Mutex<Streams>>,
-    frames: mpsc::Receiver<Result<Received, ClientError>>,
-    incoming: mpsc::UnboundedReceiver<IncomingStream>,
+    // Behind async mutexes so that both can be awaited through `&self`: one task can
+    // select on them together, or several tasks share an `Arc<Mux>`.
+    frames: tokio::sync::Mutex<mpsc::Receiver<Result<Received, ClientError>>>,
+    incoming: tokio::sync::Mutex<mpsc::UnboundedReceiver<IncomingStream>>,
 }
 
 impl std::fmt::Debug for Streams {
@@ -168,7 +212,14 @@ impl Mux {
     /// Takes over `conn`, starting its reader and writer tasks on the current tokio runtime.
     /// They end when the connection ends; dropping the `Mux` closes the connection.
     pub fn new(conn: Connection) -> Self {
-        let (sender, mut receiver) = conn.split();
+        let (sender, receiver) = conn.split();
+        Self::from_parts(sender, receiver)
+    }
+
+    /// [`Mux::new`] for a connection already split (e.g. one whose frames were read
+    /// before its streams began). No other task may use `receiver`'s connection for
+    /// receiving any more; `sender` clones stay usable.
+    pub fn from_parts(sender: Sender, mut receiver: Receiver) -> Self {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (frames_tx, frames) = mpsc::channel(FRAME_BACKLOG);
         let (incoming_tx, incoming) = mpsc::unbounded_channel();
@@ -223,8 +274,8 @@ impl Mux {
             sender,
             out: out_tx,
             streams,
-            frames,
-            incoming,
+            frames: tokio::sync::Mutex::new(frames),
+            incoming: tokio::sync::Mutex::new(incoming),
         }
     }
 
@@ -234,9 +285,11 @@ impl Mux {
     }
 
     /// The next frame that is not a stream frame; `Err` once the connection has ended (the
-    /// first time with what ended it).
-    pub async fn next_frame(&mut self) -> Result<Received, ClientError> {
-        match self.frames.recv().await {
+    /// first time with what ended it). Cancel-safe, like [`Mux::accept_stream`]; the
+    /// frames wait for it (up to 1024, then the connection's reader waits too), so a
+    /// program must keep calling it while streams run.
+    pub async fn next_frame(&self) -> Result<Received, ClientError> {
+        match self.frames.lock().await.recv().await {
             Some(r) => r,
             None => Err(ClientError::Protocol("the connection has ended".into())),
         }
@@ -256,7 +309,7 @@ impl Mux {
             opened: Some(tx),
             ..StreamState::default()
         }));
-        let id = {
+        let (id, window) = {
             let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
             let mut id = streams.next_id;
             while streams.map.contains_key(&(unit.clone(), id)) || id == 0 {
@@ -264,8 +317,9 @@ impl Mux {
             }
             streams.next_id = id.wrapping_add(1);
             streams.map.insert((unit.clone(), id), shared.clone());
-            id
+            (id, window_for(streams.map.len()))
         };
+        lock(&shared).window = window;
         let stream = DevgateStream {
             unit: unit.clone(),
             id,
@@ -277,6 +331,7 @@ impl Mux {
             .send(Out::Open {
                 unit,
                 id,
+                window,
                 params: Bytes::copy_from_slice(params),
             })
             .map_err(|_| ClientError::Protocol("the connection has ended".into()))?;
@@ -290,9 +345,10 @@ impl Mux {
         }
     }
 
-    /// Device side: the next stream a manager opened; `None` once the connection has ended.
-    pub async fn accept_stream(&mut self) -> Option<IncomingStream> {
-        self.incoming.recv().await
+    /// Device side: the next stream a manager opened; `None` once the connection has ended
+    /// ([`Mux::next_frame`] then says how).
+    pub async fn accept_stream(&self) -> Option<IncomingStream> {
+        self.incoming.lock().await.recv().await
     }
 }
 
@@ -300,7 +356,10 @@ impl Drop for Mux {
     /// Dropping the `Mux` ends the connection (a WebSocket Close, code 1000): its streams
     /// end with it.
     fn drop(&mut self) {
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        if self.out.send(Out::Goodbye).is_err()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            // The writer task is gone (the connection failed): close directly.
             let sender = self.sender.clone();
             rt.spawn(async move {
                 let _ = sender.close(1000, "").await;
@@ -325,10 +384,18 @@ impl IncomingStream {
     /// Accepts: grants the manager credit and returns the stream.
     pub fn accept(self) -> DevgateStream {
         let s = self.stream;
+        let window = window_for(
+            s.streams
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .map
+                .len(),
+        );
+        lock(&s.shared).window = window;
         let _ = s.out.send(Out::Window {
             unit: s.unit.clone(),
             id: s.id,
-            increment: STREAM_WINDOW,
+            increment: window,
         });
         s
     }
@@ -488,6 +555,13 @@ impl Reader {
     }
 }
 
+/// The receive window of each of `open` streams on one connection.
+fn window_for(open: usize) -> u32 {
+    let share = CONNECTION_WINDOW / u64::try_from(open.max(1)).unwrap_or(u64::MAX);
+    u32::try_from(share.clamp(u64::from(MIN_WINDOW), u64::from(STREAM_WINDOW)))
+        .unwrap_or(STREAM_WINDOW)
+}
+
 /// Marks a stream ended and wakes whoever waits on it.
 fn end(s: &Shared, why: &Ended) {
     let mut st = lock(s);
@@ -508,9 +582,32 @@ fn end(s: &Shared, why: &Ended) {
 async fn write_loop(sender: Sender, mut out: mpsc::UnboundedReceiver<Out>) {
     let mut batch = Vec::new();
     while out.recv_many(&mut batch, 64).await > 0 {
-        let frames: Vec<Frame<'_>> = batch.iter().map(Out::frame).collect();
+        let mut frames: Vec<Frame<'_>> = Vec::with_capacity(batch.len());
+        // Each write takes at most about BATCH_BYTES of payload (or one frame): the
+        // connection gives its output buffer back after any write that grew it past
+        // 64 KiB (so idle connections stay small), and a whole 1 MiB batch would make it
+        // allocate and grow that buffer again for every write.
+        let mut bytes = 0usize;
+        for o in &batch {
+            let size = o.payload_len();
+            let Some(frame) = o.frame() else {
+                // Goodbye: what came before it, then the WebSocket Close.
+                let _ = sender.send_batch(&frames).await;
+                let _ = sender.close(1000, "").await;
+                return;
+            };
+            if !frames.is_empty() && bytes + size > BATCH_BYTES {
+                if sender.send_batch(&frames).await.is_err() {
+                    // The reader sees the connection end and ends every stream.
+                    return;
+                }
+                frames.clear();
+                bytes = 0;
+            }
+            frames.push(frame);
+            bytes += size;
+        }
         if sender.send_batch(&frames).await.is_err() {
-            // The reader sees the connection end and ends every stream.
             return;
         }
         drop(frames);
@@ -608,13 +705,26 @@ impl AsyncRead for DevgateStream {
         st.consumed = st
             .consumed
             .saturating_add(u32::try_from(read).unwrap_or(u32::MAX));
-        if st.consumed >= STREAM_WINDOW / 2 && st.ended.is_none() && !st.closed_locally {
-            let increment = std::mem::take(&mut st.consumed);
-            let _ = this.out.send(Out::Window {
-                unit: this.unit.clone(),
-                id: this.id,
-                increment,
-            });
+        if st.consumed >= st.window / 2 && st.ended.is_none() && !st.closed_locally {
+            // Streams share the connection's window: return what was read, less when more
+            // streams opened since (the window shrinks as the peer uses up its credit), more
+            // when some closed. The lock order is always stream state, then the map.
+            let open = this
+                .streams
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .map
+                .len();
+            let target = window_for(open);
+            let left = st.window.saturating_sub(std::mem::take(&mut st.consumed));
+            st.window = target.max(left);
+            if target > left {
+                let _ = this.out.send(Out::Window {
+                    unit: this.unit.clone(),
+                    id: this.id,
+                    increment: target - left,
+                });
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -668,5 +778,23 @@ impl AsyncWrite for DevgateStream {
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.close_with(0, "");
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_share_the_connection_window_within_bounds() {
+        assert_eq!(window_for(0), STREAM_WINDOW);
+        assert_eq!(window_for(8), STREAM_WINDOW);
+        assert_eq!(window_for(16), 512 * 1024);
+        assert_eq!(window_for(20), 419_430);
+        assert_eq!(window_for(100_000), MIN_WINDOW);
+        for open in 1..2000 {
+            let w = u64::from(window_for(open));
+            assert!(w * open as u64 <= CONNECTION_WINDOW || w == u64::from(MIN_WINDOW));
+        }
     }
 }

@@ -7,12 +7,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use devgate_client::{Backoff, Body, ConnectOptions, Connection, Frame, Incoming, Role, Sender};
+use devgate_client::{
+    Backoff, Body, ClientError, ConnectOptions, Connection, DevgateStream, Frame, Incoming, Mux,
+    Role,
+};
 use rustls::{ClientConfig, HandshakeKind};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use crate::report::Stats;
-use crate::stream::{CHUNK_GRANT, StreamPump, WINDOW};
+use crate::stream::{read_counting, send_until};
 
 /// What the whole worker is doing; every device watches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,31 +266,29 @@ async fn session(ctx: &DeviceCtx, mut conn: Connection, churn: &Notify) -> End {
     }
 }
 
-/// A stream's id, the peer's credit, and the task sending under it.
-type Pump = (u32, Arc<Semaphore>, tokio::task::JoinHandle<()>);
-
-/// A stream session: accept whatever streams the manager opens, count the
-/// bytes, return credit as they are consumed, and send data back under the
-/// manager's credit until `until` (from the worker's epoch).
+/// A stream session: accept whatever streams the manager opens, count the bytes (the
+/// library returns credit as they are read), and send data back under the manager's
+/// credit until `until` (from the worker's epoch).
 async fn stream_session(ctx: &DeviceCtx, conn: Connection, chunk: usize, until: Duration) -> End {
-    let (tx, mut rx) = conn.split();
+    let mux = Mux::new(conn);
     let mut phase = ctx.phase.clone();
     phase.borrow_and_update();
-    let stats = ctx.stats.clone();
-    let mut pumps: Vec<Pump> = Vec::new();
-    let mut owed: Vec<(u32, usize)> = Vec::new();
     let stop_at = ctx.epoch + until;
+    let mut tasks = Vec::new();
     let end = loop {
         tokio::select! {
-            r = rx.recv() => match r {
-                Ok(Incoming::Frame(r)) => {
-                    let f = r.frame();
-                    if let Err(e) = on_stream_frame(&tx, &stats, f, &mut pumps, &mut owed, chunk, stop_at).await {
-                        break End::Lost(format!("device stream: {}", error_kind(&e.to_string())));
-                    }
-                }
-                Ok(Incoming::Closed { code, .. }) => break End::Lost(format!("device closed by gateway ({code:?})")),
-                Err(e) => break End::Lost(format!("device: {}", error_kind(&e.to_string()))),
+            incoming = mux.accept_stream() => match incoming {
+                Some(incoming) => tasks.push(tokio::spawn(serve_stream(
+                    incoming.accept(),
+                    ctx.stats.clone(),
+                    chunk,
+                    stop_at,
+                ))),
+                // The connection ended; next_frame says how.
+                None => break lost(mux.next_frame().await.err()),
+            },
+            r = mux.next_frame() => if let Err(e) = r {
+                break lost(Some(e));
             },
             changed = phase.changed() => {
                 if changed.is_err() || *phase.borrow_and_update() == Phase::Stop {
@@ -296,65 +297,36 @@ async fn stream_session(ctx: &DeviceCtx, conn: Connection, chunk: usize, until: 
             }
         }
     };
-    for (_, _, p) in pumps {
-        p.abort();
+    for t in tasks {
+        t.abort();
     }
     end
 }
 
-async fn on_stream_frame(
-    tx: &Sender,
-    stats: &Arc<Stats>,
-    f: Frame<'_>,
-    pumps: &mut Vec<Pump>,
-    owed: &mut Vec<(u32, usize)>,
-    chunk: usize,
-    stop_at: Instant,
-) -> Result<(), devgate_client::ClientError> {
-    match f.body {
-        Body::StreamOpen { window, .. } => {
-            tx.send(&Frame::stream_window("", f.id, WINDOW)).await?;
-            let credit = Arc::new(Semaphore::new(window as usize));
-            let pump = StreamPump {
-                tx: tx.clone(),
-                unit: String::new(),
-                id: f.id,
-                credit: credit.clone(),
-                chunk,
-                stop_at,
-                stats: stats.clone(),
-            };
-            pumps.push((f.id, credit, tokio::spawn(pump.run())));
-            owed.push((f.id, 0));
+/// Why a device's connection ended, as [`session`] words it.
+fn lost(e: Option<ClientError>) -> End {
+    match e {
+        Some(ClientError::Closed { code, .. }) => {
+            End::Lost(format!("device closed by gateway ({code:?})"))
         }
-        Body::StreamWindow { increment } => {
-            if let Some((_, credit, _)) = pumps.iter().find(|(id, _, _)| *id == f.id) {
-                credit.add_permits(increment as usize);
-            }
-        }
-        Body::StreamData { payload } => {
-            stats.add(&stats.frames, 1);
-            stats.add(&stats.bytes, payload.len() as u64);
-            if let Some((_, o)) = owed.iter_mut().find(|(id, _)| *id == f.id) {
-                *o += payload.len();
-                if *o >= CHUNK_GRANT {
-                    tx.send(&Frame::stream_window(
-                        "",
-                        f.id,
-                        u32::try_from(*o).unwrap_or(u32::MAX),
-                    ))
-                    .await?;
-                    *o = 0;
-                }
-            }
-        }
-        Body::StreamClose { .. } => {
-            if let Some(pos) = pumps.iter().position(|(id, _, _)| *id == f.id) {
-                let (_, _, p) = pumps.swap_remove(pos);
-                p.abort();
-            }
-        }
-        _ => {}
+        Some(e) => End::Lost(format!("device: {}", error_kind(&e.to_string()))),
+        None => End::Lost("device: connection ended".to_owned()),
     }
-    Ok(())
+}
+
+/// One accepted stream: count what arrives, send `chunk`-byte data back until `stop_at`.
+async fn serve_stream(stream: DevgateStream, stats: Arc<Stats>, chunk: usize, stop_at: Instant) {
+    let (rd, wr) = tokio::io::split(stream);
+    // Both directions in this one task, so that ending the session (which aborts it)
+    // stops both at once, before the connection closes under them. The reader runs until
+    // the manager closes the stream (or the connection ends, which the session reports);
+    // the sender then stops at its next write.
+    let forever = Instant::now() + Duration::from_secs(86_400);
+    tokio::join!(
+        send_until(wr, chunk, stop_at, &stats),
+        read_counting(rd, chunk, forever, |bytes, frames| {
+            stats.add(&stats.frames, frames);
+            stats.add(&stats.bytes, bytes);
+        })
+    );
 }

@@ -1,59 +1,70 @@
-//! The sending side of a byte stream, shared by managers and devices: send
-//! `chunk`-byte StreamData frames while the peer's credit allows, until a
-//! deadline. Credit is a semaphore of bytes; StreamWindow frames add permits.
+//! Both ends of a load-generator byte stream, shared by managers and devices. The streams
+//! are `devgate_client`'s [`DevgateStream`]s (the library every program uses, so this
+//! measures it): the sender writes `chunk`-byte buffers until a deadline and the library
+//! waits for credit; the receiver reads and counts, and the library returns credit as it
+//! reads.
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use devgate_client::{Frame, Sender};
-use tokio::sync::Semaphore;
+use devgate_client::{DevgateStream, MAX_CHUNK};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::report::Stats;
 
-/// Credit each receiver grants (the gateway caps it at 1 MiB).
-pub(crate) const WINDOW: u32 = 512 * 1024;
-/// Receivers return credit once they have consumed this many bytes.
-pub(crate) const CHUNK_GRANT: usize = 128 * 1024;
-
-/// One direction of one stream.
-#[derive(Debug)]
-pub(crate) struct StreamPump {
-    pub(crate) tx: Sender,
-    /// Empty on a device connection; the device's unit ID on a manager's.
-    pub(crate) unit: String,
-    pub(crate) id: u32,
-    pub(crate) credit: Arc<Semaphore>,
-    pub(crate) chunk: usize,
-    pub(crate) stop_at: Instant,
-    /// Kept for the sender's own failure counts.
-    pub(crate) stats: Arc<Stats>,
-}
-
-impl StreamPump {
-    /// Sends until `stop_at` or until the connection fails.
-    pub(crate) async fn run(self) {
-        let data = vec![0xa5u8; self.chunk.max(1)];
-        let want = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        let deadline = tokio::time::Instant::from_std(self.stop_at);
-        loop {
-            let permit = tokio::time::timeout_at(deadline, self.credit.acquire_many(want)).await;
-            match permit {
-                Ok(Ok(p)) => p.forget(),
-                _ => return,
-            }
-            if let Err(e) = self
-                .tx
-                .send(&Frame::stream_data(&self.unit, self.id, &data))
-                .await
-            {
-                if self.stop_at > Instant::now() {
-                    self.stats.error(&format!(
+/// Writes `chunk`-byte buffers until `stop_at`. A failure before then is counted as an
+/// error of kind `stream send: …`.
+pub(crate) async fn send_until(
+    mut wr: WriteHalf<DevgateStream>,
+    chunk: usize,
+    stop_at: Instant,
+    stats: &Stats,
+) {
+    let data = vec![0xa5u8; chunk.max(1)];
+    let deadline = tokio::time::Instant::from_std(stop_at);
+    loop {
+        match tokio::time::timeout_at(deadline, wr.write_all(&data)).await {
+            Ok(Ok(())) => {}
+            // The peer closed the stream normally: its side of the run is over.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return,
+            Ok(Err(e)) => {
+                if stop_at > Instant::now() {
+                    stats.error(&format!(
                         "stream send: {}",
                         crate::device::error_kind(&e.to_string())
                     ));
                 }
                 return;
             }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Reads until end of file, an error, or `give_up`, handing `(bytes, frames)` to `count`
+/// as they arrive. A stream hides frame boundaries, so frames are counted as the data
+/// frames the sender's `chunk`-byte writes become (the library sends at most
+/// [`MAX_CHUNK`] bytes per frame). Returns the error that ended the stream, if one did.
+pub(crate) async fn read_counting(
+    mut rd: ReadHalf<DevgateStream>,
+    chunk: usize,
+    give_up: Instant,
+    mut count: impl FnMut(u64, u64),
+) -> Option<std::io::Error> {
+    let frame = chunk.clamp(1, MAX_CHUNK);
+    let mut buf = vec![0u8; MAX_CHUNK];
+    // Bytes of a frame begun but not yet complete.
+    let mut partial = 0usize;
+    let deadline = tokio::time::Instant::from_std(give_up);
+    loop {
+        match tokio::time::timeout_at(deadline, rd.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => return None,
+            Ok(Ok(n)) => {
+                partial += n;
+                let frames = partial / frame;
+                partial %= frame;
+                count(n as u64, frames as u64);
+            }
+            Ok(Err(e)) => return Some(e),
         }
     }
 }

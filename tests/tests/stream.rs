@@ -245,7 +245,7 @@ mod mux {
 
     /// A device that echoes `echo` streams, says hello and closes on `hello`, and refuses
     /// anything else with a reason naming it.
-    fn serve(mut dev: Mux) -> tokio::task::JoinHandle<()> {
+    fn serve(dev: Mux) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             while let Some(incoming) = dev.accept_stream().await {
                 match incoming.params() {

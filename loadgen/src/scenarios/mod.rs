@@ -331,3 +331,28 @@ pub(crate) async fn next_manager_frame(
         Ok(None) => None,
     }
 }
+
+/// [`next_manager_frame`] for a manager whose connection runs under a [`devgate_client::Mux`]
+/// (stream frames go to its streams; this returns the others).
+pub(crate) async fn next_mux_frame(
+    mux: &devgate_client::Mux,
+    give_up: std::time::Instant,
+    stats: &crate::report::Stats,
+) -> Option<devgate_client::Received> {
+    let wait = give_up.saturating_duration_since(std::time::Instant::now());
+    match tokio::time::timeout(wait, mux.next_frame()).await {
+        Ok(Ok(r)) => Some(r),
+        Ok(Err(devgate_client::ClientError::Closed { code, .. })) => {
+            stats.error(&format!("manager closed by gateway ({code:?})"));
+            None
+        }
+        Ok(Err(e)) => {
+            stats.error(&format!(
+                "manager: {}",
+                crate::device::error_kind(&e.to_string())
+            ));
+            None
+        }
+        Err(_) => None,
+    }
+}

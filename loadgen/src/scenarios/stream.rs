@@ -3,20 +3,18 @@
 //! while the device sends data back under the manager's, both for `--duration`.
 //! Bytes received on each side are counted (the device side by the workers).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use devgate_client::{Body, Frame, Receiver, Sender};
-use tokio::sync::Semaphore;
+use devgate_client::{Body, Mux};
 
 use super::Traffic;
 use super::steady::Manager;
 use crate::args::Args;
 use crate::fleet::unit_name;
 use crate::report::Stats;
-use crate::stream::{CHUNK_GRANT, StreamPump, WINDOW};
+use crate::stream::{read_counting, send_until};
 
 /// How long streams may take to be accepted.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,19 +30,17 @@ pub(crate) async fn drive(
     for m in managers {
         conns.push(m.receiver().await?);
     }
-    let mut per_manager: Vec<Vec<(String, u32)>> = vec![Vec::new(); conns.len()];
+    let mut per_manager: Vec<Vec<String>> = vec![Vec::new(); conns.len()];
     for s in 0..args.streams {
         // Spread the streams over the fleet (and so over worker processes).
         let device = s * args.devices / args.streams;
-        let id = u32::try_from(s + 1).unwrap_or(u32::MAX);
-        per_manager[s % conns.len()].push((unit_name(device), id));
+        per_manager[s % conns.len()].push(unit_name(device));
     }
     let mut joins = Vec::new();
-    for ((tx, rx), streams) in conns.into_iter().zip(per_manager) {
+    for ((tx, rx), units) in conns.into_iter().zip(per_manager) {
         joins.push(tokio::spawn(one_manager(
-            tx,
-            rx,
-            streams,
+            Mux::from_parts(tx, rx),
+            units,
             args.payload_bytes(),
             stop_at,
             stats.clone(),
@@ -59,82 +55,92 @@ pub(crate) async fn drive(
     Ok(total)
 }
 
-/// One manager's streams: open, pump, count what comes back, close.
+/// One manager's streams: open, send and count what comes back until `stop_at`, close.
 async fn one_manager(
-    tx: Sender,
-    mut rx: Receiver,
-    streams: Vec<(String, u32)>,
+    mux: Mux,
+    units: Vec<String>,
     chunk: usize,
     stop_at: Instant,
     stats: Arc<Stats>,
 ) -> Result<Traffic> {
-    let mut credit: HashMap<u32, (Arc<Semaphore>, String, usize)> = HashMap::new();
-    for (unit, id) in &streams {
-        tx.send(&Frame::stream_open(unit, *id, WINDOW, b"loadgen"))
-            .await?;
-        credit.insert(*id, (Arc::new(Semaphore::new(0)), unit.clone(), 0));
-    }
-    let mut pumps = Vec::new();
-    let mut started = std::collections::HashSet::new();
-    let mut traffic = Traffic::default();
+    let mux = Arc::new(mux);
     let accept_by = Instant::now() + ACCEPT_TIMEOUT;
     let give_up = stop_at + Duration::from_millis(500);
-    loop {
-        let Some(r) = super::next_manager_frame(&mut rx, give_up, &stats).await else {
-            break;
-        };
-        let f = r.frame();
-        let Some((sem, unit, owed)) = credit.get_mut(&f.id) else {
-            continue;
-        };
-        match f.body {
-            Body::StreamWindow { increment } => {
-                sem.add_permits(increment as usize);
-                if started.insert(f.id) {
-                    pumps.push(tokio::spawn(
-                        StreamPump {
-                            tx: tx.clone(),
-                            unit: unit.clone(),
-                            id: f.id,
-                            credit: sem.clone(),
-                            chunk,
-                            stop_at,
-                            stats: stats.clone(),
-                        }
-                        .run(),
-                    ));
-                }
+    let mut streams = Vec::new();
+    for unit in units {
+        let (mux, stats) = (mux.clone(), stats.clone());
+        streams.push(tokio::spawn(async move {
+            one_stream(&mux, &unit, chunk, (accept_by, stop_at, give_up), &stats).await
+        }));
+    }
+    // Meanwhile read the other frames (presence, errors), so that they never hold up the
+    // stream data behind them.
+    let mut done = std::pin::pin!(async move {
+        let mut traffic = Traffic::default();
+        for s in streams {
+            if let Ok(t) = s.await {
+                traffic.bytes += t.bytes;
+                traffic.data_frames += t.data_frames;
             }
-            Body::StreamData { payload } => {
-                if Instant::now() < stop_at {
-                    traffic.bytes += payload.len() as u64;
-                    traffic.data_frames += 1;
-                }
-                *owed += payload.len();
-                if *owed >= CHUNK_GRANT {
-                    let grant = u32::try_from(*owed).unwrap_or(u32::MAX);
-                    *owed = 0;
-                    tx.send(&Frame::stream_window(unit, f.id, grant)).await?;
-                }
-            }
-            Body::StreamClose { code, reason } => {
-                stats.error(&format!(
-                    "stream closed by the gateway: code {code} {reason}"
-                ));
-            }
-            Body::Error { code, .. } => stats.error(&format!("error frame: {}", code.as_str())),
-            _ => {}
         }
-        if Instant::now() > accept_by && started.len() < streams.len() {
-            stats.error("stream not accepted within 10 s");
-            break;
+        traffic
+    });
+    let traffic = loop {
+        tokio::select! {
+            t = &mut done => break t,
+            r = super::next_mux_frame(&mux, give_up, &stats) => match r {
+                Some(r) => if let Body::Error { code, .. } = r.frame().body {
+                    stats.error(&format!("error frame: {}", code.as_str()));
+                },
+                None => break done.await,
+            }
         }
-    }
-    for p in pumps {
-        let _ = p.await;
-    }
-    for (unit, id) in &streams {
-        let _ = tx.send(&Frame::stream_close(unit, *id, 0, "done")).await;
-    }
+    };
     Ok(traffic)
+}
+
+/// One stream: opened by `times.0`, data both ways until `times.1`, counted until
+/// `times.2`; then closed (dropped).
+async fn one_stream(
+    mux: &Mux,
+    unit: &str,
+    chunk: usize,
+    (accept_by, stop_at, give_up): (Instant, Instant, Instant),
+    stats: &Arc<Stats>,
+) -> Traffic {
+    let mut traffic = Traffic::default();
+    let wait = tokio::time::Instant::from_std(accept_by);
+    let stream = match tokio::time::timeout_at(wait, mux.open_stream(unit, b"loadgen")).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            stats.error(&format!(
+                "stream open: {}",
+                crate::device::error_kind(&e.to_string())
+            ));
+            return traffic;
+        }
+        Err(_) => {
+            stats.error("stream not accepted within 10 s");
+            return traffic;
+        }
+    };
+    let (rd, wr) = tokio::io::split(stream);
+    let sender = {
+        let stats = stats.clone();
+        tokio::spawn(async move { send_until(wr, chunk, stop_at, &stats).await })
+    };
+    let ended = read_counting(rd, chunk, give_up, |bytes, frames| {
+        if Instant::now() < stop_at {
+            traffic.bytes += bytes;
+            traffic.data_frames += frames;
+        }
+    })
+    .await;
+    if let Some(e) = ended
+        && Instant::now() < stop_at
+    {
+        stats.error(&format!("stream closed by the gateway: {e}"));
+    }
+    let _ = sender.await;
+    traffic
 }
