@@ -445,7 +445,8 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "tls_offload_ciphers": shared.tls_offload.ciphers.names(),
         "tls_offload_rekey": shared.tls_offload.rekey,
         "xdp": shared.guard.status(),
-        "workers": shared.worker_count(),
+        "workers": shared.routing_workers,
+        "handshake_workers": shared.worker_count() - shared.routing_workers,
         "devices": shared.device_count.load(Ordering::Relaxed),
         "managers": shared.manager_count(),
         "connections": shared.connection_count.load(Ordering::Relaxed),
@@ -681,8 +682,14 @@ pub fn metrics_text(shared: &Shared) -> String {
     m.single(
         "workers",
         "gauge",
-        "Data-path worker threads.",
-        shared.worker_count(),
+        "Data-path worker threads that route sessions.",
+        shared.routing_workers,
+    );
+    m.single(
+        "handshake_workers",
+        "gauge",
+        "Worker threads that run TLS handshakes and HTTP requests at a lower priority (0 = the routing workers do).",
+        shared.worker_count() - shared.routing_workers,
     );
     m.single(
         "manager_absent_seconds",

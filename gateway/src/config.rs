@@ -28,6 +28,15 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Data-path worker threads; 0 means one per available core.
     pub workers: usize,
+    /// Handshake worker threads: they accept, run TLS handshakes and HTTP requests
+    /// (enrollment, check-status) at a lower CPU priority, and hand each session to a
+    /// routing worker, so that a flood of handshakes takes only the CPU routing leaves.
+    /// Unset = as many as `workers` (one per core with `workers = 0`); 0 = none (the
+    /// routing workers accept and handshake themselves).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake_workers: Option<usize>,
+    /// The handshake workers' nice value (0–19; higher = lower priority).
+    pub handshake_nice: i32,
     /// The I/O driver: `auto` (io_uring where the kernel allows it, else epoll),
     /// `io_uring` (fail to start without it) or `epoll`.
     pub data_path: DataPathChoice,
@@ -250,6 +259,10 @@ pub struct Managers {
     pub startup_wait_secs: u64,
 }
 
+/// Default `handshake_nice`: a handshake thread gets about a tenth of the CPU weight of a
+/// routing worker when both want the core, and all of what routing leaves.
+pub const DEFAULT_HANDSHAKE_NICE: i32 = 10;
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -259,6 +272,8 @@ impl Default for Config {
             admin_token_file: None,
             data_dir: PathBuf::from("/var/lib/devgate"),
             workers: 0,
+            handshake_workers: None,
+            handshake_nice: DEFAULT_HANDSHAKE_NICE,
             data_path: DataPathChoice::Auto,
             limits: Limits::default(),
             keepalive: Keepalive::default(),
@@ -608,6 +623,18 @@ impl Config {
                 "must be at most 1024 (0 = one per core)",
             ));
         }
+        if self.handshake_workers.is_some_and(|n| n > 1024) {
+            return Err(invalid(
+                "handshake_workers",
+                "must be at most 1024 (0 = handshakes on the routing workers; unset = as many as workers)",
+            ));
+        }
+        if !(0..=19).contains(&self.handshake_nice) {
+            return Err(invalid(
+                "handshake_nice",
+                "must be a nice value from 0 (normal priority) to 19 (lowest)",
+            ));
+        }
         Ok(())
     }
 
@@ -629,6 +656,12 @@ impl Config {
             return self.workers;
         }
         std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// Handshake worker threads to start (see `handshake_workers`).
+    pub fn handshake_worker_count(&self) -> usize {
+        self.handshake_workers
+            .unwrap_or_else(|| self.worker_count())
     }
 
     /// The configuration as TOML, for `devgate config show`.

@@ -39,6 +39,9 @@ counters! {
     refused_handshakes_per_source,
     /// Unauthenticated connections closed to make room for a newer one (table full).
     evicted_unauthenticated,
+    /// Connections a handshake worker handed to a routing worker after their TLS
+    /// handshake, when they asked for a session (counted by the routing worker).
+    handed_over,
     /// Timer entries a worker examined (handshake deadlines, session sweeps): grows with
     /// the timers that fall due, not with the connections held.
     timer_checks,

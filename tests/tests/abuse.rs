@@ -348,3 +348,137 @@ fn config_check_validates_the_unauthenticated_limits() -> Result<()> {
     assert!(ok, "valid limits refused: {out}{err}");
     Ok(())
 }
+
+/// The nice value of each of the gateway's threads whose name starts with `prefix`.
+fn thread_nices(pid: u32, prefix: &str) -> Result<Vec<i64>> {
+    let mut nices = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.trim_end().starts_with(prefix) {
+            continue;
+        }
+        // Fields after the parenthesised name: state is field 3, nice field 19.
+        let stat = std::fs::read_to_string(dir.join("stat"))?;
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let nice = rest
+            .split_whitespace()
+            .nth(16)
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no nice value in {stat}"))?;
+        nices.push(nice);
+    }
+    Ok(nices)
+}
+
+/// Sends one command to each unit and checks that its response comes back.
+async fn round_trips(
+    mgr: &mut devgate_client::Connection,
+    devices: Vec<(String, devgate_client::Connection)>,
+) -> Result<()> {
+    use devgate_client::Incoming;
+    use devgate_proto::frame::{Body, Frame};
+    let mut echoes = Vec::new();
+    for (unit, mut dev) in devices {
+        echoes.push(tokio::spawn(async move {
+            loop {
+                let Incoming::Frame(r) = dev.recv().await? else {
+                    return Ok::<_, anyhow::Error>(());
+                };
+                let f = r.frame();
+                if let Body::Command { payload } = f.body {
+                    dev.send(&Frame::response("", f.id, payload)).await?;
+                }
+            }
+        }));
+        mgr.send(&Frame::command(&unit, 9, unit.as_bytes())).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let Some(Incoming::Frame(r)) = mgr.recv_timeout(deadline - Instant::now()).await?
+            else {
+                bail!("no response from {unit}");
+            };
+            let f = r.frame();
+            if let Body::Response { payload } = f.body {
+                assert_eq!((f.unit, payload), (unit.as_str(), unit.as_bytes()));
+                break;
+            }
+        }
+    }
+    for e in echoes {
+        e.abort();
+    }
+    Ok(())
+}
+
+/// Item 4: TLS handshakes and HTTP requests run on handshake workers at a lower CPU
+/// priority (`handshake_nice`), which hand every session to a routing worker; routing
+/// works across the hand-over, and `handshake_workers = 0` keeps the old layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_run_on_low_priority_workers_that_hand_sessions_over() -> Result<()> {
+    let gw = Gateway::start("handshake_workers = 2\nhandshake_nice = 12\n")?;
+    let status = gw.status()?;
+    assert_eq!(status["workers"], 2, "{status}");
+    assert_eq!(status["handshake_workers"], 2, "{status}");
+    assert_eq!(thread_nices(gw.pid(), "devgate-hs")?, vec![12, 12]);
+    let routing = thread_nices(gw.pid(), "devgate-w")?;
+    assert_eq!(routing.len(), 2);
+    assert!(
+        routing.iter().all(|n| *n != 12),
+        "routing workers at {routing:?}"
+    );
+
+    let mut mgr = gw.manager().await?;
+    let mut devices = Vec::new();
+    for i in 0..4 {
+        let unit = format!("handed-{i}");
+        devices.push((unit.clone(), gw.device(&unit).await?));
+    }
+    round_trips(&mut mgr, devices).await?;
+    // Every session (4 devices, 1 manager) came through a hand-over.
+    assert_eq!(
+        wait_counter(&gw, "handed_over", 5, Duration::from_secs(5))?,
+        5
+    );
+    // HTTP requests stay on the handshake workers.
+    let (code, _) = devgate_client::http_get(
+        gw.addr,
+        "localhost",
+        gw.anonymous_tls()?,
+        "/usg/check-status",
+    )
+    .await?;
+    assert_eq!(code, 200);
+    assert_eq!(counter(&gw, "handed_over")?, 5);
+
+    let old = Gateway::start("handshake_workers = 0\n")?;
+    assert_eq!(old.status()?["handshake_workers"], 0);
+    assert!(thread_nices(old.pid(), "devgate-hs")?.is_empty());
+    let mut mgr = old.manager().await?;
+    let dev = old.device("direct-1").await?;
+    round_trips(&mut mgr, vec![("direct-1".to_owned(), dev)]).await?;
+    assert_eq!(counter(&old, "handed_over")?, 0);
+    Ok(())
+}
+
+/// Item 4: the handshake workers' settings are checked by `devgate config check`.
+#[test]
+fn config_check_validates_the_handshake_workers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("c.toml");
+    let path = file.to_string_lossy().into_owned();
+    for (bad, key) in [
+        ("handshake_nice = 25\n", "handshake_nice"),
+        ("handshake_nice = -5\n", "handshake_nice"),
+        ("handshake_workers = 5000\n", "handshake_workers"),
+    ] {
+        std::fs::write(&file, bad)?;
+        let (ok, out, err) = devgate_tests::devgate(&["config", "check", &path])?;
+        assert!(!ok, "{bad} was accepted: {out}");
+        assert!(err.contains(key), "{bad}: {err}");
+    }
+    std::fs::write(&file, "handshake_workers = 1\nhandshake_nice = 19\n")?;
+    let (ok, out, err) = devgate_tests::devgate(&["config", "check", &path])?;
+    assert!(ok, "valid handshake settings refused: {out}{err}");
+    Ok(())
+}

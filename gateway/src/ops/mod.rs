@@ -278,10 +278,11 @@ pub fn summary(v: &Value) -> String {
     );
     let _ = writeln!(
         o,
-        "  listen {}  admin {}  workers {}",
+        "  listen {}  admin {}  workers {} (+{} for handshakes)",
         text(&v["listen"]),
         text(&v["admin"]),
         num(&v["workers"]),
+        num(&v["handshake_workers"]),
     );
     let tls = match v["tls_offload"].as_str() {
         Some("user") => "user space (rustls)".to_owned(),
