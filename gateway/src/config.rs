@@ -31,10 +31,9 @@ pub struct Config {
     /// Handshake worker threads: they accept, run TLS handshakes and HTTP requests
     /// (enrollment, check-status) at a lower CPU priority, and hand each session to a
     /// routing worker, so that a flood of handshakes takes only the CPU routing leaves.
-    /// Unset = as many as `workers` (one per core with `workers = 0`); 0 = none (the
+    /// `"auto"` = as many as `workers` (one per core with `workers = 0`); 0 = none (the
     /// routing workers accept and handshake themselves).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub handshake_workers: Option<usize>,
+    pub handshake_workers: HandshakeWorkers,
     /// The handshake workers' nice value (0–19; higher = lower priority).
     pub handshake_nice: i32,
     /// The I/O driver: `auto` (io_uring where the kernel allows it, else epoll),
@@ -259,6 +258,43 @@ pub struct Managers {
     pub startup_wait_secs: u64,
 }
 
+/// `handshake_workers`: `"auto"` or a number (also as a string, so that the environment
+/// override `DEVGATE_HANDSHAKE_WORKERS=0` works).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HandshakeWorkers {
+    /// As many as routing workers.
+    #[default]
+    Auto,
+    /// This many (0 = none).
+    Count(usize),
+}
+
+impl Serialize for HandshakeWorkers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Auto => s.serialize_str("auto"),
+            Self::Count(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HandshakeWorkers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        let bad = || serde::de::Error::custom("expected \"auto\" or a number of threads");
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => usize::try_from(n).map(Self::Count).map_err(|_| bad()),
+            Raw::Text(t) if t == "auto" => Ok(Self::Auto),
+            Raw::Text(t) => t.trim().parse().map(Self::Count).map_err(|_| bad()),
+        }
+    }
+}
+
 /// Default `handshake_nice`: a handshake thread gets about a tenth of the CPU weight of a
 /// routing worker when both want the core, and all of what routing leaves.
 pub const DEFAULT_HANDSHAKE_NICE: i32 = 10;
@@ -272,7 +308,7 @@ impl Default for Config {
             admin_token_file: None,
             data_dir: PathBuf::from("/var/lib/devgate"),
             workers: 0,
-            handshake_workers: None,
+            handshake_workers: HandshakeWorkers::Auto,
             handshake_nice: DEFAULT_HANDSHAKE_NICE,
             data_path: DataPathChoice::Auto,
             limits: Limits::default(),
@@ -623,7 +659,7 @@ impl Config {
                 "must be at most 1024 (0 = one per core)",
             ));
         }
-        if self.handshake_workers.is_some_and(|n| n > 1024) {
+        if matches!(self.handshake_workers, HandshakeWorkers::Count(n) if n > 1024) {
             return Err(invalid(
                 "handshake_workers",
                 "must be at most 1024 (0 = handshakes on the routing workers; unset = as many as workers)",
@@ -660,8 +696,10 @@ impl Config {
 
     /// Handshake worker threads to start (see `handshake_workers`).
     pub fn handshake_worker_count(&self) -> usize {
-        self.handshake_workers
-            .unwrap_or_else(|| self.worker_count())
+        match self.handshake_workers {
+            HandshakeWorkers::Auto => self.worker_count(),
+            HandshakeWorkers::Count(n) => n,
+        }
     }
 
     /// The configuration as TOML, for `devgate config show`.
