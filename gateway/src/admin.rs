@@ -830,6 +830,10 @@ fn counter_help(name: &str) -> &'static str {
         "messages_cross_worker" => "Routed messages handed to another worker (a cross-core hop).",
         "responses_routed" => "Command responses routed back to the asking manager.",
         "request_timeouts" => "Commands failed by the request timeout.",
+        "handshakes_resumed" => {
+            "TLS handshakes that resumed a session from a ticket (ticket keys persist in the data dir)."
+        }
+        "handed_over" => "Connections a handshake worker handed to a data-path worker as sessions.",
         _ => "Gateway counter (see docs/OPERATIONS.md).",
     }
 }

@@ -47,6 +47,9 @@ counters! {
     timer_checks,
     /// TLS handshakes completed.
     handshakes_ok,
+    /// Of those, handshakes that resumed a session from a ticket (no signature, no
+    /// certificate checks); ticket keys persist in the data dir, so also after a restart.
+    handshakes_resumed,
     /// TLS handshakes that failed (bad client hello, certificate, protocol).
     handshakes_failed_tls,
     /// Sessions whose record layer was handed to the kernel (kTLS).

@@ -302,6 +302,15 @@ impl Worker {
         Some(s)
     }
 
+    /// Whether some connection has bytes to send that no flush has taken yet (the
+    /// driver must not sleep on them).
+    pub fn has_output(&self) -> bool {
+        !self.dirty.is_empty()
+            || !self.to_release.is_empty()
+            || !self.leaving.is_empty()
+            || !self.fd_pending.is_empty()
+    }
+
     /// Slots of connections to hand over (a handshake worker's); for each, the driver
     /// takes the socket out of its poller and calls `detach`.
     pub fn take_leaving(&mut self, into: &mut Vec<u32>) {
@@ -419,10 +428,14 @@ impl Worker {
             return;
         }
         let handshake_done = was_handshaking && !tls.is_handshaking();
+        let resumed = handshake_done && tls.is_resumed();
         let wants_write = tls.wants_write();
         let peer_closed = tls.peer_has_closed();
         if handshake_done {
             bump(&self.stats().handshakes_ok);
+        }
+        if resumed {
+            bump(&self.stats().handshakes_resumed);
         }
         if wants_write {
             self.mark_dirty(slot);

@@ -206,11 +206,9 @@ fn summarize(results: &[Value], o: &Options) -> String {
     );
     md.push_str("| data path | handshake workers | attack | connections | p50 µs | p99 µs | p50 ratio | p99 ratio | handshake timeouts | errors |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for (driver, hs) in runs(o) {
-        let this = |r: &&Value| r["driver"] == driver.as_str() && r["handshake_workers"] == hs.as_str();
-        let base = results
-            .iter()
-            .filter(this)
-            .find(|r| r["attack"] == "none");
+        let this =
+            |r: &&Value| r["driver"] == driver.as_str() && r["handshake_workers"] == hs.as_str();
+        let base = results.iter().filter(this).find(|r| r["attack"] == "none");
         let base50 = base.and_then(|b| b["steady"]["rtt_p50_us"].as_f64());
         let base99 = base.and_then(|b| b["steady"]["rtt_p99_us"].as_f64());
         for r in results.iter().filter(this) {

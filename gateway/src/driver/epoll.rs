@@ -91,7 +91,11 @@ pub fn run(mut worker: Worker, listener: Option<StdListener>) -> io::Result<()> 
         let now = Instant::now();
         let next_tick = worker.tick(now);
         let mut timeout = next_tick.saturating_duration_since(now);
-        if !read_again.is_empty() || accept_again || !shared.inboxes[id].prepare_sleep() {
+        if !read_again.is_empty()
+            || accept_again
+            || worker.has_output()
+            || !shared.inboxes[id].prepare_sleep()
+        {
             timeout = Duration::ZERO;
         }
         match poll.poll(&mut events, Some(timeout)) {
@@ -202,7 +206,17 @@ pub fn run(mut worker: Worker, listener: Option<StdListener>) -> io::Result<()> 
             };
             flush(&mut worker, slot, sock, &poll, now);
         }
+        // Messages that came in during this turn: what they queued goes out now, not
+        // when the next event or tick wakes this thread (up to a second later: the
+        // stalls of cross-worker streams on epoll).
         worker.poll_inbox(now);
+        worker.take_dirty(&mut dirty);
+        for &slot in &dirty {
+            let Some(Some(sock)) = sockets.get_mut(slot as usize) else {
+                continue;
+            };
+            flush(&mut worker, slot, sock, &poll, now);
+        }
 
         worker.take_released(&mut released);
         for &slot in &released {

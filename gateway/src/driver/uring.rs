@@ -489,6 +489,7 @@ impl Driver {
             // before the inbox saw us announce the sleep.
             let wait = self.rearm.is_empty()
                 && self.deferred_slots.is_empty()
+                && !self.worker.has_output()
                 && shared.inboxes[id].prepare_sleep()
                 && !timeout.is_zero();
             self.submit(wait, timeout)?;
