@@ -260,7 +260,8 @@ impl ProducesTickets for PersistentTicketer {
 /// The process's ticketer for `data_dir`: opened once, shared by every TLS configuration
 /// a reload builds, so that a reload keeps tickets valid too.
 pub fn for_data_dir(data_dir: &Path) -> Result<Arc<dyn ProducesTickets>> {
-    static TICKETERS: OnceLock<Mutex<Vec<(PathBuf, Arc<PersistentTicketer>)>>> = OnceLock::new();
+    type Opened = Vec<(PathBuf, Arc<PersistentTicketer>)>;
+    static TICKETERS: OnceLock<Mutex<Opened>> = OnceLock::new();
     let all = TICKETERS.get_or_init(|| Mutex::new(Vec::new()));
     let mut all = all.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some((_, t)) = all.iter().find(|(p, _)| p == data_dir) {
