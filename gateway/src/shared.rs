@@ -247,14 +247,14 @@ pub struct Handover {
     /// The socket (an ordinary descriptor; the receiving driver registers it).
     pub fd: std::os::fd::OwnedFd,
     /// The connection as the handshake worker left it.
-    pub conn: Box<crate::conn::Conn>,
+    pub conn: crate::worker::Detached,
 }
 
 impl std::fmt::Debug for Handover {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Handover")
             .field("fd", &self.fd)
-            .field("peer", &self.conn.peer)
+            .field("peer", &self.conn.conn.peer)
             .finish()
     }
 }

@@ -61,6 +61,16 @@ const MAX_STREAMS_PER_MANAGER: usize = 4096;
 /// between, instead of closing thousands in one turn.
 const TIMERS_PER_TICK: usize = 64;
 
+/// A connection on its way from a handshake worker to a routing worker (see
+/// [`Worker::detach`], [`Worker::adopt`]).
+#[derive(Debug)]
+pub struct Detached {
+    /// The connection as the handshake worker left it.
+    pub conn: Box<Conn>,
+    /// Whether it still counts as unauthenticated (`shared.unauthenticated`).
+    pub unauthenticated: bool,
+}
+
 /// What a driver should do with a connection after a write attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flush {
@@ -321,7 +331,7 @@ impl Worker {
     /// Takes a connection that is leaving out of its slot, for `Shared::hand_over`. It
     /// still counts as an open, unauthenticated connection: the adopting worker goes on
     /// counting it. `None` if it closed meanwhile (the driver then releases it as usual).
-    pub fn detach(&mut self, slot: u32) -> Option<Box<Conn>> {
+    pub fn detach(&mut self, slot: u32) -> Option<Detached> {
         let entry = self.slots.get_mut(slot as usize)?;
         let conn = entry.conn.as_ref()?;
         if !conn.leaving || matches!(conn.phase, Phase::Closing) {
@@ -329,25 +339,32 @@ impl Worker {
         }
         let conn = entry.conn.take()?;
         entry.generation = entry.generation.wrapping_add(1);
-        entry.unauthenticated = false;
+        let unauthenticated = std::mem::take(&mut entry.unauthenticated);
         self.free.push(slot);
         self.live -= 1;
-        Some(Box::new(conn))
+        Some(Detached {
+            conn: Box::new(conn),
+            unauthenticated,
+        })
     }
 
     /// Takes over a connection a handshake worker detached; its request head (still
     /// unread in `inbuf`) is handled at once. `None` if the gateway is shutting down (the
     /// driver closes the socket).
-    pub fn adopt(&mut self, mut conn: Box<Conn>, now: Instant) -> Option<u32> {
+    pub fn adopt(&mut self, detached: Detached, now: Instant) -> Option<u32> {
         let slot = if self.shared.shutting_down.load(Ordering::Relaxed) {
             None
         } else {
             self.alloc_slot()
         };
         let Some(slot) = slot else {
-            self.forget(&conn);
+            self.forget(&detached);
             return None;
         };
+        let Detached {
+            mut conn,
+            unauthenticated,
+        } = detached;
         let entry = &mut self.slots[slot as usize];
         conn.handle = ConnHandle {
             worker: self.id,
@@ -360,7 +377,7 @@ impl Worker {
         let mut head = std::mem::take(&mut conn.inbuf);
         self.handshake_timers
             .push(conn.handshake_deadline, slot, entry.generation);
-        entry.unauthenticated = true;
+        entry.unauthenticated = unauthenticated;
         entry.conn = Some(*conn);
         self.live += 1;
         bump(&self.stats().handed_over);
@@ -375,10 +392,12 @@ impl Worker {
     }
 
     /// Gives up a connection that no worker holds (its socket is being closed).
-    pub fn forget(&self, conn: &Conn) {
-        let ip = conn.peer.ip();
+    pub fn forget(&self, detached: &Detached) {
+        let ip = detached.conn.peer.ip();
         self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
-        self.shared.unauthenticated.remove(ip);
+        if detached.unauthenticated {
+            self.shared.unauthenticated.remove(ip);
+        }
         self.shared.guard.closed(ip);
     }
 

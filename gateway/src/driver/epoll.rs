@@ -292,7 +292,7 @@ fn hand_over(worker: &mut Worker, slot: u32, poll: &Poll, sockets: &mut [Option<
     let _ = poll.registry().deregister(&mut sock.stream);
     let fd = std::os::fd::OwnedFd::from(sock.stream);
     if let Err(lost) = worker.shared().hand_over(Handover { fd, conn }) {
-        crate::warn_limited!(peer = %lost.conn.peer, "no routing worker takes connections: closing one");
+        crate::warn_limited!(peer = %lost.conn.conn.peer, "no routing worker takes connections: closing one");
         worker.forget(&lost.conn);
     }
 }

@@ -644,7 +644,7 @@ impl Driver {
     fn adopt(&mut self, handover: Handover, now: Instant) -> io::Result<()> {
         let Handover { fd, conn } = handover;
         if self.worker.live() >= self.capacity as usize {
-            let peer = conn.peer;
+            let peer = conn.conn.peer;
             self.worker.forget(&conn);
             self.worker.refuse_at_capacity(now);
             crate::warn_limited!(
