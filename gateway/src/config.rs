@@ -34,8 +34,10 @@ pub struct Config {
     /// `"auto"` = as many as `workers` (one per core with `workers = 0`); 0 = none (the
     /// routing workers accept and handshake themselves).
     pub handshake_workers: HandshakeWorkers,
-    /// The handshake workers' nice value (0–19; higher = lower priority).
-    pub handshake_nice: i32,
+    /// The handshake workers' CPU priority: `"idle"` (Linux `SCHED_IDLE`: they run only
+    /// when no routing thread wants the core, and a routing thread that wakes preempts
+    /// them at once) or a nice value 0–19.
+    pub handshake_priority: HandshakePriority,
     /// The I/O driver: `auto` (io_uring where the kernel allows it, else epoll),
     /// `io_uring` (fail to start without it) or `epoll`.
     pub data_path: DataPathChoice,
@@ -295,9 +297,49 @@ impl<'de> Deserialize<'de> for HandshakeWorkers {
     }
 }
 
-/// Default `handshake_nice`: a handshake thread gets about a tenth of the CPU weight of a
-/// routing worker when both want the core, and all of what routing leaves.
-pub const DEFAULT_HANDSHAKE_NICE: i32 = 10;
+/// `handshake_priority`: `"idle"` or a nice value (also as a string, for the environment
+/// override `DEVGATE_HANDSHAKE_PRIORITY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HandshakePriority {
+    /// `SCHED_IDLE`.
+    #[default]
+    Idle,
+    /// `SCHED_OTHER` at this nice value.
+    Nice(i32),
+}
+
+impl Serialize for HandshakePriority {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Idle => s.serialize_str("idle"),
+            Self::Nice(n) => s.serialize_i64(i64::from(*n)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HandshakePriority {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(i64),
+            Text(String),
+        }
+        let bad = || serde::de::Error::custom("expected \"idle\" or a nice value from 0 to 19");
+        let nice = |n: i64| {
+            i32::try_from(n)
+                .ok()
+                .filter(|n| (0..=19).contains(n))
+                .map(Self::Nice)
+                .ok_or_else(bad)
+        };
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => nice(n),
+            Raw::Text(t) if t == "idle" => Ok(Self::Idle),
+            Raw::Text(t) => nice(t.trim().parse().map_err(|_| bad())?),
+        }
+    }
+}
 
 impl Default for Config {
     fn default() -> Self {
@@ -309,7 +351,7 @@ impl Default for Config {
             data_dir: PathBuf::from("/var/lib/devgate"),
             workers: 0,
             handshake_workers: HandshakeWorkers::Auto,
-            handshake_nice: DEFAULT_HANDSHAKE_NICE,
+            handshake_priority: HandshakePriority::Idle,
             data_path: DataPathChoice::Auto,
             limits: Limits::default(),
             keepalive: Keepalive::default(),
@@ -663,12 +705,6 @@ impl Config {
             return Err(invalid(
                 "handshake_workers",
                 "must be at most 1024 (0 = handshakes on the routing workers; unset = as many as workers)",
-            ));
-        }
-        if !(0..=19).contains(&self.handshake_nice) {
-            return Err(invalid(
-                "handshake_nice",
-                "must be a nice value from 0 (normal priority) to 19 (lowest)",
             ));
         }
         Ok(())

@@ -282,7 +282,7 @@ pub fn serve(config: Config) -> Result<()> {
     ensure_address_free(config.listen)?;
     let admin_token = crate::admin::load_token(&config)?;
     let handshake_workers = config.handshake_worker_count();
-    let handshake_nice = config.handshake_nice;
+    let handshake_priority = config.handshake_priority;
     // The listeners belong to the workers that accept: the handshake workers if there
     // are any, else the routing workers.
     let listeners = bind_listeners(
@@ -354,7 +354,7 @@ pub fn serve(config: Config) -> Result<()> {
             Some(listener),
             false,
             table_size,
-            Some(handshake_nice),
+            Some(handshake_priority),
         )?);
     }
     crate::admin::start(shared.clone(), admin, public, admin_token)?;
@@ -387,15 +387,15 @@ fn spawn_worker(
     listener: Option<TcpListener>,
     use_uring: bool,
     table_size: u32,
-    nice: Option<i32>,
+    priority: Option<crate::config::HandshakePriority>,
 ) -> Result<std::thread::JoinHandle<()>> {
     let id = worker.id();
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
             let _exit_on_panic = ExitOnPanic(id);
-            if let Some(nice) = nice {
-                lower_thread_priority(nice);
+            if let Some(priority) = priority {
+                lower_thread_priority(priority);
             }
             let result = if use_uring {
                 crate::driver::uring::run(worker, listener, table_size)
@@ -412,18 +412,30 @@ fn spawn_worker(
         .context("starting a worker thread")
 }
 
-/// Sets the calling thread's nice value (Linux nice values are per thread). Lowering
-/// one's own priority needs no privilege; a failure only costs the isolation.
-fn lower_thread_priority(nice: i32) {
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() };
-    let Ok(who) = libc::id_t::try_from(tid) else {
-        return;
+/// Lowers the calling thread's CPU priority (Linux scheduling policy and nice value are
+/// per thread). Lowering one's own priority needs no privilege; a failure only costs the
+/// isolation, and says so.
+fn lower_thread_priority(priority: crate::config::HandshakePriority) {
+    use crate::config::HandshakePriority;
+    let result = match priority {
+        HandshakePriority::Idle => {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: pid 0 is the calling thread; `param` outlives the call.
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }
+        }
+        HandshakePriority::Nice(nice) => {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            match libc::id_t::try_from(tid) {
+                // SAFETY: setpriority only reads its integer arguments.
+                Ok(who) => unsafe { libc::setpriority(libc::PRIO_PROCESS, who, nice) },
+                Err(_) => -1,
+            }
+        }
     };
-    // SAFETY: setpriority only reads its integer arguments.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, who, nice) } != 0 {
+    if result != 0 {
         warn!(
-            "cannot lower the handshake worker's priority to nice {nice}: {}; handshakes compete with routing at normal priority",
+            "cannot lower the handshake worker's priority to {priority:?}: {}; handshakes compete with routing at normal priority",
             std::io::Error::last_os_error()
         );
     }
