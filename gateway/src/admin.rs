@@ -447,6 +447,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "xdp": shared.guard.status(),
         "workers": shared.routing_workers,
         "handshake_workers": shared.worker_count() - shared.routing_workers,
+        "memory_trims": shared.memory_trims.load(Ordering::Relaxed),
         "devices": shared.device_count.load(Ordering::Relaxed),
         "managers": shared.manager_count(),
         "connections": shared.connection_count.load(Ordering::Relaxed),
@@ -684,6 +685,12 @@ pub fn metrics_text(shared: &Shared) -> String {
         "gauge",
         "Data-path worker threads that route sessions.",
         shared.routing_workers,
+    );
+    m.single(
+        "memory_trims_total",
+        "counter",
+        "Times freed memory was returned to the OS after a large drop in connections.",
+        shared.memory_trims.load(Ordering::Relaxed),
     );
     m.single(
         "handshake_workers",

@@ -239,6 +239,8 @@ pub struct Shared {
     pub handovers: Box<[Mutex<Vec<Handover>>]>,
     /// Round robin over the routing workers for handovers.
     next_router: AtomicUsize,
+    /// Times freed memory was given back to the OS (`ops::memory`).
+    pub memory_trims: AtomicU64,
 }
 
 /// A connection on its way from a handshake worker to a routing worker: the socket and
@@ -332,6 +334,7 @@ impl Shared {
             routing_workers: workers,
             handovers: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
             next_router: AtomicUsize::new(0),
+            memory_trims: AtomicU64::new(0),
         }
     }
 
