@@ -445,7 +445,9 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "tls_offload_ciphers": shared.tls_offload.ciphers.names(),
         "tls_offload_rekey": shared.tls_offload.rekey,
         "xdp": shared.guard.status(),
-        "workers": shared.worker_count(),
+        "workers": shared.routing_workers,
+        "handshake_workers": shared.worker_count() - shared.routing_workers,
+        "memory_trims": shared.memory_trims.load(Ordering::Relaxed),
         "devices": shared.device_count.load(Ordering::Relaxed),
         "managers": shared.manager_count(),
         "connections": shared.connection_count.load(Ordering::Relaxed),
@@ -681,8 +683,20 @@ pub fn metrics_text(shared: &Shared) -> String {
     m.single(
         "workers",
         "gauge",
-        "Data-path worker threads.",
-        shared.worker_count(),
+        "Data-path worker threads that route sessions.",
+        shared.routing_workers,
+    );
+    m.single(
+        "memory_trims_total",
+        "counter",
+        "Times freed memory was returned to the OS after a large drop in connections.",
+        shared.memory_trims.load(Ordering::Relaxed),
+    );
+    m.single(
+        "handshake_workers",
+        "gauge",
+        "Worker threads that run TLS handshakes and HTTP requests at a lower priority (0 = the routing workers do).",
+        shared.worker_count() - shared.routing_workers,
     );
     m.single(
         "manager_absent_seconds",
@@ -823,6 +837,10 @@ fn counter_help(name: &str) -> &'static str {
         "messages_cross_worker" => "Routed messages handed to another worker (a cross-core hop).",
         "responses_routed" => "Command responses routed back to the asking manager.",
         "request_timeouts" => "Commands failed by the request timeout.",
+        "handshakes_resumed" => {
+            "TLS handshakes that resumed a session from a ticket (ticket keys persist in the data dir)."
+        }
+        "handed_over" => "Connections a handshake worker handed to a data-path worker as sessions.",
         _ => "Gateway counter (see docs/OPERATIONS.md).",
     }
 }

@@ -28,6 +28,16 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Data-path worker threads; 0 means one per available core.
     pub workers: usize,
+    /// Handshake worker threads: they accept, run TLS handshakes and HTTP requests
+    /// (enrollment, check-status) at a lower CPU priority, and hand each session to a
+    /// routing worker, so that a flood of handshakes takes only the CPU routing leaves.
+    /// `"auto"` = as many as `workers` (one per core with `workers = 0`); 0 = none (the
+    /// routing workers accept and handshake themselves).
+    pub handshake_workers: HandshakeWorkers,
+    /// The handshake workers' CPU priority: `"idle"` (Linux `SCHED_IDLE`: they run only
+    /// when no routing thread wants the core, and a routing thread that wakes preempts
+    /// them at once) or a nice value 0–19.
+    pub handshake_priority: HandshakePriority,
     /// The I/O driver: `auto` (io_uring where the kernel allows it, else epoll),
     /// `io_uring` (fail to start without it) or `epoll`.
     pub data_path: DataPathChoice,
@@ -250,6 +260,87 @@ pub struct Managers {
     pub startup_wait_secs: u64,
 }
 
+/// `handshake_workers`: `"auto"` or a number (also as a string, so that the environment
+/// override `DEVGATE_HANDSHAKE_WORKERS=0` works).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HandshakeWorkers {
+    /// As many as routing workers.
+    #[default]
+    Auto,
+    /// This many (0 = none).
+    Count(usize),
+}
+
+impl Serialize for HandshakeWorkers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Auto => s.serialize_str("auto"),
+            Self::Count(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HandshakeWorkers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        let bad = || serde::de::Error::custom("expected \"auto\" or a number of threads");
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => usize::try_from(n).map(Self::Count).map_err(|_| bad()),
+            Raw::Text(t) if t == "auto" => Ok(Self::Auto),
+            Raw::Text(t) => t.trim().parse().map(Self::Count).map_err(|_| bad()),
+        }
+    }
+}
+
+/// `handshake_priority`: `"idle"` or a nice value (also as a string, for the environment
+/// override `DEVGATE_HANDSHAKE_PRIORITY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HandshakePriority {
+    /// `SCHED_IDLE`.
+    #[default]
+    Idle,
+    /// `SCHED_OTHER` at this nice value.
+    Nice(i32),
+}
+
+impl Serialize for HandshakePriority {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Idle => s.serialize_str("idle"),
+            Self::Nice(n) => s.serialize_i64(i64::from(*n)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HandshakePriority {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(i64),
+            Text(String),
+        }
+        let bad = || serde::de::Error::custom("expected \"idle\" or a nice value from 0 to 19");
+        let nice = |n: i64| {
+            i32::try_from(n)
+                .ok()
+                .filter(|n| (0..=19).contains(n))
+                .map(Self::Nice)
+                .ok_or_else(bad)
+        };
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => nice(n),
+            Raw::Text(t) if t == "idle" => Ok(Self::Idle),
+            Raw::Text(t) => nice(t.trim().parse().map_err(|_| bad())?),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -259,6 +350,8 @@ impl Default for Config {
             admin_token_file: None,
             data_dir: PathBuf::from("/var/lib/devgate"),
             workers: 0,
+            handshake_workers: HandshakeWorkers::Auto,
+            handshake_priority: HandshakePriority::Idle,
             data_path: DataPathChoice::Auto,
             limits: Limits::default(),
             keepalive: Keepalive::default(),
@@ -608,6 +701,12 @@ impl Config {
                 "must be at most 1024 (0 = one per core)",
             ));
         }
+        if matches!(self.handshake_workers, HandshakeWorkers::Count(n) if n > 1024) {
+            return Err(invalid(
+                "handshake_workers",
+                "must be at most 1024 (0 = handshakes on the routing workers; unset = as many as workers)",
+            ));
+        }
         Ok(())
     }
 
@@ -629,6 +728,14 @@ impl Config {
             return self.workers;
         }
         std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// Handshake worker threads to start (see `handshake_workers`).
+    pub fn handshake_worker_count(&self) -> usize {
+        match self.handshake_workers {
+            HandshakeWorkers::Auto => self.worker_count(),
+            HandshakeWorkers::Count(n) => n,
+        }
     }
 
     /// The configuration as TOML, for `devgate config show`.

@@ -51,6 +51,9 @@ pub struct Conn {
     /// Who the peer turned out to be (kept outside `phase`, which the router briefly
     /// empties while it works on a session).
     pub kind: PeerKind,
+    /// A handshake worker is handing this connection to a routing worker: nothing more is
+    /// read or parsed here (the request head waits in `inbuf` for the new owner).
+    pub leaving: bool,
 }
 
 /// Where a connection's TLS records are sealed and opened.

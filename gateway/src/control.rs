@@ -117,6 +117,7 @@ pub fn start(shared: Arc<Shared>, store: Arc<dyn Store>) -> anyhow::Result<SyncS
         trust_acks: Vec::new(),
         change_seq: 0,
         overlaps: Vec::new(),
+        memory: crate::ops::memory::TrimPolicy::default(),
     };
     plane.load_identity()?;
     plane.poll_revocations();
@@ -157,6 +158,8 @@ struct ControlPlane {
     /// Units in a renewal overlap and when it ends: their sessions on the previous
     /// certificate are closed then.
     overlaps: Vec<(Arc<str>, i64)>,
+    /// When to give freed memory back to the OS (after a large drop in connections).
+    memory: crate::ops::memory::TrimPolicy,
 }
 
 fn json_response(status: u16, reason: &str, body: &Value, extra: Option<(&str, String)>) -> Bytes {
@@ -205,9 +208,29 @@ impl ControlPlane {
                 self.poll_revocations();
                 self.refresh_trust_progress();
                 self.poll_changes();
+                self.trim_memory();
                 next_poll = Instant::now() + Duration::from_secs(1);
             }
         }
+    }
+
+    fn trim_memory(&mut self) {
+        let open = self
+            .shared
+            .connection_count
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if !self.memory.due(open, Instant::now()) {
+            return;
+        }
+        let (before, after) = crate::ops::memory::trim();
+        self.shared
+            .memory_trims
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        info!(
+            "connections fell to {open}: returned {} MiB of freed memory to the OS ({} MiB resident now)",
+            before.saturating_sub(after) / 1024,
+            after / 1024
+        );
     }
 
     fn reply(&self, to: ConnHandle, kind: MsgKind) {

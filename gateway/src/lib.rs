@@ -4,8 +4,10 @@
 //!
 //! How the pieces fit, from the socket inwards:
 //!
-//! - [`driver`] — thin I/O loops (epoll via mio) that move bytes between sockets and a
-//!   worker; one thread per core, each with its own `SO_REUSEPORT` listener.
+//! - [`driver`] — thin I/O loops (io_uring, or epoll via mio) that move bytes between
+//!   sockets and a worker; one thread per worker. The handshake workers (at a lower CPU
+//!   priority) own the `SO_REUSEPORT` listeners and hand each new session, socket and
+//!   state, to a routing worker ([`shared::Handover`]).
 //! - [`worker`] — the sans-IO core of one core's connections: TLS (rustls, fed bytes),
 //!   the HTTP upgrade, WebSocket framing and devgate frames (from `devgate-proto`), keep-
 //!   alives, and the router. It never touches a socket or reads the clock itself.
@@ -23,6 +25,8 @@
 //! - [`certcmd`] — `devgate cert …`: import/check chains, renewal, root exchange.
 //! - [`creds`] — credential commands (`keys`, `devices`, `managers`, `reload`).
 //! - [`tls`] — rustls configuration and the certificate facts status reports.
+//! - [`tickets`] — TLS session ticket keys kept in the data dir and rotated, so that
+//!   sessions resume across restarts and reloads.
 //! - [`admin`] — the control plane's admin listener: `/v1/status` and `/metrics`.
 //! - [`ops`] — what makes it a well-behaved daemon and what operators run: systemd
 //!   notification and the data-path watchdog, rate-limited warnings, journald-friendly
@@ -48,6 +52,7 @@ pub mod server;
 pub mod shared;
 pub mod stats;
 pub mod store;
+pub mod tickets;
 pub mod timers;
 pub mod tls;
 pub mod tls_conn;

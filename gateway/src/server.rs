@@ -281,7 +281,18 @@ pub fn serve(config: Config) -> Result<()> {
     let _lock = lock_data_dir(&config.data_dir)?;
     ensure_address_free(config.listen)?;
     let admin_token = crate::admin::load_token(&config)?;
-    let listeners = bind_listeners(config.listen, workers)?;
+    let handshake_workers = config.handshake_worker_count();
+    let handshake_priority = config.handshake_priority;
+    // The listeners belong to the workers that accept: the handshake workers if there
+    // are any, else the routing workers.
+    let listeners = bind_listeners(
+        config.listen,
+        if handshake_workers > 0 {
+            handshake_workers
+        } else {
+            workers
+        },
+    )?;
     let public = listeners
         .first()
         .map(TcpListener::local_addr)
@@ -292,7 +303,14 @@ pub fn serve(config: Config) -> Result<()> {
     let admin_addr = admin.local_addr()?;
 
     let guard = crate::guard::build(&config.xdp, &[public.port()]);
-    let mut shared = Shared::new(config, tls, workers, max_connections, guard);
+    let mut shared = Shared::new(
+        config,
+        tls,
+        workers + handshake_workers,
+        max_connections,
+        guard,
+    );
+    shared.routing_workers = workers;
     shared.data_path = data_path.clone();
     shared.tls_offload = tls_offload.clone();
     let shared = Arc::new(shared);
@@ -306,34 +324,45 @@ pub fn serve(config: Config) -> Result<()> {
     crate::reload::load_trust_bundle(&shared)?;
     let now = Instant::now();
     let use_uring = data_path.name == "io_uring";
-    let mut threads = Vec::with_capacity(workers);
-    for (id, listener) in listeners.into_iter().enumerate() {
+    let mut threads = Vec::with_capacity(workers + handshake_workers);
+    let mut listeners = listeners.into_iter();
+    for id in 0..workers {
         let id = u16::try_from(id).context("too many workers")?;
         let worker = Worker::new(id, shared.clone(), now);
-        let thread = std::thread::Builder::new()
-            .name(format!("devgate-w{id}"))
-            .spawn(move || {
-                let _exit_on_panic = ExitOnPanic(id);
-                let result = if use_uring {
-                    crate::driver::uring::run(worker, listener, table_size)
-                } else {
-                    crate::driver::epoll::run(worker, listener)
-                };
-                if let Err(e) = result {
-                    tracing::error!(worker = id, "data-path worker failed: {e}");
-                    // A data path without this worker would strand its connections and
-                    // half the listeners: stop, and let the service manager restart us.
-                    std::process::exit(1);
-                }
-            })
-            .context("starting a worker thread")?;
-        threads.push(thread);
+        let listener = if handshake_workers == 0 {
+            listeners.next()
+        } else {
+            None
+        };
+        threads.push(spawn_worker(
+            format!("devgate-w{id}"),
+            worker,
+            listener,
+            use_uring,
+            table_size,
+            None,
+        )?);
+    }
+    for (n, listener) in listeners.enumerate() {
+        let id = u16::try_from(workers + n).context("too many workers")?;
+        let worker = Worker::handshake_worker(id, shared.clone(), now);
+        // Handshake workers run on epoll whatever the data path: their connections
+        // leave as ordinary descriptors, which either driver can take.
+        threads.push(spawn_worker(
+            format!("devgate-hs{n}"),
+            worker,
+            Some(listener),
+            false,
+            table_size,
+            Some(handshake_priority),
+        )?);
     }
     crate::admin::start(shared.clone(), admin, public, admin_token)?;
     info!(
         listen = %public,
         admin = %admin_addr,
         workers,
+        handshake_workers,
         max_connections,
         data_path = data_path.name,
         tls_offload = tls_offload.mode,
@@ -349,6 +378,67 @@ pub fn serve(config: Config) -> Result<()> {
         shared.started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Starts one data-path worker thread; `nice` lowers its CPU priority first.
+fn spawn_worker(
+    name: String,
+    worker: Worker,
+    listener: Option<TcpListener>,
+    use_uring: bool,
+    table_size: u32,
+    priority: Option<crate::config::HandshakePriority>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let id = worker.id();
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let _exit_on_panic = ExitOnPanic(id);
+            if let Some(priority) = priority {
+                lower_thread_priority(priority);
+            }
+            let result = if use_uring {
+                crate::driver::uring::run(worker, listener, table_size)
+            } else {
+                crate::driver::epoll::run(worker, listener)
+            };
+            if let Err(e) = result {
+                tracing::error!(worker = id, "data-path worker failed: {e}");
+                // A data path without this worker would strand its connections and
+                // its listener: stop, and let the service manager restart us.
+                std::process::exit(1);
+            }
+        })
+        .context("starting a worker thread")
+}
+
+/// Lowers the calling thread's CPU priority (Linux scheduling policy and nice value are
+/// per thread). Lowering one's own priority needs no privilege; a failure only costs the
+/// isolation, and says so.
+fn lower_thread_priority(priority: crate::config::HandshakePriority) {
+    use crate::config::HandshakePriority;
+    let result = match priority {
+        HandshakePriority::Idle => {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: pid 0 is the calling thread; `param` outlives the call.
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }
+        }
+        HandshakePriority::Nice(nice) => {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            match libc::id_t::try_from(tid) {
+                // SAFETY: setpriority only reads its integer arguments.
+                Ok(who) => unsafe { libc::setpriority(libc::PRIO_PROCESS, who, nice) },
+                Err(_) => -1,
+            }
+        }
+    };
+    if result != 0 {
+        warn!(
+            "cannot lower the handshake worker's priority to {priority:?}: {}; handshakes compete with routing at normal priority",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// The file `devgate reload` reads the gateway's pid from.

@@ -230,6 +230,35 @@ pub struct Shared {
     /// How far the root exchange has got (acknowledgements in the store), refreshed by the
     /// store thread about once a second while a bundle is loaded.
     pub trust_progress: arc_swap::ArcSwapOption<crate::store::TrustProgress>,
+    /// Workers `0..routing_workers` hold sessions; the rest (if any) are handshake
+    /// workers, which accept, run TLS handshakes and HTTP requests, and hand each
+    /// connection that asks for a WebSocket session to a routing worker ([`Handover`]).
+    pub routing_workers: usize,
+    /// Per worker: connections handed to it by a handshake worker, for its driver to
+    /// register and its worker to adopt.
+    pub handovers: Box<[Mutex<Vec<Handover>>]>,
+    /// Round robin over the routing workers for handovers.
+    next_router: AtomicUsize,
+    /// Times freed memory was given back to the OS (`ops::memory`).
+    pub memory_trims: AtomicU64,
+}
+
+/// A connection on its way from a handshake worker to a routing worker: the socket and
+/// everything the sans-IO core knows about it (TLS state, unread plaintext, queued bytes).
+pub struct Handover {
+    /// The socket (an ordinary descriptor; the receiving driver registers it).
+    pub fd: std::os::fd::OwnedFd,
+    /// The connection as the handshake worker left it.
+    pub conn: crate::worker::Detached,
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover")
+            .field("fd", &self.fd)
+            .field("peer", &self.conn.conn.peer)
+            .finish()
+    }
 }
 
 /// A loaded trust bundle: the ready-encoded Control frame and its id (which peers echo
@@ -302,6 +331,41 @@ impl Shared {
             trust_bundle: arc_swap::ArcSwapOption::empty(),
             trust_generation: AtomicU64::new(0),
             trust_progress: arc_swap::ArcSwapOption::empty(),
+            routing_workers: workers,
+            handovers: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+            next_router: AtomicUsize::new(0),
+            memory_trims: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether handshakes run on their own workers (see [`Shared::routing_workers`]).
+    pub fn has_handshake_workers(&self) -> bool {
+        self.routing_workers < self.worker_count()
+    }
+
+    /// Hands a connection to the next routing worker and wakes it. Returns the
+    /// connection if the receiving worker's queue is poisoned (a panicked worker; the
+    /// process is exiting anyway).
+    pub fn hand_over(&self, handover: Handover) -> Result<(), Handover> {
+        let routers = self.routing_workers.max(1);
+        let to = self.next_router.fetch_add(1, Ordering::Relaxed) % routers;
+        let Some(queue) = self.handovers.get(to) else {
+            return Err(handover);
+        };
+        match queue.lock() {
+            Ok(mut q) => q.push(handover),
+            Err(_) => return Err(handover),
+        }
+        self.inboxes[to].wake_now();
+        Ok(())
+    }
+
+    /// Connections handed to worker `id` since the last call.
+    pub fn take_handovers(&self, id: u16, into: &mut Vec<Handover>) {
+        if let Some(queue) = self.handovers.get(usize::from(id))
+            && let Ok(mut q) = queue.lock()
+        {
+            into.append(&mut q);
         }
     }
 

@@ -39,11 +39,17 @@ counters! {
     refused_handshakes_per_source,
     /// Unauthenticated connections closed to make room for a newer one (table full).
     evicted_unauthenticated,
+    /// Connections a handshake worker handed to a routing worker after their TLS
+    /// handshake, when they asked for a session (counted by the routing worker).
+    handed_over,
     /// Timer entries a worker examined (handshake deadlines, session sweeps): grows with
     /// the timers that fall due, not with the connections held.
     timer_checks,
     /// TLS handshakes completed.
     handshakes_ok,
+    /// Of those, handshakes that resumed a session from a ticket (no signature, no
+    /// certificate checks); ticket keys persist in the data dir, so also after a restart.
+    handshakes_resumed,
     /// TLS handshakes that failed (bad client hello, certificate, protocol).
     handshakes_failed_tls,
     /// Sessions whose record layer was handed to the kernel (kTLS).

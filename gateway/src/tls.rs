@@ -126,8 +126,8 @@ pub fn load_with(data_dir: &Path, settings: &TlsSection) -> Result<TlsMaterial> 
     config.enable_secret_extraction = SECRET_EXTRACTION.load(std::sync::atomic::Ordering::Relaxed);
     // One ticket is enough for a device's next reconnect; each costs a write and a seal.
     config.send_tls13_tickets = 1;
-    config.ticketer =
-        rustls::crypto::aws_lc_rs::Ticketer::new().context("creating the TLS session ticketer")?;
+    // Keys from the data dir: tickets survive restarts and reloads (`tickets.rs`).
+    config.ticketer = crate::tickets::for_data_dir(data_dir)?;
 
     let mut certificates = Vec::new();
     for (what, cert) in [

@@ -74,6 +74,11 @@ impl TlsConn {
         self.conn.is_handshaking()
     }
 
+    /// Whether the handshake resumed an earlier session (a session ticket).
+    pub fn is_resumed(&self) -> bool {
+        self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
     /// Whether the peer sent close_notify.
     pub fn peer_has_closed(&self) -> bool {
         self.peer_closed

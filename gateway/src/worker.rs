@@ -61,6 +61,16 @@ const MAX_STREAMS_PER_MANAGER: usize = 4096;
 /// between, instead of closing thousands in one turn.
 const TIMERS_PER_TICK: usize = 64;
 
+/// A connection on its way from a handshake worker to a routing worker (see
+/// [`Worker::detach`], [`Worker::adopt`]).
+#[derive(Debug)]
+pub struct Detached {
+    /// The connection as the handshake worker left it.
+    pub conn: Box<Conn>,
+    /// Whether it still counts as unauthenticated (`shared.unauthenticated`).
+    pub unauthenticated: bool,
+}
+
 /// What a driver should do with a connection after a write attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flush {
@@ -108,6 +118,11 @@ pub struct Worker {
     shutdown_started: bool,
     /// The trust-bundle generation this worker's devices have been sent.
     trust_generation: u64,
+    /// A handshake worker: connections that ask for a session are handed to a routing
+    /// worker instead of becoming sessions here.
+    hands_over: bool,
+    /// Slots waiting for the driver to hand them over.
+    leaving: Vec<u32>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -168,7 +183,20 @@ impl Worker {
             refusing_devices: false,
             shutdown_started: false,
             trust_generation: 0,
+            hands_over: false,
+            leaving: Vec::new(),
         }
+    }
+
+    /// A handshake worker with id `id`: it accepts connections, runs their TLS handshakes
+    /// and HTTP requests, and hands every connection that asks for a WebSocket session to
+    /// a routing worker (`take_leaving`, `detach`; the routing worker's `adopt`). Its
+    /// thread runs at a lower priority, so that handshakes, honest or a flood's, take only
+    /// the CPU that routing leaves.
+    pub fn handshake_worker(id: u16, shared: Arc<Shared>, now: Instant) -> Self {
+        let mut worker = Self::new(id, shared, now);
+        worker.hands_over = true;
+        worker
     }
 
     /// This worker's id.
@@ -235,20 +263,9 @@ impl Worker {
                 return None;
             }
         };
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                let Ok(s) = u32::try_from(self.slots.len()) else {
-                    undo(&self.shared);
-                    return None;
-                };
-                self.slots.push(Slot {
-                    generation: 0,
-                    conn: None,
-                    unauthenticated: false,
-                });
-                s
-            }
+        let Some(slot) = self.alloc_slot() else {
+            undo(&self.shared);
+            return None;
         };
         let entry = &mut self.slots[slot as usize];
         let handle = ConnHandle {
@@ -276,9 +293,112 @@ impl Worker {
             offload_wanted: false,
             fd_queued: false,
             kind: PeerKind::Unknown,
+            leaving: false,
         });
         self.live += 1;
         Some(slot)
+    }
+
+    fn alloc_slot(&mut self) -> Option<u32> {
+        if let Some(s) = self.free.pop() {
+            return Some(s);
+        }
+        let s = u32::try_from(self.slots.len()).ok()?;
+        self.slots.push(Slot {
+            generation: 0,
+            conn: None,
+            unauthenticated: false,
+        });
+        Some(s)
+    }
+
+    /// Whether some connection has bytes to send that no flush has taken yet (the
+    /// driver must not sleep on them).
+    pub fn has_output(&self) -> bool {
+        !self.dirty.is_empty()
+            || !self.to_release.is_empty()
+            || !self.leaving.is_empty()
+            || !self.fd_pending.is_empty()
+    }
+
+    /// Slots of connections to hand over (a handshake worker's); for each, the driver
+    /// takes the socket out of its poller and calls `detach`.
+    pub fn take_leaving(&mut self, into: &mut Vec<u32>) {
+        into.clear();
+        into.append(&mut self.leaving);
+    }
+
+    /// Takes a connection that is leaving out of its slot, for `Shared::hand_over`. It
+    /// still counts as an open, unauthenticated connection: the adopting worker goes on
+    /// counting it. `None` if it closed meanwhile (the driver then releases it as usual).
+    pub fn detach(&mut self, slot: u32) -> Option<Detached> {
+        let entry = self.slots.get_mut(slot as usize)?;
+        let conn = entry.conn.as_ref()?;
+        if !conn.leaving || matches!(conn.phase, Phase::Closing) {
+            return None;
+        }
+        let conn = entry.conn.take()?;
+        entry.generation = entry.generation.wrapping_add(1);
+        let unauthenticated = std::mem::take(&mut entry.unauthenticated);
+        self.free.push(slot);
+        self.live -= 1;
+        Some(Detached {
+            conn: Box::new(conn),
+            unauthenticated,
+        })
+    }
+
+    /// Takes over a connection a handshake worker detached; its request head (still
+    /// unread in `inbuf`) is handled at once. `None` if the gateway is shutting down (the
+    /// driver closes the socket).
+    pub fn adopt(&mut self, detached: Detached, now: Instant) -> Option<u32> {
+        let slot = if self.shared.shutting_down.load(Ordering::Relaxed) {
+            None
+        } else {
+            self.alloc_slot()
+        };
+        let Some(slot) = slot else {
+            self.forget(&detached);
+            return None;
+        };
+        let Detached {
+            mut conn,
+            unauthenticated,
+        } = detached;
+        let entry = &mut self.slots[slot as usize];
+        conn.handle = ConnHandle {
+            worker: self.id,
+            slot,
+            generation: entry.generation,
+        };
+        conn.leaving = false;
+        conn.dirty = false;
+        conn.fd_queued = false;
+        let mut head = std::mem::take(&mut conn.inbuf);
+        self.handshake_timers
+            .push(conn.handshake_deadline, slot, entry.generation);
+        entry.unauthenticated = unauthenticated;
+        entry.conn = Some(*conn);
+        self.live += 1;
+        bump(&self.stats().handed_over);
+        // rustls may hold bytes for the peer (session tickets) that the handshake worker
+        // had no turn to send.
+        self.mark_dirty(slot);
+        if !head.is_empty() {
+            self.read_plaintext(slot, &mut head, now);
+        }
+        self.run_local(now);
+        Some(slot)
+    }
+
+    /// Gives up a connection that no worker holds (its socket is being closed).
+    pub fn forget(&self, detached: &Detached) {
+        let ip = detached.conn.peer.ip();
+        self.shared.connection_count.fetch_sub(1, Ordering::AcqRel);
+        if detached.unauthenticated {
+            self.shared.unauthenticated.remove(ip);
+        }
+        self.shared.guard.closed(ip);
     }
 
     /// Bytes received from the socket of `slot`.
@@ -327,10 +447,14 @@ impl Worker {
             return;
         }
         let handshake_done = was_handshaking && !tls.is_handshaking();
+        let resumed = handshake_done && tls.is_resumed();
         let wants_write = tls.wants_write();
         let peer_closed = tls.peer_has_closed();
         if handshake_done {
             bump(&self.stats().handshakes_ok);
+        }
+        if resumed {
+            bump(&self.stats().handshakes_resumed);
         }
         if wants_write {
             self.mark_dirty(slot);
@@ -457,7 +581,9 @@ impl Worker {
         let Some(conn) = self.timer_conn(t) else {
             return;
         };
-        if matches!(conn.phase, Phase::Handshake | Phase::Waiting) && now >= conn.handshake_deadline
+        if matches!(conn.phase, Phase::Handshake | Phase::Waiting)
+            && !conn.leaving
+            && now >= conn.handshake_deadline
         {
             debug!(peer = %conn.peer, "handshake timeout");
             bump(&self.stats().handshakes_failed_timeout);
@@ -801,7 +927,7 @@ impl Worker {
     /// Whether `slot` holds a connection that still reads (not closing).
     pub fn is_active(&self, slot: u32) -> bool {
         self.conn_ref(slot)
-            .is_some_and(|c| !matches!(c.phase, Phase::Closing))
+            .is_some_and(|c| !c.leaving && !matches!(c.phase, Phase::Closing))
     }
 
     /// Whether `slot` holds an established session (a device or manager past its TLS
@@ -1155,6 +1281,9 @@ impl Worker {
             let Some(conn) = self.conn_mut(slot) else {
                 return buf.len();
             };
+            if conn.leaving {
+                return used;
+            }
             match conn.phase {
                 // Nothing more is read from a closing connection or one whose request is
                 // with the control plane (HTTP/1.1 without pipelining).
@@ -1276,6 +1405,14 @@ impl Worker {
                         now,
                     );
                     return None;
+                }
+                if self.hands_over {
+                    // The session belongs on a routing worker, which reads this head
+                    // again (a few µs) and does the upgrade.
+                    let conn = self.conn_mut(slot)?;
+                    conn.leaving = true;
+                    self.leaving.push(slot);
+                    return Some(0);
                 }
                 let key = request.websocket_key.unwrap_or_default().to_owned();
                 let want_device = path == "/v1/device";

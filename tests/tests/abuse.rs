@@ -348,3 +348,172 @@ fn config_check_validates_the_unauthenticated_limits() -> Result<()> {
     assert!(ok, "valid limits refused: {out}{err}");
     Ok(())
 }
+
+/// (scheduling policy, nice value) of each of the gateway's threads whose name starts with
+/// `prefix` (policy 0 = SCHED_OTHER, 5 = SCHED_IDLE).
+fn thread_priorities(pid: u32, prefix: &str) -> Result<Vec<(i64, i64)>> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.trim_end().starts_with(prefix) {
+            continue;
+        }
+        // Fields after the parenthesised name start with field 3 (state); nice is field
+        // 19 and policy field 41.
+        let stat = std::fs::read_to_string(dir.join("stat"))?;
+        let rest: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, r)| r)
+            .split_whitespace()
+            .collect();
+        let field = |n: usize| -> Result<i64> {
+            rest.get(n - 3)
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no field {n} in {stat}"))
+        };
+        found.push((field(41)?, field(19)?));
+    }
+    Ok(found)
+}
+
+/// Sends one command to each unit and checks that its response comes back.
+async fn round_trips(
+    mgr: &mut devgate_client::Connection,
+    devices: Vec<(String, devgate_client::Connection)>,
+) -> Result<()> {
+    use devgate_client::Incoming;
+    use devgate_proto::frame::{Body, Frame};
+    let mut echoes = Vec::new();
+    for (unit, mut dev) in devices {
+        echoes.push(tokio::spawn(async move {
+            loop {
+                let Incoming::Frame(r) = dev.recv().await? else {
+                    return Ok::<_, anyhow::Error>(());
+                };
+                let f = r.frame();
+                if let Body::Command { payload } = f.body {
+                    dev.send(&Frame::response("", f.id, payload)).await?;
+                }
+            }
+        }));
+        mgr.send(&Frame::command(&unit, 9, unit.as_bytes())).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let Some(Incoming::Frame(r)) = mgr.recv_timeout(deadline - Instant::now()).await?
+            else {
+                bail!("no response from {unit}");
+            };
+            let f = r.frame();
+            if let Body::Response { payload } = f.body {
+                assert_eq!((f.unit, payload), (unit.as_str(), unit.as_bytes()));
+                break;
+            }
+        }
+    }
+    for e in echoes {
+        e.abort();
+    }
+    Ok(())
+}
+
+/// Item 4: TLS handshakes and HTTP requests run on handshake workers at a lower CPU
+/// priority (`handshake_priority`: SCHED_IDLE by default, or a nice value), which hand
+/// every session to a routing worker; routing works across the hand-over, and
+/// `handshake_workers = 0` keeps the old layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_run_on_low_priority_workers_that_hand_sessions_over() -> Result<()> {
+    const SCHED_OTHER: i64 = 0;
+    const SCHED_IDLE: i64 = 5;
+    let gw = Gateway::start("handshake_workers = 2\n")?;
+    let status = gw.status()?;
+    assert_eq!(status["workers"], 2, "{status}");
+    assert_eq!(status["handshake_workers"], 2, "{status}");
+    // Each thread lowers its own priority as it starts: give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut handshakers = thread_priorities(gw.pid(), "devgate-hs")?;
+    while handshakers.iter().any(|(policy, _)| *policy != SCHED_IDLE) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        handshakers = thread_priorities(gw.pid(), "devgate-hs")?;
+    }
+    assert_eq!(handshakers.len(), 2, "{handshakers:?}");
+    assert!(
+        handshakers.iter().all(|(policy, _)| *policy == SCHED_IDLE),
+        "{handshakers:?}"
+    );
+    let routing = thread_priorities(gw.pid(), "devgate-w")?;
+    assert_eq!(routing.len(), 2);
+    assert!(
+        routing.iter().all(|(policy, _)| *policy == SCHED_OTHER),
+        "{routing:?}"
+    );
+
+    let mut mgr = gw.manager().await?;
+    let mut devices = Vec::new();
+    for i in 0..4 {
+        let unit = format!("handed-{i}");
+        devices.push((unit.clone(), gw.device(&unit).await?));
+    }
+    round_trips(&mut mgr, devices).await?;
+    // Every session (4 devices, 1 manager) came through a hand-over.
+    assert_eq!(
+        wait_counter(&gw, "handed_over", 5, Duration::from_secs(5))?,
+        5
+    );
+    // HTTP requests stay on the handshake workers.
+    let (code, _) = devgate_client::http_get(
+        gw.addr,
+        "localhost",
+        gw.anonymous_tls()?,
+        "/usg/check-status",
+    )
+    .await?;
+    assert_eq!(code, 200);
+    assert_eq!(counter(&gw, "handed_over")?, 5);
+
+    // A nice value instead of SCHED_IDLE.
+    let niced = Gateway::start("handshake_workers = 1\nhandshake_priority = 12\n")?;
+    let mut mgr = niced.manager().await?;
+    assert_eq!(
+        thread_priorities(niced.pid(), "devgate-hs")?,
+        vec![(SCHED_OTHER, 12)]
+    );
+    let dev = niced.device("niced-1").await?;
+    round_trips(&mut mgr, vec![("niced-1".to_owned(), dev)]).await?;
+
+    // No handshake workers: the routing workers accept, as before.
+    let old = Gateway::start("handshake_workers = 0\n")?;
+    assert_eq!(old.status()?["handshake_workers"], 0);
+    assert!(thread_priorities(old.pid(), "devgate-hs")?.is_empty());
+    let mut mgr = old.manager().await?;
+    let dev = old.device("direct-1").await?;
+    round_trips(&mut mgr, vec![("direct-1".to_owned(), dev)]).await?;
+    assert_eq!(counter(&old, "handed_over")?, 0);
+    Ok(())
+}
+
+/// Item 4: the handshake workers' settings are checked by `devgate config check`.
+#[test]
+fn config_check_validates_the_handshake_workers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("c.toml");
+    let path = file.to_string_lossy().into_owned();
+    for (bad, key) in [
+        ("handshake_priority = 25\n", "handshake_priority"),
+        ("handshake_priority = -5\n", "handshake_priority"),
+        ("handshake_priority = \"low\"\n", "handshake_priority"),
+        ("handshake_workers = 5000\n", "handshake_workers"),
+    ] {
+        std::fs::write(&file, bad)?;
+        let (ok, out, err) = devgate_tests::devgate(&["config", "check", &path])?;
+        assert!(!ok, "{bad} was accepted: {out}");
+        assert!(err.contains(key), "{bad}: {err}");
+    }
+    std::fs::write(&file, "handshake_workers = 1\nhandshake_priority = 19\n")?;
+    let (ok, out, err) = devgate_tests::devgate(&["config", "check", &path])?;
+    assert!(ok, "valid handshake settings refused: {out}{err}");
+    std::fs::write(&file, "handshake_priority = \"idle\"\n")?;
+    let (ok, out, err) = devgate_tests::devgate(&["config", "check", &path])?;
+    assert!(ok, "valid handshake settings refused: {out}{err}");
+    Ok(())
+}

@@ -127,3 +127,46 @@ async fn epoll_stops_at_rlimit_nofile_and_keeps_serving() -> Result<()> {
         .context("reconnect after a slot freed")?;
     Ok(())
 }
+
+/// After a large drop in connections the gateway gives freed memory back to the OS
+/// (`malloc_trim` from the store thread): 1,200 devices connect and leave, a trim is
+/// counted, and the resident size falls below its peak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_is_given_back_after_a_thousand_devices_leave() -> Result<()> {
+    const N: usize = 1200;
+    let gw = Gateway::start("")?;
+    let _mgr = gw.manager().await?;
+    let start = gw.rss_kib()?;
+    let mut devices = Vec::with_capacity(N);
+    for chunk in 0..N / 100 {
+        let mut batch = tokio::task::JoinSet::new();
+        for i in 0..100 {
+            let opts = gw.options(devgate_client::Role::Device);
+            let tls = gw.device_tls(&format!("mem-{}", chunk * 100 + i))?;
+            batch.spawn(async move { devgate_client::connect(&opts, tls).await });
+        }
+        while let Some(dev) = batch.join_next().await {
+            devices.push(dev??);
+        }
+    }
+    let peak = gw.rss_kib()?;
+    assert_eq!(gw.status()?["memory_trims"], 0);
+    drop(devices);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gw.status()?["memory_trims"] == 0 {
+        if std::time::Instant::now() >= deadline {
+            bail!("no trim within 10 s of {N} devices leaving");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = gw.rss_kib()?;
+    println!(
+        "gateway RSS: {start} KiB at start, {peak} KiB with {N} devices, {after} KiB after they left"
+    );
+    assert!(
+        after < peak,
+        "RSS {after} KiB after the trim, {peak} KiB at the peak"
+    );
+    assert!(gw.wait_for_log("returned", Duration::from_secs(1)));
+    Ok(())
+}

@@ -726,3 +726,64 @@ async fn a_refused_response_is_an_error_for_the_manager_that_asked() -> Result<(
     assert_eq!(device_told, refused);
     Ok(())
 }
+
+/// The gateway's counter `name` (summed over workers).
+fn counter(gw: &Gateway, name: &str) -> Result<u64> {
+    let status = gw.status()?;
+    status["counters"][name]
+        .as_u64()
+        .with_context(|| format!("no counter {name} in status: {}", status["counters"]))
+}
+
+/// Session tickets outlive the gateway process (their keys are in the data dir): a device
+/// that reconnects after a restart, or after a reload, resumes its TLS session instead of
+/// a full handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_resume_across_a_restart_and_a_reload() -> Result<()> {
+    let gw = Gateway::start("")?;
+    let _mgr = gw.manager().await?;
+    // One client configuration = one session cache, as in a device's process.
+    let tls = gw.device_tls("resumer")?;
+    let connect = |gw: &Gateway| {
+        let opts = gw.options(devgate_client::Role::Device);
+        let tls = tls.clone();
+        async move { devgate_client::connect(&opts, tls).await }
+    };
+    let first = connect(&gw).await?;
+    drop(first);
+    let before = counter(&gw, "handshakes_resumed")?;
+    let again = connect(&gw).await?;
+    drop(again);
+    assert_eq!(
+        counter(&gw, "handshakes_resumed")?,
+        before + 1,
+        "no resumption at all"
+    );
+
+    let data = gw.kill9()?;
+    let gw = Gateway::start_in(data, "")?;
+    let _mgr = gw.manager().await?;
+    let before = counter(&gw, "handshakes_resumed")?;
+    let after_restart = connect(&gw).await?;
+    drop(after_restart);
+    assert_eq!(
+        counter(&gw, "handshakes_resumed")?,
+        before + 1,
+        "the device's ticket from before the restart was not accepted"
+    );
+
+    gw.reload();
+    assert!(
+        gw.wait_for_log("reloaded certificates", Duration::from_secs(5)),
+        "no reload logged"
+    );
+    let before = counter(&gw, "handshakes_resumed")?;
+    let after_reload = connect(&gw).await?;
+    drop(after_reload);
+    assert_eq!(
+        counter(&gw, "handshakes_resumed")?,
+        before + 1,
+        "the ticket did not survive a reload"
+    );
+    Ok(())
+}

@@ -38,6 +38,9 @@ struct Options {
     /// (a real attacker spends those on its own machines) otherwise take the CPU the
     /// gateway and load generator need, which is not what this benchmark is about.
     nice: bool,
+    /// `handshake_workers` settings to run with (each a gateway of its own per data
+    /// path): `auto` by default; `auto,0` compares with handshakes on the routing workers.
+    handshake_workers: Vec<String>,
 }
 
 pub(crate) fn task(args: &[String]) -> Result<()> {
@@ -47,6 +50,7 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
         scale: 1.0,
         attacks: ATTACKS.iter().map(|(k, _)| (*k).to_owned()).collect(),
         nice: false,
+        handshake_workers: vec!["auto".into()],
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -56,19 +60,28 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
             "--scale" => o.scale = it.next().context("--scale F")?.parse()?,
             "--attack" => o.attacks = vec![it.next().context("--attack KIND")?.clone()],
             "--nice-attacker" => o.nice = true,
+            "--handshake-workers" => {
+                o.handshake_workers = it
+                    .next()
+                    .context("--handshake-workers auto|N[,…]")?
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect()
+            }
             other => bail!(
-                "unknown option {other} (slowloris-bench [--seconds S] [--driver io_uring|epoll] [--scale F] [--attack silent|partial-hello|slow-head] [--nice-attacker])"
+                "unknown option {other} (slowloris-bench [--seconds S] [--driver io_uring|epoll] [--scale F] [--attack silent|partial-hello|slow-head] [--nice-attacker] [--handshake-workers auto|N[,…]])"
             ),
         }
     }
     let (out, data) = super::release_with_data_dir("target/slowloris-bench")?;
     let mut results = Vec::new();
-    for driver in &o.drivers {
+    for (driver, hs) in runs(&o) {
         let mut cmd = Command::new(bin("devgate"));
         cmd.args(["serve", "--data-dir"])
             .arg(&data)
-            .args(["--listen", LISTEN, "--admin", ADMIN, "--data-path", driver])
+            .args(["--listen", LISTEN, "--admin", ADMIN, "--data-path", &driver])
             .env("DEVGATE_LOG", "warn")
+            .env("DEVGATE_HANDSHAKE_WORKERS", &hs)
             .stderr(Stdio::null());
         let gateway = Running(cmd.spawn().context("starting devgate")?);
         wait_for_port(LISTEN, Duration::from_secs(10))?;
@@ -129,6 +142,7 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
                 );
             results.push(json!({
                 "driver": driver,
+                "handshake_workers": hs,
                 "attack": kind,
                 "connections": n,
                 "open_connections_during": before["connections"],
@@ -152,6 +166,18 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// (data path, handshake_workers) pairs, one gateway each.
+fn runs(o: &Options) -> Vec<(String, String)> {
+    o.drivers
+        .iter()
+        .flat_map(|d| {
+            o.handshake_workers
+                .iter()
+                .map(move |h| (d.clone(), h.clone()))
+        })
+        .collect()
+}
+
 fn steady(data: &Path, out: &Path, pid: u32, seconds: u64) -> Result<Value> {
     let json_path = out.join("steady.json");
     let mut cmd = Command::new(bin("devgate-loadgen"));
@@ -170,21 +196,22 @@ fn summarize(results: &[Value], o: &Options) -> String {
     let mut md = String::from("# Slowloris: established devices under attack (same run)\n\n");
     let _ = writeln!(
         md,
-        "200 devices, 1 manager, 1,000 commands/s for {} s per phase; gateway, load generator and attacker share the machine{}. Command: `cargo xtask slowloris-bench --seconds {} --scale {}{}`.\n",
+        "200 devices, 1 manager, 1,000 commands/s for {} s per phase; gateway, load generator and attacker share the machine{}. Command: `cargo xtask slowloris-bench --seconds {} --scale {}{} --handshake-workers {}`.\n",
         o.seconds,
         if o.nice { " (attacker at nice 19)" } else { "" },
         o.seconds,
         o.scale,
-        if o.nice { " --nice-attacker" } else { "" }
+        if o.nice { " --nice-attacker" } else { "" },
+        o.handshake_workers.join(",")
     );
-    md.push_str("| data path | attack | connections | p50 µs | p99 µs | p50 ratio | p99 ratio | handshake timeouts | errors |\n|---|---|---|---|---|---|---|---|---|\n");
-    for driver in &o.drivers {
-        let base = results
-            .iter()
-            .find(|r| r["driver"] == driver.as_str() && r["attack"] == "none");
+    md.push_str("| data path | handshake workers | attack | connections | p50 µs | p99 µs | p50 ratio | p99 ratio | handshake timeouts | errors |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for (driver, hs) in runs(o) {
+        let this =
+            |r: &&Value| r["driver"] == driver.as_str() && r["handshake_workers"] == hs.as_str();
+        let base = results.iter().filter(this).find(|r| r["attack"] == "none");
         let base50 = base.and_then(|b| b["steady"]["rtt_p50_us"].as_f64());
         let base99 = base.and_then(|b| b["steady"]["rtt_p99_us"].as_f64());
-        for r in results.iter().filter(|r| r["driver"] == driver.as_str()) {
+        for r in results.iter().filter(this) {
             let p50 = r["steady"]["rtt_p50_us"].as_f64();
             let p99 = r["steady"]["rtt_p99_us"].as_f64();
             let ratio = |x: Option<f64>, b: Option<f64>| match (x, b) {
@@ -194,7 +221,7 @@ fn summarize(results: &[Value], o: &Options) -> String {
             let fmt = |x: Option<f64>| x.map_or_else(|| "—".to_owned(), |x| format!("{x:.0}"));
             let _ = writeln!(
                 md,
-                "| {driver} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {driver} | {hs} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r["attack"].as_str().unwrap_or("?"),
                 r["connections"],
                 fmt(p50),

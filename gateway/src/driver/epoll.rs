@@ -1,5 +1,11 @@
-//! The epoll driver: one thread per worker, each with its own `SO_REUSEPORT` listener so
-//! that the kernel spreads new connections over the cores, and a mio `Poll`.
+//! The epoll driver: one thread per worker, each with a mio `Poll` and, if the worker
+//! accepts, its own `SO_REUSEPORT` listener so that the kernel spreads new connections
+//! over the listening workers.
+//!
+//! Handshake workers (`Worker::handshake_worker`) always run on this driver, whatever
+//! the data path: a connection that asks for a session leaves with its socket as an
+//! ordinary descriptor ([`crate::shared::Handover`]), which the routing worker's driver
+//! (epoll or io_uring) registers as its own.
 
 use std::io::{self, Read};
 use std::net::TcpListener as StdListener;
@@ -11,7 +17,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::debug;
 
-use crate::shared::Wake;
+use crate::shared::{Handover, Wake};
 use crate::worker::{Flush, Worker};
 
 const LISTENER: Token = Token(0);
@@ -49,18 +55,27 @@ struct Socket {
     write_interest: bool,
 }
 
-/// Runs `worker` on the calling thread until shutdown completes.
-pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
+/// Runs `worker` on the calling thread until shutdown completes; it accepts from
+/// `listener` if it has one (routing workers behind handshake workers have none).
+pub fn run(mut worker: Worker, listener: Option<StdListener>) -> io::Result<()> {
     let shared = worker.shared().clone();
     let id = usize::from(worker.id());
     let mut poll = Poll::new()?;
     let waker = Waker::new(poll.registry(), WAKER)?;
     shared.inboxes[id].set_waker(Box::new(MioWake(waker)));
-    listener.set_nonblocking(true)?;
-    let mut listener = TcpListener::from_std(listener);
-    poll.registry()
-        .register(&mut listener, LISTENER, Interest::READABLE)?;
-    let mut listening = true;
+    let mut listener = match listener {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            let mut l = TcpListener::from_std(l);
+            poll.registry()
+                .register(&mut l, LISTENER, Interest::READABLE)?;
+            Some(l)
+        }
+        None => None,
+    };
+    let mut listening = listener.is_some();
+    let mut arrivals: Vec<Handover> = Vec::new();
+    let mut leaving: Vec<u32> = Vec::new();
 
     let mut sockets: Vec<Option<Socket>> = Vec::new();
     let mut events = Events::with_capacity(1024);
@@ -76,7 +91,11 @@ pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
         let now = Instant::now();
         let next_tick = worker.tick(now);
         let mut timeout = next_tick.saturating_duration_since(now);
-        if !read_again.is_empty() || accept_again || !shared.inboxes[id].prepare_sleep() {
+        if !read_again.is_empty()
+            || accept_again
+            || worker.has_output()
+            || !shared.inboxes[id].prepare_sleep()
+        {
             timeout = Duration::ZERO;
         }
         match poll.poll(&mut events, Some(timeout)) {
@@ -88,8 +107,14 @@ pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
         let now = Instant::now();
 
         if shared.shutting_down.load(Ordering::Relaxed) && listening {
-            let _ = poll.registry().deregister(&mut listener);
+            if let Some(l) = listener.as_mut() {
+                let _ = poll.registry().deregister(l);
+            }
             listening = false;
+        }
+        shared.take_handovers(worker.id(), &mut arrivals);
+        for handover in arrivals.drain(..) {
+            adopt(&mut worker, handover, &poll, &mut sockets, now);
         }
 
         let mut to_read = std::mem::take(&mut read_again);
@@ -144,9 +169,11 @@ pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
                 read_again.push(slot);
             }
         }
-        if accept_now && listening {
-            accept_again =
-                accept_batch(&mut worker, &listener, &poll, &mut sockets, budget_end, now);
+        if accept_now
+            && listening
+            && let Some(l) = listener.as_ref()
+        {
+            accept_again = accept_batch(&mut worker, l, &poll, &mut sockets, budget_end, now);
         }
         worker.poll_inbox(now);
 
@@ -157,6 +184,12 @@ pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
                 continue;
             };
             flush(&mut worker, slot, sock, &poll, now);
+        }
+        // Connections that asked for a session go to a routing worker, after their
+        // pending bytes had this turn's flush.
+        worker.take_leaving(&mut leaving);
+        for &slot in &leaving {
+            hand_over(&mut worker, slot, &poll, &mut sockets);
         }
         // Socket work (kTLS hand-over, close_notify): writes are synchronous here, so
         // nothing is in flight; a hand-over leaves the slot dirty for a plaintext flush.
@@ -173,7 +206,17 @@ pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
             };
             flush(&mut worker, slot, sock, &poll, now);
         }
+        // Messages that came in during this turn: what they queued goes out now, not
+        // when the next event or tick wakes this thread (up to a second later: the
+        // stalls of cross-worker streams on epoll).
         worker.poll_inbox(now);
+        worker.take_dirty(&mut dirty);
+        for &slot in &dirty {
+            let Some(Some(sock)) = sockets.get_mut(slot as usize) else {
+                continue;
+            };
+            flush(&mut worker, slot, sock, &poll, now);
+        }
 
         worker.take_released(&mut released);
         for &slot in &released {
@@ -198,6 +241,59 @@ pub fn run(mut worker: Worker, listener: StdListener) -> io::Result<()> {
             debug!(worker = id, "worker stopped");
             return Ok(());
         }
+    }
+}
+
+/// Registers a connection a handshake worker handed over and gives it to `worker`.
+fn adopt(
+    worker: &mut Worker,
+    handover: Handover,
+    poll: &Poll,
+    sockets: &mut Vec<Option<Socket>>,
+    now: Instant,
+) {
+    let Handover { fd, conn } = handover;
+    let mut stream = TcpStream::from(fd);
+    let Some(slot) = worker.adopt(conn, now) else {
+        return; // dropping the stream closes it
+    };
+    // Edge-triggered readiness still reports bytes that arrived before registration.
+    if let Err(e) = poll
+        .registry()
+        .register(&mut stream, token(slot), Interest::READABLE)
+    {
+        crate::warn_limited!("cannot register a handed-over connection: {e}");
+        worker.on_error(slot, &e, now);
+    }
+    let idx = slot as usize;
+    if sockets.len() <= idx {
+        sockets.resize_with(idx + 1, || None);
+    }
+    sockets[idx] = Some(Socket {
+        stream,
+        write_interest: false,
+    });
+}
+
+/// Hands the connection in `slot` (a handshake worker's) to a routing worker.
+fn hand_over(worker: &mut Worker, slot: u32, poll: &Poll, sockets: &mut [Option<Socket>]) {
+    let Some(entry) = sockets.get_mut(slot as usize) else {
+        return;
+    };
+    if entry.is_none() {
+        return;
+    }
+    let Some(conn) = worker.detach(slot) else {
+        return; // it closed meanwhile: released as usual
+    };
+    let Some(mut sock) = entry.take() else {
+        return;
+    };
+    let _ = poll.registry().deregister(&mut sock.stream);
+    let fd = std::os::fd::OwnedFd::from(sock.stream);
+    if let Err(lost) = worker.shared().hand_over(Handover { fd, conn }) {
+        crate::warn_limited!(peer = %lost.conn.conn.peer, "no routing worker takes connections: closing one");
+        worker.forget(&lost.conn);
     }
 }
 

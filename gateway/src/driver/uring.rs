@@ -31,7 +31,7 @@ use io_uring::types::{BufRingEntry, Fd, Fixed, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 use tracing::debug;
 
-use crate::shared::Wake;
+use crate::shared::{Handover, Wake};
 use crate::worker::{Flush, Worker};
 
 /// Submission queue entries; the completion queue is four times larger.
@@ -360,7 +360,11 @@ struct Driver {
     ring: IoUring,
     bufs: BufRing,
     worker: Worker,
-    listener: StdListener,
+    /// None on a routing worker behind handshake workers: its connections are handed
+    /// over ([`Handover`]).
+    listener: Option<StdListener>,
+    /// Connections handed over this turn.
+    arrivals: Vec<Handover>,
     wake_fd: Arc<OwnedFd>,
     wake_buf: Box<[u8; 8]>,
     sockets: Vec<Option<Socket>>,
@@ -389,7 +393,7 @@ struct Driver {
 
 /// Runs `worker` on the calling thread until shutdown completes. `table_size` is the
 /// number of direct descriptors the ring's file table holds.
-pub fn run(worker: Worker, listener: StdListener, table_size: u32) -> io::Result<()> {
+pub fn run(worker: Worker, listener: Option<StdListener>, table_size: u32) -> io::Result<()> {
     let ring = build_ring(RING_ENTRIES)?;
     ring.submitter().register_files_sparse(table_size)?;
     let bufs = BufRing::new(&ring, RECV_GROUP, RECV_BUFFERS, RECV_BUFFER_SIZE)?;
@@ -407,7 +411,9 @@ pub fn run(worker: Worker, listener: StdListener, table_size: u32) -> io::Result
         ring,
         bufs,
         worker,
+        listening: listener.is_some(),
         listener,
+        arrivals: Vec::new(),
         wake_fd,
         wake_buf: Box::new([0; 8]),
         sockets: Vec::new(),
@@ -415,7 +421,6 @@ pub fn run(worker: Worker, listener: StdListener, table_size: u32) -> io::Result
         send_pool: Vec::new(),
         accept_armed: false,
         accept_retry_at: None,
-        listening: true,
         rearm: Vec::new(),
         dirty: Vec::new(),
         released: Vec::new(),
@@ -425,7 +430,9 @@ pub fn run(worker: Worker, listener: StdListener, table_size: u32) -> io::Result
         deferred_slots: std::collections::VecDeque::new(),
         budget_end: Instant::now(),
     };
-    driver.arm_accept()?;
+    if driver.listening {
+        driver.arm_accept()?;
+    }
     driver.arm_wake()?;
     shared.workers_ready.fetch_add(1, Ordering::AcqRel);
     let result = driver.run_loop();
@@ -447,7 +454,10 @@ impl Driver {
     }
 
     fn arm_accept(&mut self) -> io::Result<()> {
-        let entry = opcode::AcceptMulti::new(Fd(self.listener.as_raw_fd()))
+        let Some(listener) = &self.listener else {
+            return Ok(());
+        };
+        let entry = opcode::AcceptMulti::new(Fd(listener.as_raw_fd()))
             .flags(libc::SOCK_CLOEXEC)
             .build()
             .user_data(user_data(OP_ACCEPT, 0));
@@ -479,6 +489,7 @@ impl Driver {
             // before the inbox saw us announce the sleep.
             let wait = self.rearm.is_empty()
                 && self.deferred_slots.is_empty()
+                && !self.worker.has_output()
                 && shared.inboxes[id].prepare_sleep()
                 && !timeout.is_zero();
             self.submit(wait, timeout)?;
@@ -502,6 +513,10 @@ impl Driver {
                 self.arm_accept()?;
             }
 
+            shared.take_handovers(self.worker.id(), &mut self.arrivals);
+            for handover in std::mem::take(&mut self.arrivals) {
+                self.adopt(handover, now)?;
+            }
             // Handshake bytes left from earlier turns first (they are older), then this
             // turn's completions; sessions' bytes are never held back.
             self.budget_end = Instant::now() + HANDSHAKE_BUDGET;
@@ -622,6 +637,32 @@ impl Driver {
         let Some(slot) = self.worker.accept(peer, now) else {
             return Ok(()); // dropping the descriptor closes it
         };
+        self.install(slot, fd, now)
+    }
+
+    /// Takes a connection a handshake worker handed over.
+    fn adopt(&mut self, handover: Handover, now: Instant) -> io::Result<()> {
+        let Handover { fd, conn } = handover;
+        if self.worker.live() >= self.capacity as usize {
+            let peer = conn.conn.peer;
+            self.worker.forget(&conn);
+            self.worker.refuse_at_capacity(now);
+            crate::warn_limited!(
+                %peer,
+                "worker {} holds {} connections, its file table's size: refusing (raise workers or RLIMIT_NOFILE)",
+                self.worker.id(),
+                self.capacity
+            );
+            return Ok(());
+        }
+        let Some(slot) = self.worker.adopt(conn, now) else {
+            return Ok(()); // dropping the descriptor closes it
+        };
+        self.install(slot, fd, now)
+    }
+
+    /// Puts a connection's socket into the ring (at its slot) and starts receiving.
+    fn install(&mut self, slot: u32, fd: OwnedFd, now: Instant) -> io::Result<()> {
         if slot >= self.capacity {
             self.worker.release(slot);
             self.worker.refuse_at_capacity(now);

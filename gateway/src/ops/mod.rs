@@ -9,9 +9,11 @@
 //!   loop heartbeat is fresh.
 //! - [`logging`]: plain or JSON log lines, journald priorities under systemd.
 //! - [`ratelimit`]: [`warn_limited!`](crate::warn_limited) for repetitive data-path warnings.
+//! - [`memory`]: freed memory given back to the OS after a large drop in connections.
 
 pub mod install;
 pub mod logging;
+pub mod memory;
 pub mod notify;
 pub mod ratelimit;
 pub mod watchdog;
@@ -278,10 +280,11 @@ pub fn summary(v: &Value) -> String {
     );
     let _ = writeln!(
         o,
-        "  listen {}  admin {}  workers {}",
+        "  listen {}  admin {}  workers {} (+{} for handshakes)",
         text(&v["listen"]),
         text(&v["admin"]),
         num(&v["workers"]),
+        num(&v["handshake_workers"]),
     );
     let tls = match v["tls_offload"].as_str() {
         Some("user") => "user space (rustls)".to_owned(),
