@@ -429,13 +429,19 @@ async fn handshakes_run_on_low_priority_workers_that_hand_sessions_over() -> Res
     let status = gw.status()?;
     assert_eq!(status["workers"], 2, "{status}");
     assert_eq!(status["handshake_workers"], 2, "{status}");
-    // Each thread lowers its own priority as it starts: give them a moment.
+    // Each thread names itself and lowers its own priority as it starts: give them a
+    // moment.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut handshakers = thread_priorities(gw.pid(), "devgate-hs")?;
-    while handshakers.iter().any(|(policy, _)| *policy != SCHED_IDLE) && Instant::now() < deadline {
+    let settled = |pid| -> Result<bool> {
+        let hs = thread_priorities(pid, "devgate-hs")?;
+        Ok(hs.len() == 2
+            && hs.iter().all(|(policy, _)| *policy == SCHED_IDLE)
+            && thread_priorities(pid, "devgate-w")?.len() == 2)
+    };
+    while !settled(gw.pid())? && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
-        handshakers = thread_priorities(gw.pid(), "devgate-hs")?;
     }
+    let handshakers = thread_priorities(gw.pid(), "devgate-hs")?;
     assert_eq!(handshakers.len(), 2, "{handshakers:?}");
     assert!(
         handshakers.iter().all(|(policy, _)| *policy == SCHED_IDLE),
