@@ -294,6 +294,26 @@ impl Mux {
     pub async fn accept_stream(&mut self) -> Option<IncomingStream> {
         self.incoming.recv().await
     }
+
+    /// Device side: hands the incoming streams to their own owner, so that a device can
+    /// wait for frames ([`Mux::next_frame`]) and streams at the same time (both take
+    /// `&mut self`). [`Mux::accept_stream`] returns `None` afterwards.
+    pub fn incoming_streams(&mut self) -> IncomingStreams {
+        let (_, closed) = mpsc::unbounded_channel();
+        IncomingStreams(std::mem::replace(&mut self.incoming, closed))
+    }
+}
+
+/// The streams managers open on this device, taken out of a [`Mux`] with
+/// [`Mux::incoming_streams`].
+#[derive(Debug)]
+pub struct IncomingStreams(mpsc::UnboundedReceiver<IncomingStream>);
+
+impl IncomingStreams {
+    /// The next stream a manager opened; `None` once the connection has ended.
+    pub async fn next(&mut self) -> Option<IncomingStream> {
+        self.0.recv().await
+    }
 }
 
 impl Drop for Mux {
