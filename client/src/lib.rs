@@ -74,7 +74,9 @@ pub use discover::{DEFAULT_GATEWAY_PORT, Discovered, ResolverConfigChoice, disco
 pub use enroll::{ENROLL_PATH, Enrolled, RENEW_PATH, enroll, renew};
 pub use error::ClientError;
 pub use first_contact::{FirstContact, fetch_gateway_root};
-pub use mux::{DevgateStream, IncomingStream, IncomingStreams, MAX_CHUNK, Mux, STREAM_WINDOW};
+pub use mux::{
+    DevgateStream, Frames, IncomingStream, IncomingStreams, MAX_CHUNK, Mux, STREAM_WINDOW,
+};
 pub use tls::{certs_from_pem, key_from_pem, tls_config, tls_config_with};
 pub use trust::TrustBundle;
 

@@ -295,12 +295,34 @@ impl Mux {
         self.incoming.recv().await
     }
 
+    /// Hands the non-stream frames to their own owner (e.g. a task that drains them while
+    /// streams run: the reader waits once [`FRAME_BACKLOG`] frames are unread, which would
+    /// stall the streams too). [`Mux::next_frame`] returns an error afterwards.
+    pub fn frames(&mut self) -> Frames {
+        let (_, closed) = mpsc::channel(1);
+        Frames(std::mem::replace(&mut self.frames, closed))
+    }
+
     /// Device side: hands the incoming streams to their own owner, so that a device can
     /// wait for frames ([`Mux::next_frame`]) and streams at the same time (both take
     /// `&mut self`). [`Mux::accept_stream`] returns `None` afterwards.
     pub fn incoming_streams(&mut self) -> IncomingStreams {
         let (_, closed) = mpsc::unbounded_channel();
         IncomingStreams(std::mem::replace(&mut self.incoming, closed))
+    }
+}
+
+/// The non-stream frames of a [`Mux`], taken out with [`Mux::frames`].
+#[derive(Debug)]
+pub struct Frames(mpsc::Receiver<Result<Received, ClientError>>);
+
+impl Frames {
+    /// As [`Mux::next_frame`].
+    pub async fn next(&mut self) -> Result<Received, ClientError> {
+        match self.0.recv().await {
+            Some(r) => r,
+            None => Err(ClientError::Protocol("the connection has ended".into())),
+        }
     }
 }
 
