@@ -26,10 +26,9 @@ pub(crate) async fn answer(config: &Config, payload: &[u8]) -> Vec<u8> {
             "the command is not a devgate-agent request ({e}); expected \
              {{\"op\":\"run\",\"name\":NAME,\"args\":[…]}}"
         )),
-        Ok(req) if req.op != "run" => refusal(format!(
-            "unknown op {:?}; this agent knows \"run\"",
-            req.op
-        )),
+        Ok(req) if req.op != "run" => {
+            refusal(format!("unknown op {:?}; this agent knows \"run\"", req.op))
+        }
         Ok(req) => match config.commands.get(&req.name) {
             None => {
                 tracing::warn!(command = %req.name, "refused: command not on the allow-list");

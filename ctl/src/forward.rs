@@ -60,7 +60,14 @@ pub(crate) async fn run(
                         e.downcast_ref::<Refused>(),
                         Some(r) if r.0 == ErrorCode::NotPermitted
                     );
-                    eprintln!("devgate-ctl: connection from {peer}: {e:#}");
+                    let hint = match e.downcast_ref::<Refused>() {
+                        Some(r) if r.0 == ErrorCode::TooManyStreams => {
+                            " (the gateway's limits.max_streams_per_device caps parallel \
+                             connections to one device)"
+                        }
+                        _ => "",
+                    };
+                    eprintln!("devgate-ctl: connection from {peer}: {e:#}{hint}");
                     if permanent {
                         let _ = fatal_tx.send(e);
                     }

@@ -131,7 +131,8 @@ impl OpenParams {
                 let dim = |key: &str| -> Result<u16, RemoteError> {
                     number(key)?
                         .map(|n| {
-                            u16::try_from(n).map_err(|_| bad(text, "cols and rows are at most 65535"))
+                            u16::try_from(n)
+                                .map_err(|_| bad(text, "cols and rows are at most 65535"))
                         })
                         .transpose()
                         .map(Option::unwrap_or_default)
@@ -303,7 +304,11 @@ mod tests {
     fn records_split_anywhere_decode_the_same() {
         let mut wire = Vec::new();
         PtyRecord::Data(b"ls\r").encode_into(&mut wire);
-        PtyRecord::Resize { cols: 100, rows: 30 }.encode_into(&mut wire);
+        PtyRecord::Resize {
+            cols: 100,
+            rows: 30,
+        }
+        .encode_into(&mut wire);
         PtyRecord::Exit(3).encode_into(&mut wire);
         for cut in 0..wire.len() {
             let (first, _) = wire.split_at(cut);

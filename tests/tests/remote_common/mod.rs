@@ -113,7 +113,12 @@ impl Remote {
     /// `devgate-agent` unattended (--fingerprint) and runs it with `allow` (agent TOML
     /// without `state_dir`).
     pub(crate) fn start(allow: &str) -> Result<Self> {
-        let gateway = Gateway::start("")?;
+        Self::start_with(allow, "")
+    }
+
+    /// As [`Remote::start`], with `gateway_config` for the gateway.
+    pub(crate) fn start_with(allow: &str, gateway_config: &str) -> Result<Self> {
+        let gateway = Gateway::start(gateway_config)?;
         let dir = tempfile::tempdir()?;
         let unit = "dev-remote-1".to_owned();
         let mut r = Self {
