@@ -169,6 +169,6 @@ async fn forward(mut tcp: TcpStream, mut stream: DevgateStream) {
         .await
     {
         Ok((up, down)) => tracing::debug!(to_manager = up, from_manager = down, "forward ended"),
-        Err(e) => tracing::debug!("forward ended: {e}"),
+        Err(e) => tracing::info!("forward ended: {e}"),
     }
 }

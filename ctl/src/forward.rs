@@ -16,6 +16,7 @@ pub(crate) async fn run(
     unit: &str,
     target: &str,
     listen: &str,
+    max_streams: usize,
 ) -> Result<u8> {
     let target = target.strip_prefix("tcp:").unwrap_or(target);
     let params = format!("tcp:{target}");
@@ -34,6 +35,10 @@ pub(crate) async fn run(
     );
     let gateways = Arc::new(gateways);
     let last = Arc::new(AtomicUsize::new(0));
+    // Each open stream may have a whole window (1 MiB) in flight towards this manager, and the
+    // gateway disconnects a manager whose queue passes limits.queue_hard_bytes (16 MiB by
+    // default): so connections beyond `max_streams` wait for a free stream.
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_streams.max(1)));
     let (fatal_tx, mut fatal) = tokio::sync::mpsc::unbounded_channel::<anyhow::Error>();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -45,7 +50,11 @@ pub(crate) async fn run(
         let unit = unit.to_owned();
         let params = params.clone();
         let fatal_tx = fatal_tx.clone();
+        let slots = slots.clone();
         tokio::spawn(async move {
+            let Ok(_slot) = slots.acquire_owned().await else {
+                return;
+            };
             let _ = tcp.set_nodelay(true);
             match gateways::open_stream(&gateways, last.load(Ordering::Relaxed), &unit, &params)
                 .await
@@ -78,6 +87,9 @@ pub(crate) async fn run(
 }
 
 async fn pump(mut tcp: TcpStream, mut stream: devgate_client::DevgateStream) {
-    let _ =
-        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, 64 * 1024, 64 * 1024).await;
+    if let Err(e) =
+        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, 64 * 1024, 64 * 1024).await
+    {
+        eprintln!("devgate-ctl: stream {} ended: {e}", stream.id());
+    }
 }

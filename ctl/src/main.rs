@@ -60,6 +60,11 @@ enum Cmd {
         /// Local address to listen on.
         #[arg(long)]
         listen: String,
+        /// Streams open at once; further connections wait. Each may have 1 MiB in flight, and
+        /// the gateway's limits (max_streams_per_device, default 8; queue_hard_bytes, 16 MiB)
+        /// bound what one manager can have.
+        #[arg(long, default_value_t = 8)]
+        max_streams: usize,
     },
     /// Enrollment keys, through the manager connection.
     Keys {
@@ -128,7 +133,8 @@ async fn run(cli: Cli) -> Result<u8> {
             unit,
             target,
             listen,
-        } => forward::run(gateways, &unit, &target, &listen).await,
+            max_streams,
+        } => forward::run(gateways, &unit, &target, &listen, max_streams).await,
         Cmd::Keys {
             command:
                 KeysCmd::Create {
