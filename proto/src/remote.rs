@@ -240,9 +240,10 @@ pub enum PtyRecord<'a> {
 
 impl PtyRecord<'_> {
     /// Appends the record to `out`. A `Data` body longer than [`MAX_RECORD_BODY`] is
-    /// written as several records.
+    /// written as several records (an empty one as one empty record).
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         match *self {
+            Self::Data([]) => out.extend_from_slice(&[kind::DATA, 0, 0]),
             Self::Data(bytes) => {
                 for chunk in bytes.chunks(MAX_RECORD_BODY) {
                     out.push(kind::DATA);
