@@ -93,7 +93,11 @@ fn terminal_record_vectors() {
         assert_eq!(used, bytes.len(), "{name}: one whole record");
         // Every shorter prefix is incomplete, never an error or another record.
         for cut in 0..bytes.len() {
-            assert_eq!(PtyRecord::decode(&bytes[..cut]), Ok(None), "{name}: prefix {cut}");
+            assert_eq!(
+                PtyRecord::decode(&bytes[..cut]),
+                Ok(None),
+                "{name}: prefix {cut}"
+            );
         }
         let r = &v["record"];
         let n = |k: &str| r[k].as_i64().expect("number");

@@ -128,6 +128,32 @@ fn a_device_without_pty_refuses_a_shell() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn the_agent_logs_the_disconnect_and_is_back_after_a_gateway_restart() -> Result<()> {
+    let port = free_port()?.to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let env = [("DEVGATE_LISTEN", listen.as_str())];
+    let gateway = Gateway::start_in_env(devgate_tests::DataDir::init()?, "", &env)?;
+    let mut r = Remote::start_gateway(ALLOW, gateway)?;
+    let data = std::mem::replace(&mut r.gateway, Gateway::start("")?).kill9()?;
+    r.agent
+        .wait_for("disconnected from the gateway", Duration::from_secs(10))?;
+    r.gateway = Gateway::start_in_env(data, "", &env)?;
+    // Backoff is capped at 30 s, so the agent is back within about that.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while r.agent.log().matches("connected to the gateway").count() < 2 {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the agent did not reconnect:\n{}",
+            r.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = r.ctl(&["run", &r.unit, "greet"]).output()?;
+    ensure!(out.status.success(), "after the restart: {:?}", text(&out));
+    Ok(())
+}
+
 fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Result<Option<i32>> {
     let deadline = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < deadline {

@@ -118,7 +118,11 @@ impl Remote {
 
     /// As [`Remote::start`], with `gateway_config` for the gateway.
     pub(crate) fn start_with(allow: &str, gateway_config: &str) -> Result<Self> {
-        let gateway = Gateway::start(gateway_config)?;
+        Self::start_gateway(allow, Gateway::start(gateway_config)?)
+    }
+
+    /// As [`Remote::start`] on a gateway already started.
+    pub(crate) fn start_gateway(allow: &str, gateway: Gateway) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let unit = "dev-remote-1".to_owned();
         let mut r = Self {
