@@ -154,6 +154,42 @@ fn the_agent_logs_the_disconnect_and_is_back_after_a_gateway_restart() -> Result
     Ok(())
 }
 
+#[test]
+fn ctl_finds_the_device_on_whichever_gateway_has_it_and_lists_devices() -> Result<()> {
+    let r = Remote::start(ALLOW)?;
+    // A second gateway of the same installation (same PKI), without the device.
+    let other = devgate_tests::DataDir {
+        dir: tempfile::tempdir()?,
+        fingerprint: r.gateway.data.fingerprint.clone(),
+        pairing_token: String::new(),
+    };
+    let pki = other.path().join("pki");
+    std::fs::create_dir_all(&pki)?;
+    for entry in std::fs::read_dir(r.gateway.data.path().join("pki"))? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), pki.join(entry.file_name()))?;
+    }
+    let other = Gateway::start_in(other, "")?;
+    let mut args = r.ctl_conn_args();
+    args.splice(0..0, ["--gateway".to_owned(), other.addr.to_string()]);
+    let ctl = |extra: &[&str]| {
+        let mut c = Command::new(binary("devgate-ctl"));
+        c.args(&args).args(extra);
+        c
+    };
+    let out = ctl(&["run", &r.unit, "greet"]).output()?;
+    ensure!(out.status.success(), "run through two gateways: {:?}", text(&out));
+    ensure!(text(&out).0 == "hello from the device\n");
+    let out = ctl(&["devices"]).output()?;
+    let (stdout, stderr) = text(&out);
+    ensure!(out.status.success(), "devices: {stderr}");
+    ensure!(
+        stdout == format!("{}\tonline\t{}\n", r.unit, r.gateway.addr),
+        "devices printed {stdout:?}"
+    );
+    Ok(())
+}
+
 fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Result<Option<i32>> {
     let deadline = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < deadline {
