@@ -187,6 +187,12 @@ fn ctl_finds_the_device_on_whichever_gateway_has_it_and_lists_devices() -> Resul
         stdout == format!("{}\tonline\t{}\n", r.unit, r.gateway.addr),
         "devices printed {stdout:?}"
     );
+    // --watch: the device going away is a presence line.
+    let mut r = r;
+    let watch = remote_common::Proc::spawn(&mut ctl(&["devices", "--watch"]))?;
+    watch.wait_for(&format!("{}\tonline", r.unit), Duration::from_secs(10))?;
+    r.agent = remote_common::Proc::spawn(&mut Command::new("true"))?;
+    watch.wait_for(&format!("{}\toffline\tdisconnected", r.unit), Duration::from_secs(10))?;
     Ok(())
 }
 
