@@ -178,7 +178,11 @@ fn ctl_finds_the_device_on_whichever_gateway_has_it_and_lists_devices() -> Resul
         c
     };
     let out = ctl(&["run", &r.unit, "greet"]).output()?;
-    ensure!(out.status.success(), "run through two gateways: {:?}", text(&out));
+    ensure!(
+        out.status.success(),
+        "run through two gateways: {:?}",
+        text(&out)
+    );
     ensure!(text(&out).0 == "hello from the device\n");
     let out = ctl(&["devices"]).output()?;
     let (stdout, stderr) = text(&out);
@@ -192,7 +196,10 @@ fn ctl_finds_the_device_on_whichever_gateway_has_it_and_lists_devices() -> Resul
     let watch = remote_common::Proc::spawn(&mut ctl(&["devices", "--watch"]))?;
     watch.wait_for(&format!("{}\tonline", r.unit), Duration::from_secs(10))?;
     r.agent = remote_common::Proc::spawn(&mut Command::new("true"))?;
-    watch.wait_for(&format!("{}\toffline\tdisconnected", r.unit), Duration::from_secs(10))?;
+    watch.wait_for(
+        &format!("{}\toffline\tdisconnected", r.unit),
+        Duration::from_secs(10),
+    )?;
     Ok(())
 }
 

@@ -37,34 +37,7 @@ fn openssh_through_forward_runs_a_command_and_copies_50_mib_both_ways() -> Resul
     let sshd_port = free_port()?;
     let r = Remote::start(&format!("[tcp]\nallow = [\"127.0.0.1:{sshd_port}\"]\n"))?;
     let d = r.dir.path();
-    for (name, file) in [("host", "host_key"), ("client", "id")] {
-        let out = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-            .arg(d.join(file))
-            .output()?;
-        ensure!(out.status.success(), "ssh-keygen: {:?}", text(&out));
-    }
-    std::fs::copy(d.join("id.pub"), d.join("authorized_keys"))?;
-    // sshd insists on its privilege separation directory.
-    std::fs::create_dir_all("/run/sshd")?;
-    let config = d.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
-             PidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\nPermitRootLogin yes\n\
-             Subsystem sftp internal-sftp\n",
-            d.join("host_key").display(),
-            d.join("authorized_keys").display()
-        ),
-    )?;
-    let _sshd = Proc::spawn(
-        Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(&config),
-    )?;
-    wait_port(sshd_port, Duration::from_secs(10))?;
+    let _sshd = remote_common::start_sshd(d, sshd_port)?;
     let (_fwd, port) = r.forward(&format!("127.0.0.1:{sshd_port}"))?;
     let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
     let opts = |c: &mut Command| {

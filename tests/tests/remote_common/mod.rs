@@ -352,3 +352,56 @@ impl Drop for Tmux {
         let _ = self.cmd().arg("kill-server").output();
     }
 }
+
+/// Starts a real sshd on 127.0.0.1:`port` with its own host key and an `authorized_keys`
+/// holding a fresh client key (`DIR/id`), all in `dir`.
+pub(crate) fn start_sshd(dir: &Path, port: u16) -> Result<Proc> {
+    for (name, file) in [("host", "host_key"), ("client", "id")] {
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(dir.join(file))
+            .output()?;
+        if !out.status.success() {
+            bail!("ssh-keygen: {:?}", text(&out));
+        }
+    }
+    std::fs::copy(dir.join("id.pub"), dir.join("authorized_keys"))?;
+    // sshd insists on its privilege separation directory.
+    std::fs::create_dir_all("/run/sshd")?;
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+             PidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nPermitRootLogin yes\n\
+             Subsystem sftp internal-sftp\n",
+            dir.join("host_key").display(),
+            dir.join("authorized_keys").display()
+        ),
+    )?;
+    let sshd = Proc::spawn(
+        Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config),
+    )?;
+    wait_port(port, Duration::from_secs(10))?;
+    Ok(sshd)
+}
+
+/// ssh/scp options for the sshd of [`start_sshd`]: its client key, no host key checks, no
+/// prompts.
+pub(crate) fn ssh_options(dir: &Path) -> Vec<String> {
+    vec![
+        "-i".into(),
+        dir.join("id").display().to_string(),
+        "-o".into(),
+        "StrictHostKeyChecking=no".into(),
+        "-o".into(),
+        "UserKnownHostsFile=/dev/null".into(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+    ]
+}
