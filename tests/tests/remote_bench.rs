@@ -123,7 +123,7 @@ fn keystroke_round_trip_through_shell() -> Result<()> {
         r.unit
     );
     let mut child = Command::new("script")
-        .args(["-qfec", &line, "/dev/null"])
+        .args(["-qfec", &line, "--echo", "never", "/dev/null"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
