@@ -25,6 +25,14 @@ argv = ["/bin/sh", "-c", "echo partial; exit 3"]
 argv = ["/bin/echo"]
 allow_args = true
 
+[commands.slow]
+argv = ["/bin/sleep", "30"]
+timeout_secs = 1
+
+[commands.chatty]
+argv = ["/bin/sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x"]
+max_output_bytes = 1000
+
 [pty]
 shell = "/bin/sh"
 
@@ -46,6 +54,23 @@ fn run_prints_output_and_exits_with_the_commands_status() -> Result<()> {
 
     let out = r.ctl(&["run", &r.unit, "echo", "a", "b c"]).output()?;
     ensure!(text(&out).0 == "a b c\n", "args: {:?}", text(&out));
+
+    // Timeout and output cap.
+    let out = r.ctl(&["run", &r.unit, "slow"]).output()?;
+    ensure!(out.status.code() == Some(255));
+    ensure!(
+        text(&out).1.contains("timed out after 1 s"),
+        "{:?}",
+        text(&out)
+    );
+    let out = r.ctl(&["run", &r.unit, "chatty"]).output()?;
+    ensure!(out.status.code() == Some(0), "{:?}", text(&out));
+    ensure!(
+        text(&out).0 == "x".repeat(1000),
+        "chatty kept {} bytes",
+        out.stdout.len()
+    );
+    ensure!(text(&out).1.contains("output was cut"), "{:?}", text(&out));
 
     // A device nobody connected: non-zero, naming it.
     let out = r.ctl(&["run", "no-such-unit", "greet"]).output()?;

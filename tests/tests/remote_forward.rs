@@ -104,8 +104,15 @@ fn vnc_screenshot_through_forward() -> Result<()> {
     }
     let vnc_port = free_port()?;
     let r = Remote::start(&format!("[tcp]\nallow = [\"127.0.0.1:{vnc_port}\"]\n"))?;
-    // A display number nobody else uses: derived from the port, above the usual ones.
-    let display = format!(":{}", 100 + (vnc_port % 400));
+    // A display number nobody uses (no lock or socket left by an earlier X server).
+    let display = (0..400)
+        .map(|i| 100 + (u32::from(vnc_port) + i) % 400)
+        .find(|n| {
+            !std::path::Path::new(&format!("/tmp/.X{n}-lock")).exists()
+                && !std::path::Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
+        })
+        .map(|n| format!(":{n}"))
+        .context("no free X display number from :100 to :499")?;
     let _xvfb = Proc::spawn(Command::new("Xvfb").args([
         &display,
         "-screen",
