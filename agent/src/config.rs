@@ -56,8 +56,12 @@ fn default_timeout() -> u64 {
 }
 
 fn default_max_output() -> usize {
-    64 * 1024
+    MAX_OUTPUT
 }
+
+/// Largest output kept per stream: JSON escaping may grow a byte to six, and stdout and
+/// stderr share one Response frame of at most 1 MiB.
+const MAX_OUTPUT: usize = 64 * 1024;
 
 impl CommandSpec {
     pub(crate) fn timeout(&self) -> Duration {
@@ -120,6 +124,12 @@ impl Config {
             }
             if spec.timeout_secs == 0 {
                 bail!("command {name:?}: timeout_secs must be at least 1");
+            }
+            if spec.max_output_bytes > MAX_OUTPUT {
+                bail!(
+                    "command {name:?}: max_output_bytes is at most {MAX_OUTPUT} (the answer, \
+                     stdout and stderr escaped as JSON, must fit one 1 MiB frame)"
+                );
             }
         }
         for target in &self.tcp.allow {

@@ -111,11 +111,12 @@ pub(crate) async fn serve(
             .env("LOGNAME", &user.name)
             .current_dir(&user.home);
     }
-    // SAFETY: only async-signal-safe system calls (setsid, ioctl) run between fork and exec.
+    // SAFETY: only async-signal-safe system calls (setsid, ioctl) run between fork and exec,
+    // and nothing allocates; fd 0 is the terminal's slave side by then.
     unsafe {
         cmd.pre_exec(|| {
             rustix::process::setsid()?;
-            rustix::process::ioctl_tiocsctty(std::io::stdin())?;
+            rustix::process::ioctl_tiocsctty(std::os::fd::BorrowedFd::borrow_raw(0))?;
             Ok(())
         });
     }
