@@ -458,6 +458,5 @@ fn enrollment_by_email_finds_the_gateway_through_dns_txt() -> Result<()> {
         text(&out)
     );
     ensure!(!state2.exists());
-    let _ = free_port;
     Ok(())
 }

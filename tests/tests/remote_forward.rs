@@ -113,7 +113,7 @@ fn vnc_screenshot_through_forward() -> Result<()> {
         })
         .map(|n| format!(":{n}"))
         .context("no free X display number from :100 to :499")?;
-    let _xvfb = Proc::spawn(Command::new("Xvfb").args([
+    let xvfb = Proc::spawn(Command::new("Xvfb").args([
         &display,
         "-screen",
         "0",
@@ -156,6 +156,11 @@ fn vnc_screenshot_through_forward() -> Result<()> {
     ensure!(out.status.success(), "vncsnapshot: {:?}", text(&out));
     let len = std::fs::metadata(&png).context("no screenshot")?.len();
     ensure!(len > 0, "empty screenshot");
+    // Xvfb is killed with SIGKILL: remove what it leaves behind.
+    drop(xvfb);
+    let n = display.trim_start_matches(':');
+    let _ = std::fs::remove_file(format!("/tmp/.X{n}-lock"));
+    let _ = std::fs::remove_file(format!("/tmp/.X11-unix/X{n}"));
     Ok(())
 }
 
