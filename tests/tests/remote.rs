@@ -228,6 +228,53 @@ fn ctl_finds_the_device_on_whichever_gateway_has_it_and_lists_devices() -> Resul
     Ok(())
 }
 
+#[test]
+fn the_agent_keeps_the_trust_bundle_and_reconnects_under_the_new_root() -> Result<()> {
+    let mut r = Remote::start(ALLOW)?;
+    let dir = r.gateway.data_arg();
+    let (ok, _, err) = devgate_tests::devgate(&["cert", "stage-root", "--data-dir", &dir])?;
+    ensure!(ok, "stage-root: {err}");
+    r.gateway.reload();
+    r.agent
+        .wait_for("stored the gateway's trust bundle", Duration::from_secs(20))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while r.gateway.status()?["root_exchange"]["devices_acked"].as_u64() != Some(1) {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the agent's acknowledgement was not counted: {}",
+            r.gateway.status()?["root_exchange"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, _, err) = devgate_tests::devgate(&["cert", "activate-root", "--data-dir", &dir])?;
+    ensure!(ok, "activate-root: {err}");
+    r.gateway.reload();
+    ensure!(
+        r.gateway
+            .wait_for_log("reloaded certificates", Duration::from_secs(5)),
+        "{}",
+        r.gateway.logs()
+    );
+    let new_root = devgate_tests::roots(r.gateway.data.path())?;
+    let stored = devgate_pki::load_certs(&r.path("state").join("roots.pem"))?;
+    ensure!(
+        new_root.iter().all(|c| stored.contains(c)),
+        "the agent did not store the new root"
+    );
+    // A fresh agent process knows only what it stored: it connects to the new chain.
+    r.agent = remote_common::Proc::spawn(
+        Command::new(binary("devgate-agent"))
+            .arg("run")
+            .arg("--config")
+            .arg(r.path("agent.toml")),
+    )?;
+    r.agent
+        .wait_for("connected to the gateway", Duration::from_secs(20))?;
+    let out = r.ctl(&["run", &r.unit, "greet"]).output()?;
+    ensure!(out.status.success(), "under the new root: {:?}", text(&out));
+    Ok(())
+}
+
 fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Result<Option<i32>> {
     let deadline = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < deadline {
