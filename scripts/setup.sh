@@ -28,6 +28,12 @@ done
 #   tinyproxy        the HTTP CONNECT proxy that tests/tests/proxy.rs puts between the
 #                    client library and the gateway (its packaged service is not used:
 #                    each test starts its own on a loopback port, as nobody when root)
+#   sshd, ssh, scp   tests/tests/remote.rs: a real OpenSSH session through `devgate-ctl forward`
+#                    (the test starts its own sshd on a loopback port, not the packaged one)
+#   tmux             tests/tests/remote.rs: `devgate-ctl shell` inside a real terminal
+#   x11vnc, Xvfb,    tests/tests/remote.rs: screen shadowing, a VNC server on a virtual
+#   vncsnapshot      display behind an agent and a VNC client through `devgate-ctl forward`
+#   curl, python3    tests/tests/remote.rs: 100 parallel downloads from a device-local server
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v ip >/dev/null || need+=(iproute2)
@@ -37,6 +43,15 @@ command -v nsenter >/dev/null || need+=(util-linux)
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v tinyproxy >/dev/null || need+=(tinyproxy)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null || need+=(openssh-client)
+command -v scp >/dev/null || need+=(openssh-client)
+command -v tmux >/dev/null || need+=(tmux)
+command -v x11vnc >/dev/null || need+=(x11vnc)
+command -v Xvfb >/dev/null || need+=(xvfb)
+command -v vncsnapshot >/dev/null || need+=(vncsnapshot)
+command -v curl >/dev/null || need+=(curl)
+command -v python3 >/dev/null || need+=(python3)
 updated=0
 apt_update() {
   if [ "$updated" -eq 0 ]; then

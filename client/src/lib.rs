@@ -87,7 +87,8 @@ pub use enroll::{ENROLL_PATH, Enrolled, RENEW_PATH, enroll, enroll_via, renew, r
 pub use error::ClientError;
 pub use first_contact::{FirstContact, fetch_gateway_root, fetch_gateway_root_via};
 pub use mux::{
-    CONNECTION_WINDOW, DevgateStream, IncomingStream, MAX_CHUNK, MIN_WINDOW, Mux, STREAM_WINDOW,
+    CONNECTION_WINDOW, DevgateStream, Frames, IncomingStream, IncomingStreams, MAX_CHUNK,
+    MIN_WINDOW, Mux, STREAM_WINDOW,
 };
 pub use proxy::{NoProxy, Proxy, parse_connect_response};
 pub use tls::{certs_from_pem, key_from_pem, tls_config, tls_config_with};

@@ -350,6 +350,48 @@ impl Mux {
     pub async fn accept_stream(&self) -> Option<IncomingStream> {
         self.incoming.lock().await.recv().await
     }
+
+    /// Hands the non-stream frames to their own owner (e.g. a task that drains them while
+    /// streams run: the reader waits once [`FRAME_BACKLOG`] frames are unread, which would
+    /// stall the streams too). [`Mux::next_frame`] returns an error afterwards.
+    pub fn frames(&mut self) -> Frames {
+        let (_, closed) = mpsc::channel(1);
+        Frames(std::mem::replace(self.frames.get_mut(), closed))
+    }
+
+    /// Device side: hands the incoming streams to their own owner (a task of their own,
+    /// while another waits for frames with [`Mux::next_frame`]). [`Mux::accept_stream`]
+    /// returns `None` afterwards.
+    pub fn incoming_streams(&mut self) -> IncomingStreams {
+        let (_, closed) = mpsc::unbounded_channel();
+        IncomingStreams(std::mem::replace(self.incoming.get_mut(), closed))
+    }
+}
+
+/// The non-stream frames of a [`Mux`], taken out with [`Mux::frames`].
+#[derive(Debug)]
+pub struct Frames(mpsc::Receiver<Result<Received, ClientError>>);
+
+impl Frames {
+    /// As [`Mux::next_frame`].
+    pub async fn next(&mut self) -> Result<Received, ClientError> {
+        match self.0.recv().await {
+            Some(r) => r,
+            None => Err(ClientError::Protocol("the connection has ended".into())),
+        }
+    }
+}
+
+/// The streams managers open on this device, taken out of a [`Mux`] with
+/// [`Mux::incoming_streams`].
+#[derive(Debug)]
+pub struct IncomingStreams(mpsc::UnboundedReceiver<IncomingStream>);
+
+impl IncomingStreams {
+    /// The next stream a manager opened; `None` once the connection has ended.
+    pub async fn next(&mut self) -> Option<IncomingStream> {
+        self.0.recv().await
+    }
 }
 
 impl Drop for Mux {

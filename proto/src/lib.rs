@@ -52,4 +52,5 @@
 
 pub mod frame;
 pub mod http;
+pub mod remote;
 pub mod ws;

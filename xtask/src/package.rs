@@ -2,7 +2,8 @@
 //!
 //! Builds the release binary, then packages it with the unit, the default configuration
 //! and the maintainer scripts from `packaging/` (see `[package.metadata.deb]` in
-//! gateway/Cargo.toml). Prints the path of the .deb.
+//! gateway/Cargo.toml). Prints the path of the .deb. `--agent` builds the device agent's
+//! package instead (`devgate-agent`, metadata in agent/Cargo.toml).
 
 use anyhow::{Context, Result, bail};
 
@@ -17,9 +18,16 @@ pub(crate) fn deb(extra: &[String]) -> Result<()> {
             "cargo-deb is not installed: run scripts/setup.sh (cargo install cargo-deb --locked)"
         );
     }
-    super::run(super::cargo().args(["build", "--release", "-p", "gateway", "--bin", "devgate"]))?;
+    let agent = extra.iter().any(|a| a == "--agent");
+    let extra: Vec<&String> = extra.iter().filter(|a| *a != "--agent").collect();
+    let (package, bin) = if agent {
+        ("devgate-agent", "devgate-agent")
+    } else {
+        ("gateway", "devgate")
+    };
+    super::run(super::cargo().args(["build", "--release", "-p", package, "--bin", bin]))?;
     let out = super::cargo()
-        .args(["deb", "-p", "gateway", "--no-build"])
+        .args(["deb", "-p", package, "--no-build"])
         .args(extra)
         .output()
         .context("running cargo deb")?;

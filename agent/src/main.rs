@@ -1,0 +1,74 @@
+//! `devgate-agent`: the device side of devgate remote access.
+//!
+//! - `enroll`: first contact and enrollment (`enroll.rs`), credential into the state
+//!   directory (`state.rs`);
+//! - `run`: keeps the session (`session.rs`) and serves the allow-lists of the
+//!   configuration (`config.rs`): commands (`commands.rs`), terminals (`pty.rs`) and TCP
+//!   targets.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod commands;
+mod config;
+mod enroll;
+mod pty;
+mod session;
+mod state;
+
+#[derive(Debug, Parser)]
+#[command(name = "devgate-agent", version, about = "devgate device agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Find the gateway, confirm its fingerprint and enroll this device.
+    Enroll(enroll::EnrollArgs),
+    /// Keep the session with the gateway and serve what the configuration allows.
+    Run {
+        /// The configuration file.
+        #[arg(long, default_value = config::DEFAULT_CONFIG, env = "DEVGATE_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEVGATE_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("devgate-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Cmd::Enroll(args) => enroll::run(args).await,
+            Cmd::Run { config } => session::run(config::Config::load(&config)?).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("devgate-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

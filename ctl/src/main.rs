@@ -1,0 +1,281 @@
+//! `devgate-ctl`: the manager side of devgate remote access, for an operator.
+//!
+//! Exit status: `run` and `shell` exit with the device's command or shell status; every
+//! subcommand exits with 255 when the device could not be reached or refused
+//! (so a non-zero status always means some addressed device failed), 2 on usage errors.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use devgate_client::{Body, PresenceReason};
+use serde_json::{Value, json};
+
+mod forward;
+mod gateways;
+mod shell;
+
+use gateways::ConnArgs;
+
+/// Exit status when ctl itself failed or the device could not be reached or refused.
+const FAILED: u8 = 255;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "devgate-ctl",
+    version,
+    about = "devgate manager tool: devices, commands, shells, port forwarding"
+)]
+struct Cli {
+    #[command(flatten)]
+    conn: ConnArgs,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// List connected devices (and follow presence with --watch).
+    Devices {
+        /// Keep running and print each device that comes or goes.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Run an allow-listed command on a device; prints its output, exits with its status.
+    Run {
+        unit: String,
+        name: String,
+        /// Arguments (only if the device's configuration allows them for this command).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// An interactive shell on a device; exits with the shell's status.
+    Shell { unit: String },
+    /// Forward a local port to a TCP target on a device: each accepted connection is one
+    /// stream.
+    Forward {
+        unit: String,
+        /// HOST:PORT as the device sees it (must be on its allow-list), or tcp:HOST:PORT.
+        target: String,
+        /// Local address to listen on.
+        #[arg(long)]
+        listen: String,
+        /// Streams open at once; further connections wait. Each may have 1 MiB in flight, and
+        /// the gateway's limits (max_streams_per_device, default 8; queue_hard_bytes, 16 MiB)
+        /// bound what one manager can have.
+        #[arg(long, default_value_t = 8)]
+        max_streams: usize,
+    },
+    /// Enrollment keys, through the manager connection.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCmd {
+    /// Create keys; prints one key per line (the only time the secret is shown).
+    Create {
+        /// N one-time keys, each usable by any one device.
+        #[arg(long, conflicts_with_all = ["unit", "multi"])]
+        one_time: Option<u32>,
+        /// One-time keys bound to these unit IDs.
+        #[arg(long, num_args = 1.., conflicts_with = "multi")]
+        unit: Vec<String>,
+        /// One multi-use key.
+        #[arg(long)]
+        multi: bool,
+        /// The multi-use key's value.
+        #[arg(long, requires = "multi")]
+        value: Option<String>,
+        /// Expiry: 90s, 30m, 12h, 7d or an RFC 3339 time.
+        #[arg(long)]
+        expires: Option<String>,
+        /// Print the gateway's JSON reply.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("devgate-ctl: cannot start the runtime: {e}");
+            return ExitCode::from(FAILED);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // A read of stdin may still be waiting in a blocking thread; do not wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("devgate-ctl: {e:#}");
+            ExitCode::from(FAILED)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8> {
+    let mut gateways = gateways::connect_all(&cli.conn).await?;
+    match cli.command {
+        Cmd::Devices { watch } => devices(&mut gateways, watch).await,
+        Cmd::Run { unit, name, args } => run_command(&mut gateways, &unit, &name, &args).await,
+        Cmd::Shell { unit } => shell::run(&mut gateways, &unit).await,
+        Cmd::Forward {
+            unit,
+            target,
+            listen,
+            max_streams,
+        } => forward::run(gateways, &unit, &target, &listen, max_streams).await,
+        Cmd::Keys {
+            command:
+                KeysCmd::Create {
+                    one_time,
+                    unit,
+                    multi,
+                    value,
+                    expires,
+                    json,
+                },
+        } => {
+            let mut req = if multi {
+                json!({"op": "create_keys", "kind": "multi"})
+            } else if !unit.is_empty() {
+                json!({"op": "create_keys", "kind": "bound", "units": unit})
+            } else {
+                json!({"op": "create_keys", "kind": "one-time", "count": one_time.unwrap_or(1)})
+            };
+            if let Some(v) = value {
+                req["value"] = json!(v);
+            }
+            if let Some(e) = expires {
+                req["expires"] = json!(e);
+            }
+            let gw = gateways.first_mut().context("no gateway")?;
+            let reply = gw.control(&req).await?;
+            if json {
+                println!("{reply}");
+            } else {
+                for k in reply["keys"].as_array().into_iter().flatten() {
+                    println!("{}", k["key"].as_str().unwrap_or_default());
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+async fn devices(gateways: &mut [gateways::Gateway], watch: bool) -> Result<u8> {
+    for gw in gateways.iter_mut() {
+        let mut offset = 0u64;
+        loop {
+            let reply = gw
+                .control(&json!({"op": "list_devices", "offset": offset, "limit": 10000}))
+                .await?;
+            let page = reply["devices"].as_array().cloned().unwrap_or_default();
+            for unit in &page {
+                println!(
+                    "{}\tonline\t{}",
+                    unit.as_str().unwrap_or_default(),
+                    gw.label
+                );
+            }
+            offset += page.len() as u64;
+            if page.is_empty() || offset >= reply["total"].as_u64().unwrap_or(0) {
+                break;
+            }
+        }
+    }
+    if !watch {
+        return Ok(0);
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    for gw in gateways.iter_mut() {
+        let mut frames = gw.mux.frames();
+        let label = gw.label.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let r = match frames.next().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(format!("#gateway {label} lost: {e}"));
+                        return;
+                    }
+                };
+                let f = r.frame();
+                if let Body::Presence { online, reason } = f.body {
+                    let _ = tx.send(format!(
+                        "{}\t{}\t{}\t{}",
+                        f.unit,
+                        if online { "online" } else { "offline" },
+                        reason_name(reason),
+                        label
+                    ));
+                }
+            }
+        });
+    }
+    drop(tx);
+    while let Some(line) = rx.recv().await {
+        if let Some(err) = line.strip_prefix('#') {
+            eprintln!("devgate-ctl: {err}");
+        } else {
+            println!("{line}");
+        }
+    }
+    bail!("lost every gateway")
+}
+
+fn reason_name(r: PresenceReason) -> &'static str {
+    r.as_str()
+}
+
+async fn run_command(
+    gateways: &mut [gateways::Gateway],
+    unit: &str,
+    name: &str,
+    args: &[String],
+) -> Result<u8> {
+    let payload = json!({"op": "run", "name": name, "args": args}).to_string();
+    for gw in gateways.iter_mut() {
+        let Some(reply) = gw.command(unit, payload.as_bytes()).await? else {
+            continue;
+        };
+        let v: Value = serde_json::from_slice(&reply)
+            .with_context(|| format!("device {unit} answered something that is not JSON"))?;
+        if let Some(out) = v["stdout"].as_str() {
+            print!("{out}");
+        }
+        if let Some(err) = v["stderr"].as_str() {
+            eprint!("{err}");
+        }
+        if v["ok"] != json!(true) {
+            bail!(
+                "device {unit}: {}",
+                v["error"].as_str().unwrap_or("the command failed")
+            );
+        }
+        if v["truncated"] == json!(true) {
+            eprintln!("devgate-ctl: device {unit}: output was cut at the device's limit");
+        }
+        let code = v["exit_code"].as_i64().unwrap_or(i64::from(FAILED));
+        return Ok(u8::try_from(code).unwrap_or(FAILED));
+    }
+    bail!(
+        "device {unit} is not connected to {}",
+        gateways
+            .iter()
+            .map(|g| g.label.as_str())
+            .collect::<Vec<_>>()
+            .join(" or ")
+    )
+}
