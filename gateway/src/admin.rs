@@ -363,7 +363,8 @@ impl HistogramSnapshot {
 }
 
 /// Health of the state directory and the credential store: the directory must exist, be a
-/// directory we can write into, and hold the server certificate; the SQLite store must answer.
+/// directory we can write into, and hold the server certificate; the store (SQLite or
+/// PostgreSQL) must answer.
 fn store_status(shared: &Shared) -> serde_json::Value {
     let dir = &shared.config.data_dir;
     let paths = devgate_pki::PkiPaths::new(dir);
@@ -376,22 +377,26 @@ fn store_status(shared: &Shared) -> serde_json::Value {
     if !paths.server_cert().exists() {
         problems.push(format!("{} is missing", paths.server_cert().display()));
     }
-    match shared.store.get() {
-        None => problems.push("the credential store is not open".to_owned()),
+    let (kind, database) = match shared.store.get() {
+        None => {
+            problems.push("the credential store is not open".to_owned());
+            ("unknown", String::new())
+        }
         Some(store) => {
             if let Err(e) = store.health() {
                 problems.push(format!("credential store: {e}"));
             }
+            (store.kind(), store.location())
         }
-    }
+    };
     let free_bytes = free_bytes(dir);
     if free_bytes == Some(0) {
         problems.push(format!("no space left on {}", dir.display()));
     }
     serde_json::json!({
-        "kind": "sqlite",
+        "kind": kind,
         "data_dir": dir.display().to_string(),
-        "database": crate::store::sqlite::SqliteStore::path_in(dir).display().to_string(),
+        "database": database,
         "ok": problems.is_empty(),
         "problems": problems,
         "free_bytes": free_bytes,

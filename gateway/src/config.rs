@@ -43,6 +43,53 @@ pub struct Config {
     pub xdp: crate::guard::config::GuardConfig,
     /// TLS record layer (`[tls]`).
     pub tls: TlsSection,
+    /// The credential store (`[store]`).
+    pub store: StoreSection,
+}
+
+/// The `[store]` section: where keys, the device registry and revocations live.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// Unset: the embedded SQLite store in the data dir. `postgres://USER:PASSWORD@HOST:PORT/DB`
+    /// (or a libpq key=value string): the PostgreSQL store that several instances share.
+    /// `config show` prints it without the password.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_redacted_url"
+    )]
+    pub url: Option<String>,
+}
+
+/// The store URL without its password (`config show` output is pasted into tickets).
+fn serialize_redacted_url<S: serde::Serializer>(
+    url: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let redacted = url.as_deref().map(redact_url);
+    redacted.serialize(s)
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`; also hides a
+/// `password=` value in key=value form.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (auth, tail) = match rest.find('@') {
+            Some(at) => (&rest[..at], &rest[at..]),
+            None => return url.to_owned(),
+        };
+        return match auth.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***{tail}"),
+            None => url.to_owned(),
+        };
+    }
+    url.split_whitespace()
+        .map(|kv| match kv.split_once('=') {
+            Some(("password", _)) => "password=***".to_owned(),
+            _ => kv.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The `[tls]` section.
@@ -266,6 +313,7 @@ impl Default for Config {
             credentials: Credentials::default(),
             xdp: Default::default(),
             tls: TlsSection::default(),
+            store: StoreSection::default(),
         }
     }
 }
@@ -602,6 +650,9 @@ impl Config {
         }
         self.tls.suites()?;
         self.xdp.validate()?;
+        if let Some(url) = &self.store.url {
+            crate::store::postgres::parse_url(url).map_err(|m| invalid("store.url", m))?;
+        }
         if self.workers > 1024 {
             return Err(invalid(
                 "workers",

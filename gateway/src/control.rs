@@ -18,7 +18,7 @@ use devgate_pki::{ClientCa, PkiPaths};
 use devgate_proto::frame::{ErrorCode, Frame};
 use devgate_proto::http;
 use serde_json::{Value, json};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::msg::{CloseReason, Msg, MsgKind, Priority};
 use crate::shared::{ConnHandle, Shared};
@@ -244,7 +244,7 @@ impl ControlPlane {
             Job::CertUsed { unit, fingerprint } => {
                 let fp = devgate_pki::format_fingerprint(&fingerprint);
                 if let Err(e) = self.store.mark_cert_used(&unit, &fp, unix_now()) {
-                    warn!("cannot record the first use of {unit}'s certificate: {e}");
+                    crate::warn_limited!("cannot record the first use of {unit}'s certificate: {e}");
                 }
                 self.poll_changes();
             }
@@ -369,7 +369,7 @@ impl ControlPlane {
                 refused()
             }
             Err(e) => {
-                crate::warn_limited!("enrollment failed: {e}");
+                crate::warn_limited!(%ip, "enrollment answered 503 (retry later): the credential store is unavailable: {e}");
                 json_response(
                     503,
                     "Service Unavailable",
@@ -445,7 +445,7 @@ impl ControlPlane {
                 )
             }
             Err(e) => {
-                warn!("renewal failed: {e}");
+                crate::warn_limited!("renewal failed: {e}");
                 json_response(
                     503,
                     "Service Unavailable",
@@ -612,7 +612,7 @@ impl ControlPlane {
             if let Err(e) = self.store.record_trust_acks(&acks, unix_now()) {
                 // Lost acknowledgements only delay the count: peers acknowledge every
                 // bundle frame, and reconnecting peers are sent it again.
-                warn!(
+                crate::warn_limited!(
                     count = acks.len(),
                     "cannot record trust bundle acknowledgements: {e}"
                 );
@@ -624,7 +624,7 @@ impl ControlPlane {
         };
         match self.store.trust_progress(&bundle.id) {
             Ok(progress) => self.shared.trust_progress.store(Some(Arc::new(progress))),
-            Err(e) => warn!("cannot read the root exchange progress: {e}"),
+            Err(e) => crate::warn_limited!("cannot read the root exchange progress: {e}"),
         }
     }
 
@@ -633,7 +633,7 @@ impl ControlPlane {
         let (events, last) = match self.store.revocations_since(self.revocation_seq) {
             Ok(r) => r,
             Err(e) => {
-                warn!("cannot read revocations: {e}");
+                crate::warn_limited!("cannot read revocations: {e}");
                 return;
             }
         };
@@ -679,7 +679,7 @@ impl ControlPlane {
         let (changes, last) = match self.store.cred_changes_since(self.change_seq) {
             Ok(r) => r,
             Err(e) => {
-                warn!("cannot read credential changes: {e}");
+                crate::warn_limited!("cannot read credential changes: {e}");
                 return;
             }
         };
@@ -716,7 +716,7 @@ impl ControlPlane {
                     }
                 }
                 Err(e) => {
-                    warn!("cannot read the credentials of {unit}: {e}");
+                    crate::warn_limited!("cannot read the credentials of {unit}: {e}");
                     continue;
                 }
             }
@@ -728,7 +728,7 @@ impl ControlPlane {
             match self.store.manager_creds(&name) {
                 Ok(accepted) => self.shared.identity.set_manager(&name, accepted.as_deref()),
                 Err(e) => {
-                    warn!("cannot read the credentials of manager {name}: {e}");
+                    crate::warn_limited!("cannot read the credentials of manager {name}: {e}");
                     continue;
                 }
             }

@@ -296,9 +296,8 @@ pub fn serve(config: Config) -> Result<()> {
     shared.data_path = data_path.clone();
     shared.tls_offload = tls_offload.clone();
     let shared = Arc::new(shared);
-    let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::sqlite::SqliteStore::open(
-        &shared.config.data_dir,
-    )?);
+    let store = crate::store::open(shared.config.store.url.as_deref(), &shared.config.data_dir)?;
+    info!(store = store.kind(), at = %store.location(), "credential store open");
     let _ = shared.store.set(store.clone());
     let jobs = crate::control::start(shared.clone(), store)?;
     let _ = shared.jobs.set(jobs);
