@@ -37,6 +37,21 @@ fn find_bin() -> Option<PathBuf> {
     majors.pop().map(|(_, bin)| bin)
 }
 
+/// Runs `f` on a thread of its own: the sync PostgreSQL client starts a runtime of its own,
+/// which panics on a thread that already drives one (an async test).
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
+/// Whether the server at `url` accepts a connection.
+fn ping(url: &str) -> Result<()> {
+    off_runtime(|| postgres::Client::connect(url, postgres::NoTls).map(drop))
+        .context("connecting to the test PostgreSQL")
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -125,9 +140,13 @@ impl Postgres {
 
     /// Creates database `name` (empty) and returns its URL.
     pub fn create_db(&self, name: &str) -> Result<String> {
-        let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
-            .context("connecting to the test PostgreSQL")?;
-        admin.batch_execute(&format!("CREATE DATABASE \"{name}\""))?;
+        let url = self.url("postgres");
+        off_runtime(|| -> Result<()> {
+            let mut admin = postgres::Client::connect(&url, postgres::NoTls)
+                .context("connecting to the test PostgreSQL")?;
+            admin.batch_execute(&format!("CREATE DATABASE \"{name}\""))?;
+            Ok(())
+        })?;
         Ok(self.url(name))
     }
 
@@ -172,7 +191,7 @@ impl Postgres {
         // `-w` waits for the postmaster; make sure connections are accepted.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match postgres::Client::connect(&self.url("postgres"), postgres::NoTls) {
+            match ping(&self.url("postgres")) {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
                     bail!("PostgreSQL did not accept connections: {e}")

@@ -220,7 +220,24 @@ impl PgStore {
 
     /// Runs `f` on the connection, connecting first if there is none. A failure that
     /// closed the connection drops it, so the next call reconnects.
-    fn with<T>(
+    fn with<T: Send>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        // The sync client drives its own runtime and panics inside another one; the
+        // admin listener (a tokio runtime) asks for the store's health.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return std::thread::scope(|scope| {
+                scope
+                    .spawn(|| self.with_here(f))
+                    .join()
+                    .unwrap_or_else(|_| Err(StoreError("the store call panicked".into())))
+            });
+        }
+        self.with_here(f)
+    }
+
+    fn with_here<T>(
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
@@ -270,9 +287,9 @@ impl PgStore {
 
     /// Runs `f` in a transaction that holds the fleet-wide write lock; commits if it
     /// returns `Ok` (a refusal that wrote nothing commits nothing).
-    fn write<T>(
+    fn write<T: Send>(
         &self,
-        f: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
         self.with(|client| {
             let mut tx = client.transaction()?;
