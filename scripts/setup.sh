@@ -25,6 +25,8 @@ done
 #   nginx            the reverse-proxy baseline of `cargo xtask bench-report` (nginx-light:
 #                    Debian's smallest build with TLS and proxying; its packaged service is
 #                    not used, the report starts its own nginx on a loopback port)
+#   postgresql       the shared store of tests/tests/fleet.rs: each test makes its own
+#                    cluster with initdb in a temp dir (the packaged cluster is not used)
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v ip >/dev/null || need+=(iproute2)
@@ -33,6 +35,7 @@ command -v unshare >/dev/null || need+=(util-linux)
 command -v nsenter >/dev/null || need+=(util-linux)
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v nginx >/dev/null || need+=(nginx-light)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 updated=0
 apt_update() {
   if [ "$updated" -eq 0 ]; then

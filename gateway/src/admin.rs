@@ -815,6 +815,9 @@ pub fn metrics_text(shared: &Shared) -> String {
 fn counter_help(name: &str) -> &'static str {
     match name {
         "check_status_requests" => "Public /usg/check-status requests answered.",
+        "refused_proxy_header" => {
+            "Connections from a proxy_protocol_from network without a valid PROXY header."
+        }
         "replaced" => "Device connections replaced by a newer one with the same unit ID.",
         "dead_peers" => "Peers declared dead after missing keep-alives.",
         "queue_full" => {

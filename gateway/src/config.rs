@@ -15,6 +15,13 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Public TLS listener (devices, managers, `/usg/check-status`).
     pub listen: SocketAddr,
+    /// Networks of load balancers whose connections to `listen` start with a PROXY
+    /// protocol header (v1 or v2), e.g. `["10.0.0.0/8"]`; the client address in the header
+    /// is what limits, logs and metrics use. Empty (default): PROXY protocol is off. A
+    /// connection from these networks without a header is refused; a header from any
+    /// other source fails the TLS handshake.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub proxy_protocol_from: Vec<String>,
     /// Admin listener (`/v1/status`, `/metrics`); keep it on loopback.
     pub admin: SocketAddr,
     /// Who may use the admin listener: `auto` (open on loopback, a bearer token from
@@ -301,6 +308,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            proxy_protocol_from: Vec::new(),
             admin: SocketAddr::from(([127, 0, 0, 1], 9180)),
             admin_auth: AdminAuth::Auto,
             admin_token_file: None,
@@ -650,6 +658,8 @@ impl Config {
         }
         self.tls.suites()?;
         self.xdp.validate()?;
+        crate::proxy_proto::Networks::parse(&self.proxy_protocol_from)
+            .map_err(|m| invalid("proxy_protocol_from", m))?;
         if let Some(url) = &self.store.url {
             crate::store::postgres::parse_url(url).map_err(|m| invalid("store.url", m))?;
         }
@@ -691,6 +701,46 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_url_and_proxy_networks_are_checked_and_the_password_never_shown() {
+        let mut c = Config::default();
+        c.store.url = Some("postgres://dg:s3cret@db.example:5432/devgate".into());
+        c.proxy_protocol_from = vec!["10.0.0.0/8".into()];
+        c.validate().expect("valid");
+        let shown = c.to_toml();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("postgres://dg:***@db.example:5432/devgate"),
+            "{shown}"
+        );
+        assert_eq!(
+            redact_url("host=db password=x user=dg"),
+            "host=db password=*** user=dg"
+        );
+        c.store.url = Some("mysql://nope".into());
+        assert!(
+            c.validate()
+                .expect_err("invalid")
+                .to_string()
+                .contains("store.url")
+        );
+        c.store.url = Some("postgres://dg@db/devgate?sslmode=require".into());
+        assert!(
+            c.validate()
+                .expect_err("invalid")
+                .to_string()
+                .contains("sslmode")
+        );
+        c.store.url = None;
+        c.proxy_protocol_from = vec!["10.0.0.0/40".into()];
+        assert!(
+            c.validate()
+                .expect_err("invalid")
+                .to_string()
+                .contains("proxy_protocol_from")
+        );
+    }
 
     #[test]
     fn defaults_are_valid_and_roundtrip() {

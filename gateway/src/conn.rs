@@ -51,6 +51,9 @@ pub struct Conn {
     /// Who the peer turned out to be (kept outside `phase`, which the router briefly
     /// empties while it works on a session).
     pub kind: PeerKind,
+    /// A connection from a load balancer whose PROXY header has not been taken yet:
+    /// `peer` is still the balancer's address, and the source limits have not counted it.
+    pub proxy: Option<Box<crate::proxy_proto::HeaderWait>>,
 }
 
 /// Where a connection's TLS records are sealed and opened.

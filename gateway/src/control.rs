@@ -244,7 +244,9 @@ impl ControlPlane {
             Job::CertUsed { unit, fingerprint } => {
                 let fp = devgate_pki::format_fingerprint(&fingerprint);
                 if let Err(e) = self.store.mark_cert_used(&unit, &fp, unix_now()) {
-                    crate::warn_limited!("cannot record the first use of {unit}'s certificate: {e}");
+                    crate::warn_limited!(
+                        "cannot record the first use of {unit}'s certificate: {e}"
+                    );
                 }
                 self.poll_changes();
             }

@@ -169,6 +169,9 @@ const NEVER: u64 = u64::MAX;
 pub struct Shared {
     /// Effective configuration.
     pub config: Config,
+    /// Balancer networks whose connections start with a PROXY header
+    /// (`proxy_protocol_from`, checked by `Config::validate`).
+    pub proxy_from: crate::proxy_proto::Networks,
     /// Which I/O driver runs the data path, and why not io_uring if it does not.
     pub data_path: DataPath,
     /// Whether records are sealed by the kernel (kTLS) or rustls, and why.
@@ -267,7 +270,10 @@ impl Shared {
         let identity = crate::identity::Identity::new(config.credentials.require_registered);
         let unauthenticated =
             crate::guard::unauth::Unauthenticated::new(config.limits.max_handshakes_per_source);
+        let proxy_from =
+            crate::proxy_proto::Networks::parse(&config.proxy_protocol_from).unwrap_or_default();
         Self {
+            proxy_from,
             config,
             data_path: DataPath::default(),
             tls_offload: crate::ktls::TlsOffload::default(),

@@ -65,8 +65,15 @@ impl Postgres {
                 "PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin (scripts/setup.sh installs Debian's postgresql)".into(),
             );
         }
-        if is_root() && !Command::new("id").arg("postgres").output().is_ok_and(|o| o.status.success()) {
-            return Some("running as root but there is no postgres user to run the server as".into());
+        if is_root()
+            && !Command::new("id")
+                .arg("postgres")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        {
+            return Some(
+                "running as root but there is no postgres user to run the server as".into(),
+            );
         }
         None
     }
@@ -159,7 +166,10 @@ impl Postgres {
             .args(["stop", "-m", "fast", "-w", "-t", "30"])
             .output()?;
         if !out.status.success() {
-            bail!("pg_ctl stop failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "pg_ctl stop failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         self.running = false;
         Ok(())

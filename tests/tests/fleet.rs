@@ -32,10 +32,13 @@ fn postgres() -> Result<Option<Postgres>> {
     Ok(Some(Postgres::start()?))
 }
 
+/// One behaviour of `gateway::store::contract`.
+type ContractCase = fn(&dyn Store);
+
 #[test]
 fn the_store_contract_holds_on_postgres() -> Result<()> {
     let Some(pg) = postgres()? else { return Ok(()) };
-    let cases: [(&str, fn(&dyn Store)); 7] = [
+    let cases: [(&str, ContractCase); 7] = [
         (
             "one_time",
             contract::one_time_key_is_consumed_once_and_retry_by_same_unit_is_allowed,
@@ -171,7 +174,11 @@ fn two_instances(pg: &Postgres, db: &str) -> Result<(String, Gateway, Gateway)> 
     Ok((url, a, b))
 }
 
-async fn enroll(gw: &Gateway, unit: &str, key: &str) -> Result<devgate_client::Enrolled, ClientError> {
+async fn enroll(
+    gw: &Gateway,
+    unit: &str,
+    key: &str,
+) -> Result<devgate_client::Enrolled, ClientError> {
     let roots =
         devgate_tests::roots(gw.data.path()).map_err(|e| ClientError::Config(e.to_string()))?;
     devgate_client::enroll(gw.addr, "localhost", &roots, unit, key).await
@@ -179,7 +186,11 @@ async fn enroll(gw: &Gateway, unit: &str, key: &str) -> Result<devgate_client::E
 
 async fn connect_enrolled(gw: &Gateway, e: &devgate_client::Enrolled) -> Result<Connection> {
     let tls = tls_config(&devgate_tests::roots(gw.data.path())?, Some(e.identity()))?;
-    Ok(devgate_client::connect(&ConnectOptions::new(gw.addr, "localhost", Role::Device), tls).await?)
+    Ok(devgate_client::connect(
+        &ConnectOptions::new(gw.addr, "localhost", Role::Device),
+        tls,
+    )
+    .await?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,7 +202,17 @@ async fn two_instances_share_keys_and_revocations() -> Result<()> {
     assert_eq!(status["store"]["ok"], true, "{status}");
 
     // 50 devices race for one one-time key, half through each instance.
-    let key = devgate_pg(&url, &["keys", "create", "--data-dir", &a.data_arg(), "--one-time", "1"])?;
+    let key = devgate_pg(
+        &url,
+        &[
+            "keys",
+            "create",
+            "--data-dir",
+            &a.data_arg(),
+            "--one-time",
+            "1",
+        ],
+    )?;
     let key = key.trim().to_owned();
     let tasks: Vec<_> = (0..50)
         .map(|i| {
@@ -221,7 +242,11 @@ async fn two_instances_share_keys_and_revocations() -> Result<()> {
 
     // The winner connects to the instance that did not enroll it (its mirror learnt the
     // certificate from the store), and is revoked through the other one.
-    let (holder, revoker) = if winner_index % 2 == 0 { (&b, &a) } else { (&a, &b) };
+    let (holder, revoker) = if winner_index % 2 == 0 {
+        (&b, &a)
+    } else {
+        (&a, &b)
+    };
     let mut dev = connect_enrolled(holder, &winner).await?;
     let mut mgr = revoker.manager().await?;
     let request = format!(r#"{{"op":"revoke_device","unit":"{unit}"}}"#);
@@ -232,7 +257,11 @@ async fn two_instances_share_keys_and_revocations() -> Result<()> {
             bail!("no answer to revoke_device");
         };
         if r.frame().id == 7 {
-            assert!(matches!(r.frame().body, Body::Control { .. }), "{:?}", r.frame().body);
+            assert!(
+                matches!(r.frame().body, Body::Control { .. }),
+                "{:?}",
+                r.frame().body
+            );
             break;
         }
     }
@@ -242,7 +271,10 @@ async fn two_instances_share_keys_and_revocations() -> Result<()> {
     }
     let took = asked.elapsed();
     eprintln!("revocation through one instance closed the session on the other in {took:?}");
-    assert!(connect_enrolled(holder, &winner).await.is_err(), "revoked device reconnected");
+    assert!(
+        connect_enrolled(holder, &winner).await.is_err(),
+        "revoked device reconnected"
+    );
     Ok(())
 }
 
@@ -287,7 +319,9 @@ fn echo(mut dev: Connection) -> tokio::task::JoinHandle<Result<()>> {
                         dev.send(&Frame::response("", f.id, payload)).await?;
                     }
                 }
-                Some(Incoming::Closed { code, reason }) => bail!("device closed: {code:?} {reason}"),
+                Some(Incoming::Closed { code, reason }) => {
+                    bail!("device closed: {code:?} {reason}")
+                }
                 None => bail!("device idle for 120 s"),
             }
         }
@@ -295,10 +329,16 @@ fn echo(mut dev: Connection) -> tokio::task::JoinHandle<Result<()>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_outage_keeps_sessions_and_enrollment_answers_503_until_it_is_back() -> Result<()> {
-    let Some(mut pg) = postgres()? else { return Ok(()) };
+async fn a_database_outage_keeps_sessions_and_enrollment_answers_503_until_it_is_back() -> Result<()>
+{
+    let Some(mut pg) = postgres()? else {
+        return Ok(());
+    };
     let (url, a, b) = two_instances(&pg, "outage")?;
-    let keys = devgate_pg(&url, &["keys", "create", "--data-dir", &a.data_arg(), "--multi"])?;
+    let keys = devgate_pg(
+        &url,
+        &["keys", "create", "--data-dir", &a.data_arg(), "--multi"],
+    )?;
     let key = keys.trim().to_owned();
     let mut managers = vec![a.manager().await?, b.manager().await?];
     let mut devices: Devices = Vec::new();
@@ -328,9 +368,15 @@ async fn a_database_outage_keeps_sessions_and_enrollment_answers_503_until_it_is
     }
     assert!(refused_503 > 0);
     let status = a.status()?;
-    assert_eq!(status["store"]["ok"], false, "status during the outage: {status}");
+    assert_eq!(
+        status["store"]["ok"], false,
+        "status during the outage: {status}"
+    );
     for (_, unit, task) in &devices {
-        assert!(!task.is_finished(), "{unit}'s session ended during the outage");
+        assert!(
+            !task.is_finished(),
+            "{unit}'s session ended during the outage"
+        );
     }
     assert!(
         a.logs().contains("enrollment answered 503"),

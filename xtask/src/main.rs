@@ -136,6 +136,7 @@ const EPOLL_SUITES: &[&str] = &[
     "ops_status",
     "identity",
     "rails",
+    "proxy_protocol",
 ];
 
 #[derive(Default)]

@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use super::{
-    CredChange, KeyCheck, KeyKind, RefusalReason, Store, TrustAck, UnitRevocation,
-    generate_secret, key_id, new_key,
+    CredChange, KeyCheck, KeyKind, RefusalReason, Store, TrustAck, UnitRevocation, generate_secret,
+    key_id, new_key,
 };
 
 pub fn one_time_key_is_consumed_once_and_retry_by_same_unit_is_allowed(s: &dyn Store) {

@@ -61,10 +61,7 @@ impl PgStore {
         })
     }
 
-    pub(super) fn manager_creds_impl(
-        &self,
-        name: &str,
-    ) -> Result<Option<Vec<String>>, StoreError> {
+    pub(super) fn manager_creds_impl(&self, name: &str) -> Result<Option<Vec<String>>, StoreError> {
         self.with(|c| {
             let mut known = false;
             let mut accepted = Vec::new();

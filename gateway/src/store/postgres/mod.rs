@@ -36,7 +36,7 @@ use super::{
 };
 
 /// Key of the advisory lock every writing transaction holds (`"devgate"` in ASCII).
-const WRITE_LOCK: i64 = 0x6465_7667_6174_65;
+const WRITE_LOCK: i64 = 0x0064_6576_6761_7465;
 
 /// Time between connection attempts while the database is unreachable.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
@@ -213,7 +213,7 @@ impl PgStore {
             conn: Mutex::new(Conn::default()),
         };
         store
-            .with(|c| migrate(c))
+            .with(migrate)
             .map_err(|e| StoreError(format!("{}: {}", store.location, e.0)))?;
         Ok(store)
     }
@@ -249,13 +249,13 @@ impl PgStore {
             conn.client = None;
         }
         if conn.client.is_none() {
-            if let Some((at, why)) = &conn.failed {
-                if at.elapsed() < RECONNECT_EVERY {
-                    return Err(StoreError(format!(
-                        "PostgreSQL at {} is unreachable: {why}",
-                        self.location
-                    )));
-                }
+            if let Some((at, why)) = &conn.failed
+                && at.elapsed() < RECONNECT_EVERY
+            {
+                return Err(StoreError(format!(
+                    "PostgreSQL at {} is unreachable: {why}",
+                    self.location
+                )));
             }
             match self.config.connect(NoTls) {
                 Ok(client) => {
@@ -324,8 +324,13 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
         .enumerate()
         .skip(usize::try_from(version).unwrap_or(0))
     {
-        tx.batch_execute(sql)
-            .map_err(|e| StoreError(format!("migration {} failed: {}", i + 1, StoreError::from(e).0)))?;
+        tx.batch_execute(sql).map_err(|e| {
+            StoreError(format!(
+                "migration {} failed: {}",
+                i + 1,
+                StoreError::from(e).0
+            ))
+        })?;
         let v = i32::try_from(i + 1).unwrap_or(i32::MAX);
         tx.execute("UPDATE devgate_schema SET version = $1", &[&v])?;
     }
@@ -349,13 +354,15 @@ fn log_change(
 
 /// Whether the latest revocation event of `unit` revokes it.
 fn is_revoked(c: &mut impl GenericClient, unit: &str) -> Result<bool, StoreError> {
-    Ok(match c.query_opt(
-        "SELECT revoked FROM revocations WHERE unit = $1 ORDER BY seq DESC LIMIT 1",
-        &[&unit],
-    )? {
-        Some(row) => row.try_get::<_, bool>(0)?,
-        None => false,
-    })
+    Ok(
+        match c.query_opt(
+            "SELECT revoked FROM revocations WHERE unit = $1 ORDER BY seq DESC LIMIT 1",
+            &[&unit],
+        )? {
+            Some(row) => row.try_get::<_, bool>(0)?,
+            None => false,
+        },
+    )
 }
 
 /// A unit's registry row (see the SQLite store's `DeviceRow`).
@@ -495,8 +502,11 @@ impl Store for PgStore {
     }
     fn cred_change_head(&self) -> Result<i64, StoreError> {
         self.with(|c| {
-            Ok(c.query_one("SELECT COALESCE(MAX(seq), 0)::BIGINT FROM cred_changes", &[])?
-                .try_get(0)?)
+            Ok(c.query_one(
+                "SELECT COALESCE(MAX(seq), 0)::BIGINT FROM cred_changes",
+                &[],
+            )?
+            .try_get(0)?)
         })
     }
     fn device_creds(&self, unit: &str) -> Result<Option<DeviceCreds>, StoreError> {
