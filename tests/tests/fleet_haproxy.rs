@@ -25,7 +25,7 @@ use devgate_tests::{DataDir, Gateway, binary};
 
 /// Devices enrolled through the balancer. Each enrollment costs a key pair, a CSR and a
 /// certificate on a 2-core machine; see docs/OPERATIONS.md for the measured cost.
-const DEVICES: usize = 60;
+const DEVICES: usize = 3000;
 const FRONT_PORT: u16 = 8443;
 /// Per instance: unauthenticated connections one client address may hold.
 const PER_SOURCE: usize = 4;
@@ -49,7 +49,7 @@ impl Drop for HaProxy {
 
 fn haproxy(ns: &str, dir: &std::path::Path, backends: &[SocketAddr]) -> Result<HaProxy> {
     let mut cfg = format!(
-        "global\n  maxconn 4096\n\
+        "global\n  maxconn 20000\n\
          defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 300s\n  timeout server 300s\n  retries 3\n  option redispatch\n\
          frontend devices\n  bind {SERVER_V4}:{FRONT_PORT}\n  default_backend devgate\n\
          backend devgate\n  balance roundrobin\n  option httpchk\n  http-check send meth GET uri /usg/check-status ver HTTP/1.1 hdr Host localhost\n  http-check expect status 200\n"
