@@ -414,3 +414,87 @@ async fn a_database_outage_keeps_sessions_and_enrollment_answers_503_until_it_is
     assert_eq!(a.status()?["store"]["ok"], true);
     Ok(())
 }
+
+/// Enrollments per second against each store, in the same run: `cargo test -p
+/// devgate-tests --release --test fleet -- --ignored --nocapture enrollment_rate` (a
+/// figure, not a check; docs/OPERATIONS.md quotes it).
+#[ignore = "a measurement: run it by name"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_rate_postgres_versus_sqlite() -> Result<()> {
+    let Some(pg) = postgres()? else { return Ok(()) };
+    let url = pg.create_db("rate")?;
+    const N: usize = 400;
+    const PARALLEL: usize = 8;
+    for (name, config) in [
+        ("sqlite", String::new()),
+        ("postgres", format!("[store]\nurl = \"{url}\"\n")),
+    ] {
+        let gw = Gateway::start(&config)?;
+        let keys = if name == "postgres" {
+            devgate_pg(
+                &url,
+                &[
+                    "keys",
+                    "create",
+                    "--data-dir",
+                    &gw.data_arg(),
+                    "--one-time",
+                    &N.to_string(),
+                ],
+            )?
+        } else {
+            let (ok, out, err) = devgate_tests::devgate(&[
+                "keys",
+                "create",
+                "--data-dir",
+                &gw.data_arg(),
+                "--one-time",
+                &N.to_string(),
+            ])?;
+            if !ok {
+                bail!("keys create: {err}");
+            }
+            out
+        };
+        let keys: Vec<String> = keys.lines().map(str::to_owned).collect();
+        let roots = devgate_tests::roots(gw.data.path())?;
+        let started = Instant::now();
+        let chunks: Vec<Vec<(usize, String)>> = (0..PARALLEL)
+            .map(|p| {
+                keys.iter()
+                    .cloned()
+                    .enumerate()
+                    .filter(|(i, _)| i % PARALLEL == p)
+                    .collect()
+            })
+            .collect();
+        let tasks: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                let (addr, roots) = (gw.addr, roots.clone());
+                tokio::spawn(async move {
+                    for (i, key) in chunk {
+                        devgate_client::enroll(
+                            addr,
+                            "localhost",
+                            &roots,
+                            &format!("rate-{i}"),
+                            &key,
+                        )
+                        .await?;
+                    }
+                    Ok::<_, ClientError>(())
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await??;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "{name}: {N} enrollments ({PARALLEL} in parallel) in {secs:.2} s = {:.0}/s",
+            N as f64 / secs
+        );
+    }
+    Ok(())
+}

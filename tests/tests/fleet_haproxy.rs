@@ -49,7 +49,7 @@ impl Drop for HaProxy {
 
 fn haproxy(ns: &str, dir: &std::path::Path, backends: &[SocketAddr]) -> Result<HaProxy> {
     let mut cfg = format!(
-        "global\n  maxconn 20000\n\
+        "global\n  maxconn 9000\n\
          defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 300s\n  timeout server 300s\n  retries 3\n  option redispatch\n\
          frontend devices\n  bind {SERVER_V4}:{FRONT_PORT}\n  default_backend devgate\n\
          backend devgate\n  balance roundrobin\n  option httpchk\n  http-check send meth GET uri /usg/check-status ver HTTP/1.1 hdr Host localhost\n  http-check expect status 200\n"
@@ -205,9 +205,16 @@ fn three_instances_behind_haproxy_share_one_postgres() -> Result<()> {
             })
         })
     };
-    let (count, took) = match rx.recv_timeout(Duration::from_secs(240))? {
-        DeviceEvent::Ready(n, took) => (n, took),
-        DeviceEvent::Failed(e) => bail!("{e}"),
+    let (count, took) = match rx.recv_timeout(Duration::from_secs(240)) {
+        Ok(DeviceEvent::Ready(n, took)) => (n, took),
+        Ok(DeviceEvent::Failed(e)) => bail!("{e}"),
+        Err(_) => {
+            stop.store(true, Ordering::Relaxed);
+            match devices.join() {
+                Ok(Err(e)) => bail!("devices: {e:#}"),
+                _ => bail!("the devices did not enroll and connect within 240 s"),
+            }
+        }
     };
     eprintln!(
         "{count} devices enrolled through HAProxy with one-time keys and connected in {took:?}"
