@@ -415,8 +415,8 @@ async fn a_database_outage_keeps_sessions_and_enrollment_answers_503_until_it_is
     Ok(())
 }
 
-/// Enrollments per second against each store, in the same run: `cargo test -p
-/// devgate-tests --release --test fleet -- --ignored --nocapture enrollment_rate` (a
+/// Enrollments per second against each store, in the same run: `cargo build --bins &&
+/// cargo test -p devgate-tests --test fleet -- --ignored --nocapture enrollment_rate` (a
 /// figure, not a check; docs/OPERATIONS.md quotes it).
 #[ignore = "a measurement: run it by name"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
