@@ -438,6 +438,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     let uptime = shared.started.elapsed().as_secs();
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "instance": shared.instance_id,
         "pid": std::process::id(),
         "uptime_secs": uptime,
         "started_at_unix": unix_now.saturating_sub(i64::try_from(uptime).unwrap_or(0)),
@@ -458,6 +459,8 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "admin": BOUND.get().map_or(cfg.admin, |b| b.1).to_string(),
         "limits": {
             "device_limit": shared.device_limit.load(Ordering::Relaxed),
+            "device_limit_scope": cfg.limits.device_limit_scope,
+            "fleet_devices_elsewhere": shared.fleet_devices_elsewhere.load(Ordering::Relaxed),
             "max_connections": shared.max_connections,
             "queue_bytes": cfg.limits.queue_bytes,
             "queue_hard_bytes": cfg.limits.queue_hard_bytes,
@@ -620,12 +623,13 @@ pub fn metrics_text(shared: &Shared) -> String {
     m.family(
         "build_info",
         "gauge",
-        "Version and data-path modes of this gateway (always 1).",
+        "Version, instance id and data-path modes of this gateway (always 1).",
     );
     m.sample(
         "build_info",
         &[
             ("version", env!("CARGO_PKG_VERSION")),
+            ("instance", &shared.instance_id),
             ("data_path", shared.data_path.name),
             ("tls_offload", shared.tls_offload.mode),
         ],

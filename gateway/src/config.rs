@@ -15,6 +15,10 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Public TLS listener (devices, managers, `/usg/check-status`).
     pub listen: SocketAddr,
+    /// This instance's name in status, metrics and the shared store; unset = the host
+    /// name and the public port (`host:8443`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
     /// Networks of load balancers whose connections to `listen` start with a PROXY
     /// protocol header (v1 or v2), e.g. `["10.0.0.0/8"]`; the client address in the header
     /// is what limits, logs and metrics use. Empty (default): PROXY protocol is off. A
@@ -245,6 +249,9 @@ impl std::str::FromStr for DataPathChoice {
 pub struct Limits {
     /// Maximum connected devices; 0 = unlimited. Changeable at run time by a manager.
     pub device_limit: u64,
+    /// Whom `device_limit` counts: `instance` (this process) or `fleet` (every instance
+    /// on the shared PostgreSQL store, counts exchanged through it every second).
+    pub device_limit_scope: DeviceLimitScope,
     /// Maximum open connections of any kind (handshakes included); 0 = derived from
     /// RLIMIT_NOFILE (per worker on io_uring, whose workers each own a file table).
     pub max_connections: u64,
@@ -273,6 +280,18 @@ pub struct Limits {
     /// Share of `max_connections`, in percent, that only sessions may use: unauthenticated
     /// connections fill at most the rest, and a newcomer past that evicts the oldest one.
     pub session_reserve_percent: u8,
+}
+
+/// What `limits.device_limit` counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceLimitScope {
+    /// The devices of this instance.
+    #[default]
+    #[serde(rename = "instance")]
+    Instance,
+    /// The devices of every instance sharing the PostgreSQL store.
+    #[serde(rename = "fleet")]
+    Fleet,
 }
 
 /// Keep-alive settings.
@@ -309,6 +328,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
             proxy_protocol_from: Vec::new(),
+            instance_id: None,
             admin: SocketAddr::from(([127, 0, 0, 1], 9180)),
             admin_auth: AdminAuth::Auto,
             admin_token_file: None,
@@ -330,6 +350,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             device_limit: 0,
+            device_limit_scope: DeviceLimitScope::Instance,
             max_connections: 0,
             handshake_timeout_ms: 10_000,
             max_header_bytes: 8192,
@@ -660,6 +681,12 @@ impl Config {
         self.xdp.validate()?;
         crate::proxy_proto::Networks::parse(&self.proxy_protocol_from)
             .map_err(|m| invalid("proxy_protocol_from", m))?;
+        if self.limits.device_limit_scope == DeviceLimitScope::Fleet && self.store.url.is_none() {
+            return Err(invalid(
+                "limits.device_limit_scope",
+                "\"fleet\" needs the shared PostgreSQL store ([store] url); the SQLite store belongs to one instance",
+            ));
+        }
         if let Some(url) = &self.store.url {
             crate::store::postgres::parse_url(url).map_err(|m| invalid("store.url", m))?;
         }

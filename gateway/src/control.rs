@@ -107,6 +107,9 @@ pub fn start(shared: Arc<Shared>, store: Arc<dyn Store>) -> anyhow::Result<SyncS
     let device_ca = ClientCa::load(&paths.device_ca_cert(), &paths.device_ca_key())?;
     let manager_ca = ClientCa::load(&paths.manager_ca_cert(), &paths.manager_ca_key())?;
     let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+    let shared_limit = shared
+        .device_limit
+        .load(std::sync::atomic::Ordering::Relaxed);
     let mut plane = ControlPlane {
         shared,
         store,
@@ -117,6 +120,7 @@ pub fn start(shared: Arc<Shared>, store: Arc<dyn Store>) -> anyhow::Result<SyncS
         trust_acks: Vec::new(),
         change_seq: 0,
         overlaps: Vec::new(),
+        fleet_limit: Some(shared_limit),
     };
     plane.load_identity()?;
     plane.poll_revocations();
@@ -157,7 +161,14 @@ struct ControlPlane {
     /// Units in a renewal overlap and when it ends: their sessions on the previous
     /// certificate are closed then.
     overlaps: Vec<(Arc<str>, i64)>,
+    /// Fleet scope: the device limit as last exchanged with the store; a different local
+    /// value means a manager changed it here, and it goes to the fleet.
+    fleet_limit: Option<u64>,
 }
+
+/// Fleet scope: another instance's device count is believed while it reported within
+/// this many seconds (an instance that died stops counting after it).
+const FLEET_FRESH_SECS: i64 = 5;
 
 fn json_response(status: u16, reason: &str, body: &Value, extra: Option<(&str, String)>) -> Bytes {
     let body = body.to_string();
@@ -205,6 +216,7 @@ impl ControlPlane {
                 self.poll_revocations();
                 self.refresh_trust_progress();
                 self.poll_changes();
+                self.sync_fleet();
                 next_poll = Instant::now() + Duration::from_secs(1);
             }
         }
@@ -627,6 +639,44 @@ impl ControlPlane {
         match self.store.trust_progress(&bundle.id) {
             Ok(progress) => self.shared.trust_progress.store(Some(Arc::new(progress))),
             Err(e) => crate::warn_limited!("cannot read the root exchange progress: {e}"),
+        }
+    }
+
+    /// Fleet scope (`limits.device_limit_scope = "fleet"`): reports this instance's devices
+    /// and learns the others' and the fleet's limit. Staleness: a device counted here is
+    /// seen by the others after at most this second's exchange plus theirs (about 2 s).
+    fn sync_fleet(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.shared.config.limits.device_limit_scope != crate::config::DeviceLimitScope::Fleet {
+            return;
+        }
+        let shared = &self.shared;
+        let local = shared.device_limit.load(Relaxed);
+        let set = (Some(local) != self.fleet_limit).then_some(local);
+        let devices = shared.device_count.load(Relaxed) as u64;
+        match self.store.fleet_sync(
+            &shared.instance_id,
+            devices,
+            set,
+            unix_now(),
+            FLEET_FRESH_SECS,
+        ) {
+            Ok(view) => {
+                shared
+                    .fleet_devices_elsewhere
+                    .store(view.devices_elsewhere, Relaxed);
+                let limit = view.limit.unwrap_or(local);
+                if limit != local && set.is_none() {
+                    shared.device_limit.store(limit, Relaxed);
+                    info!(
+                        limit,
+                        "device limit changed for the fleet (by another instance)"
+                    );
+                }
+                self.fleet_limit = Some(if set.is_some() { local } else { limit });
+                shared.refresh_accepting();
+            }
+            Err(e) => crate::warn_limited!("cannot exchange device counts with the fleet: {e}"),
         }
     }
 

@@ -294,6 +294,10 @@ pub fn serve(config: Config) -> Result<()> {
     let guard = crate::guard::build(&config.xdp, &[public.port()]);
     let mut shared = Shared::new(config, tls, workers, max_connections, guard);
     shared.data_path = data_path.clone();
+    shared.instance_id = shared.config.instance_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}:{}", host.trim(), public.port())
+    });
     shared.tls_offload = tls_offload.clone();
     let shared = Arc::new(shared);
     let store = crate::store::open(shared.config.store.url.as_deref(), &shared.config.data_dir)?;

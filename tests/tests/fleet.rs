@@ -498,3 +498,78 @@ async fn enrollment_rate_postgres_versus_sqlite() -> Result<()> {
     }
     Ok(())
 }
+
+/// Waits until `f` holds for `gw`'s status (at most 10 s).
+fn wait_status(gw: &Gateway, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = gw.status()?;
+        if f(&v) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within 10 s; status: {v}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_limit_can_span_the_fleet_and_a_manager_changes_it_everywhere() -> Result<()> {
+    let Some(pg) = postgres()? else { return Ok(()) };
+    let url = pg.create_db("limit")?;
+    let first = DataDir::init()?;
+    let second = same_pki(&first)?;
+    let config = format!(
+        "[limits]\ndevice_limit = 4\ndevice_limit_scope = \"fleet\"\n[store]\nurl = \"{url}\"\n"
+    );
+    let a = Gateway::start_in(first, &format!("instance_id = \"gw-a\"\n{config}"))?;
+    let b = Gateway::start_in(second, &format!("instance_id = \"gw-b\"\n{config}"))?;
+    assert_eq!(a.status()?["instance"], "gw-a");
+    let (_, metrics) = b.admin_get("/metrics")?;
+    assert!(
+        metrics.contains("instance=\"gw-b\""),
+        "no instance label in /metrics"
+    );
+    let _mgr_a = a.manager().await?;
+    let mut mgr_b = b.manager().await?;
+    let mut on_a = Vec::new();
+    for i in 0..3 {
+        on_a.push(a.device(&format!("lim-a{i}")).await?);
+    }
+    wait_status(&b, "b sees a's 3 devices", |v| {
+        v["limits"]["fleet_devices_elsewhere"] == 3
+    })?;
+    let fourth = b.device("lim-b0").await?;
+    match b.device("lim-b1").await {
+        Err(ClientError::Refused { status: 503, .. }) => {}
+        other => bail!(
+            "a fifth device in a fleet limited to 4: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    // A manager on b raises the limit: a applies it too.
+    mgr_b
+        .send(&Frame::control(
+            1,
+            br#"{"op":"set_device_limit","limit":6}"#,
+        ))
+        .await?;
+    wait_status(&a, "the new limit reaches a", |v| {
+        v["limits"]["device_limit"] == 6
+    })?;
+    wait_status(&a, "a sees b's device", |v| {
+        v["limits"]["fleet_devices_elsewhere"] == 1
+    })?;
+    on_a.push(a.device("lim-a3").await?);
+    on_a.push(a.device("lim-a4").await?);
+    match a.device("lim-a5").await {
+        Err(ClientError::Refused { status: 503, .. }) => {}
+        other => bail!(
+            "a seventh device in a fleet limited to 6: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    drop(fourth);
+    Ok(())
+}

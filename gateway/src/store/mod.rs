@@ -155,6 +155,15 @@ pub struct ManagerCert {
     pub source: String,
 }
 
+/// What [`Store::fleet_sync`] reads back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetView {
+    /// Devices on the other instances (those that reported recently).
+    pub devices_elsewhere: u64,
+    /// The fleet's device limit (0 = unlimited), if one was ever set through the store.
+    pub limit: Option<u64>,
+}
+
 /// Outcome of revoking a unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnitRevocation {
@@ -378,6 +387,24 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn trust_progress(&self, bundle: &str) -> Result<TrustProgress, StoreError>;
     /// A cheap liveness check for status.
     fn health(&self) -> Result<(), StoreError>;
+    /// The fleet-wide device limit's exchange, once a second per instance: records that
+    /// `instance` holds `devices` now, sets the fleet's limit to `set_limit` if given (a
+    /// manager changed it on this instance), and returns the devices of the other
+    /// instances seen within `fresh_secs` and the fleet's limit (`None` if never set).
+    fn fleet_sync(
+        &self,
+        instance: &str,
+        devices: u64,
+        set_limit: Option<u64>,
+        now: i64,
+        fresh_secs: i64,
+    ) -> Result<FleetView, StoreError> {
+        let _ = (instance, devices, set_limit, now, fresh_secs);
+        Err(StoreError(format!(
+            "a fleet-wide device limit needs the PostgreSQL store, not {}",
+            self.kind()
+        )))
+    }
 }
 
 /// Opens the store a configuration names: PostgreSQL when `[store] url` is set, else the

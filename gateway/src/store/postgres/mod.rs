@@ -22,6 +22,7 @@
 //! with that explanation.
 
 mod devices;
+mod fleet;
 mod keys;
 mod managers;
 
@@ -31,8 +32,8 @@ use std::time::{Duration, Instant};
 use postgres::{Client, GenericClient, NoTls};
 
 use super::{
-    CredChange, DeviceCreds, DeviceRecord, KeyCheck, KeyInfo, ManagerCert, NewKey, Store,
-    StoreError, TrustAck, TrustProgress, UnitRevocation,
+    CredChange, DeviceCreds, DeviceRecord, FleetView, KeyCheck, KeyInfo, ManagerCert, NewKey,
+    Store, StoreError, TrustAck, TrustProgress, UnitRevocation,
 };
 
 /// Key of the advisory lock every writing transaction holds (`"devgate"` in ASCII).
@@ -121,6 +122,17 @@ const MIGRATIONS: &[&str] = &[
         name TEXT NOT NULL,
         acked_at BIGINT NOT NULL,
         PRIMARY KEY (bundle, kind, name)
+    );",
+    // 2: the fleet-wide device limit: each instance's device count, and the limit.
+    "CREATE TABLE fleet_instances (
+        id TEXT PRIMARY KEY,
+        devices BIGINT NOT NULL,
+        seen_at BIGINT NOT NULL
+    );
+    CREATE TABLE fleet_settings (
+        name TEXT PRIMARY KEY,
+        value BIGINT NOT NULL,
+        set_at BIGINT NOT NULL
     );",
 ];
 
@@ -566,6 +578,16 @@ impl Store for PgStore {
     }
     fn trust_progress(&self, bundle: &str) -> Result<TrustProgress, StoreError> {
         self.trust_progress_impl(bundle)
+    }
+    fn fleet_sync(
+        &self,
+        instance: &str,
+        devices: u64,
+        set_limit: Option<u64>,
+        now: i64,
+        fresh_secs: i64,
+    ) -> Result<FleetView, StoreError> {
+        self.fleet_sync_impl(instance, devices, set_limit, now, fresh_secs)
     }
     fn health(&self) -> Result<(), StoreError> {
         self.with(|c| {
