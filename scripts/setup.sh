@@ -27,6 +27,9 @@ done
 #                    not used, the report starts its own nginx on a loopback port)
 #   postgresql       the shared store of tests/tests/fleet.rs: each test makes its own
 #                    cluster with initdb in a temp dir (the packaged cluster is not used)
+#   haproxy          the balancer in front of three instances in tests/tests/fleet_haproxy.rs
+#                    (TCP mode, PROXY v2); the test starts its own, the packaged service is
+#                    not used
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v ip >/dev/null || need+=(iproute2)
@@ -36,6 +39,7 @@ command -v nsenter >/dev/null || need+=(util-linux)
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v nginx >/dev/null || need+=(nginx-light)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+command -v haproxy >/dev/null || need+=(haproxy)
 updated=0
 apt_update() {
   if [ "$updated" -eq 0 ]; then
