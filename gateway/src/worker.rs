@@ -303,6 +303,9 @@ impl Worker {
     /// (closed here, with `conn.proxy` left set so that release counts nothing off).
     fn take_proxy_header(&mut self, slot: u32, data: &[u8], now: Instant) -> Option<Vec<u8>> {
         let conn = self.conn_mut(slot)?;
+        if matches!(conn.phase, Phase::Closing) {
+            return None;
+        }
         let step = conn.proxy.as_mut()?.feed(data);
         let (source, rest) = match step {
             crate::proxy_proto::Step::More => return None,
