@@ -34,6 +34,11 @@ done
 #   x11vnc, Xvfb,    tests/tests/remote.rs: screen shadowing, a VNC server on a virtual
 #   vncsnapshot      display behind an agent and a VNC client through `devgate-ctl forward`
 #   curl, python3    tests/tests/remote.rs: 100 parallel downloads from a device-local server
+#   postgresql       the shared store of tests/tests/fleet.rs: each test makes its own
+#                    cluster with initdb in a temp dir (the packaged cluster is not used)
+#   haproxy          the balancer in front of three instances in tests/tests/fleet_haproxy.rs
+#                    (TCP mode, PROXY v2); the test starts its own, the packaged service is
+#                    not used
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v ip >/dev/null || need+=(iproute2)
@@ -52,6 +57,8 @@ command -v Xvfb >/dev/null || need+=(xvfb)
 command -v vncsnapshot >/dev/null || need+=(vncsnapshot)
 command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+command -v haproxy >/dev/null || need+=(haproxy)
 updated=0
 apt_update() {
   if [ "$updated" -eq 0 ]; then

@@ -363,7 +363,8 @@ impl HistogramSnapshot {
 }
 
 /// Health of the state directory and the credential store: the directory must exist, be a
-/// directory we can write into, and hold the server certificate; the SQLite store must answer.
+/// directory we can write into, and hold the server certificate; the store (SQLite or
+/// PostgreSQL) must answer.
 fn store_status(shared: &Shared) -> serde_json::Value {
     let dir = &shared.config.data_dir;
     let paths = devgate_pki::PkiPaths::new(dir);
@@ -376,22 +377,26 @@ fn store_status(shared: &Shared) -> serde_json::Value {
     if !paths.server_cert().exists() {
         problems.push(format!("{} is missing", paths.server_cert().display()));
     }
-    match shared.store.get() {
-        None => problems.push("the credential store is not open".to_owned()),
+    let (kind, database) = match shared.store.get() {
+        None => {
+            problems.push("the credential store is not open".to_owned());
+            ("unknown", String::new())
+        }
         Some(store) => {
             if let Err(e) = store.health() {
                 problems.push(format!("credential store: {e}"));
             }
+            (store.kind(), store.location())
         }
-    }
+    };
     let free_bytes = free_bytes(dir);
     if free_bytes == Some(0) {
         problems.push(format!("no space left on {}", dir.display()));
     }
     serde_json::json!({
-        "kind": "sqlite",
+        "kind": kind,
         "data_dir": dir.display().to_string(),
-        "database": crate::store::sqlite::SqliteStore::path_in(dir).display().to_string(),
+        "database": database,
         "ok": problems.is_empty(),
         "problems": problems,
         "free_bytes": free_bytes,
@@ -433,6 +438,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     let uptime = shared.started.elapsed().as_secs();
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "instance": shared.instance_id,
         "pid": std::process::id(),
         "uptime_secs": uptime,
         "started_at_unix": unix_now.saturating_sub(i64::try_from(uptime).unwrap_or(0)),
@@ -455,6 +461,8 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "admin": BOUND.get().map_or(cfg.admin, |b| b.1).to_string(),
         "limits": {
             "device_limit": shared.device_limit.load(Ordering::Relaxed),
+            "device_limit_scope": cfg.limits.device_limit_scope,
+            "fleet_devices_elsewhere": shared.fleet_devices_elsewhere.load(Ordering::Relaxed),
             "max_connections": shared.max_connections,
             "queue_bytes": cfg.limits.queue_bytes,
             "queue_hard_bytes": cfg.limits.queue_hard_bytes,
@@ -617,12 +625,13 @@ pub fn metrics_text(shared: &Shared) -> String {
     m.family(
         "build_info",
         "gauge",
-        "Version and data-path modes of this gateway (always 1).",
+        "Version, instance id and data-path modes of this gateway (always 1).",
     );
     m.sample(
         "build_info",
         &[
             ("version", env!("CARGO_PKG_VERSION")),
+            ("instance", &shared.instance_id),
             ("data_path", shared.data_path.name),
             ("tls_offload", shared.tls_offload.mode),
         ],
@@ -824,6 +833,9 @@ pub fn metrics_text(shared: &Shared) -> String {
 fn counter_help(name: &str) -> &'static str {
     match name {
         "check_status_requests" => "Public /usg/check-status requests answered.",
+        "refused_proxy_header" => {
+            "Connections from a proxy_protocol_from network without a valid PROXY header."
+        }
         "replaced" => "Device connections replaced by a newer one with the same unit ID.",
         "dead_peers" => "Peers declared dead after missing keep-alives.",
         "queue_full" => {

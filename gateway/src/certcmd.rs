@@ -143,7 +143,7 @@ fn check_acknowledgements(data_dir: &Path, min_acked: f64, force: bool) -> Resul
     })?;
     let bundle = devgate_pki::bundle_id(&roots);
     let store = crate::creds::open_store(data_dir)?;
-    let progress = crate::store::Store::trust_progress(&store, &bundle)?;
+    let progress = store.trust_progress(&bundle)?;
     let (acked, total) = (progress.devices_acked, progress.devices_total);
     #[allow(clippy::cast_precision_loss)] // device counts are far below 2^52
     let share = if total == 0 {

@@ -15,6 +15,17 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Public TLS listener (devices, managers, `/usg/check-status`).
     pub listen: SocketAddr,
+    /// This instance's name in status, metrics and the shared store; unset = the host
+    /// name and the public port (`host:8443`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// Networks of load balancers whose connections to `listen` start with a PROXY
+    /// protocol header (v1 or v2), e.g. `["10.0.0.0/8"]`; the client address in the header
+    /// is what limits, logs and metrics use. Empty (default): PROXY protocol is off. A
+    /// connection from these networks without a header is refused; a header from any
+    /// other source fails the TLS handshake.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub proxy_protocol_from: Vec<String>,
     /// Admin listener (`/v1/status`, `/metrics`); keep it on loopback.
     pub admin: SocketAddr,
     /// Who may use the admin listener: `auto` (open on loopback, a bearer token from
@@ -53,6 +64,53 @@ pub struct Config {
     pub xdp: crate::guard::config::GuardConfig,
     /// TLS record layer (`[tls]`).
     pub tls: TlsSection,
+    /// The credential store (`[store]`).
+    pub store: StoreSection,
+}
+
+/// The `[store]` section: where keys, the device registry and revocations live.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// Unset: the embedded SQLite store in the data dir. `postgres://USER:PASSWORD@HOST:PORT/DB`
+    /// (or a libpq key=value string): the PostgreSQL store that several instances share.
+    /// `config show` prints it without the password.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_redacted_url"
+    )]
+    pub url: Option<String>,
+}
+
+/// The store URL without its password (`config show` output is pasted into tickets).
+fn serialize_redacted_url<S: serde::Serializer>(
+    url: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let redacted = url.as_deref().map(redact_url);
+    redacted.serialize(s)
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`; also hides a
+/// `password=` value in key=value form.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (auth, tail) = match rest.find('@') {
+            Some(at) => (&rest[..at], &rest[at..]),
+            None => return url.to_owned(),
+        };
+        return match auth.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***{tail}"),
+            None => url.to_owned(),
+        };
+    }
+    url.split_whitespace()
+        .map(|kv| match kv.split_once('=') {
+            Some(("password", _)) => "password=***".to_owned(),
+            _ => kv.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The `[tls]` section.
@@ -201,6 +259,9 @@ impl std::str::FromStr for DataPathChoice {
 pub struct Limits {
     /// Maximum connected devices; 0 = unlimited. Changeable at run time by a manager.
     pub device_limit: u64,
+    /// Whom `device_limit` counts: `instance` (this process) or `fleet` (every instance
+    /// on the shared PostgreSQL store, counts exchanged through it every second).
+    pub device_limit_scope: DeviceLimitScope,
     /// Maximum open connections of any kind (handshakes included); 0 = derived from
     /// RLIMIT_NOFILE (per worker on io_uring, whose workers each own a file table).
     pub max_connections: u64,
@@ -229,6 +290,18 @@ pub struct Limits {
     /// Share of `max_connections`, in percent, that only sessions may use: unauthenticated
     /// connections fill at most the rest, and a newcomer past that evicts the oldest one.
     pub session_reserve_percent: u8,
+}
+
+/// What `limits.device_limit` counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceLimitScope {
+    /// The devices of this instance.
+    #[default]
+    #[serde(rename = "instance")]
+    Instance,
+    /// The devices of every instance sharing the PostgreSQL store.
+    #[serde(rename = "fleet")]
+    Fleet,
 }
 
 /// Keep-alive settings.
@@ -345,6 +418,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            proxy_protocol_from: Vec::new(),
+            instance_id: None,
             admin: SocketAddr::from(([127, 0, 0, 1], 9180)),
             admin_auth: AdminAuth::Auto,
             admin_token_file: None,
@@ -359,6 +434,7 @@ impl Default for Config {
             credentials: Credentials::default(),
             xdp: Default::default(),
             tls: TlsSection::default(),
+            store: StoreSection::default(),
         }
     }
 }
@@ -367,6 +443,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             device_limit: 0,
+            device_limit_scope: DeviceLimitScope::Instance,
             max_connections: 0,
             handshake_timeout_ms: 10_000,
             max_header_bytes: 8192,
@@ -695,6 +772,17 @@ impl Config {
         }
         self.tls.suites()?;
         self.xdp.validate()?;
+        crate::proxy_proto::Networks::parse(&self.proxy_protocol_from)
+            .map_err(|m| invalid("proxy_protocol_from", m))?;
+        if self.limits.device_limit_scope == DeviceLimitScope::Fleet && self.store.url.is_none() {
+            return Err(invalid(
+                "limits.device_limit_scope",
+                "\"fleet\" needs the shared PostgreSQL store ([store] url); the SQLite store belongs to one instance",
+            ));
+        }
+        if let Some(url) = &self.store.url {
+            crate::store::postgres::parse_url(url).map_err(|m| invalid("store.url", m))?;
+        }
         if self.workers > 1024 {
             return Err(invalid(
                 "workers",
@@ -747,6 +835,46 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_url_and_proxy_networks_are_checked_and_the_password_never_shown() {
+        let mut c = Config::default();
+        c.store.url = Some("postgres://dg:s3cret@db.example:5432/devgate".into());
+        c.proxy_protocol_from = vec!["10.0.0.0/8".into()];
+        c.validate().expect("valid");
+        let shown = c.to_toml();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("postgres://dg:***@db.example:5432/devgate"),
+            "{shown}"
+        );
+        assert_eq!(
+            redact_url("host=db password=x user=dg"),
+            "host=db password=*** user=dg"
+        );
+        c.store.url = Some("mysql://nope".into());
+        assert!(
+            c.validate()
+                .expect_err("invalid")
+                .to_string()
+                .contains("store.url")
+        );
+        c.store.url = Some("postgres://dg@db/devgate?sslmode=require".into());
+        assert!(
+            c.validate()
+                .expect_err("invalid")
+                .to_string()
+                .contains("sslmode")
+        );
+        c.store.url = None;
+        c.proxy_protocol_from = vec!["10.0.0.0/40".into()];
+        assert!(
+            c.validate()
+                .expect_err("invalid")
+                .to_string()
+                .contains("proxy_protocol_from")
+        );
+    }
 
     #[test]
     fn defaults_are_valid_and_roundtrip() {

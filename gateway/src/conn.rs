@@ -54,6 +54,9 @@ pub struct Conn {
     /// A handshake worker is handing this connection to a routing worker: nothing more is
     /// read or parsed here (the request head waits in `inbuf` for the new owner).
     pub leaving: bool,
+    /// A connection from a load balancer whose PROXY header has not been taken yet:
+    /// `peer` is still the balancer's address, and the source limits have not counted it.
+    pub proxy: Option<Box<crate::proxy_proto::HeaderWait>>,
 }
 
 /// Where a connection's TLS records are sealed and opened.

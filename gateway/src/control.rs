@@ -18,7 +18,7 @@ use devgate_pki::{ClientCa, PkiPaths};
 use devgate_proto::frame::{ErrorCode, Frame};
 use devgate_proto::http;
 use serde_json::{Value, json};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::msg::{CloseReason, Msg, MsgKind, Priority};
 use crate::shared::{ConnHandle, Shared};
@@ -107,6 +107,9 @@ pub fn start(shared: Arc<Shared>, store: Arc<dyn Store>) -> anyhow::Result<SyncS
     let device_ca = ClientCa::load(&paths.device_ca_cert(), &paths.device_ca_key())?;
     let manager_ca = ClientCa::load(&paths.manager_ca_cert(), &paths.manager_ca_key())?;
     let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+    let shared_limit = shared
+        .device_limit
+        .load(std::sync::atomic::Ordering::Relaxed);
     let mut plane = ControlPlane {
         shared,
         store,
@@ -118,6 +121,7 @@ pub fn start(shared: Arc<Shared>, store: Arc<dyn Store>) -> anyhow::Result<SyncS
         change_seq: 0,
         overlaps: Vec::new(),
         memory: crate::ops::memory::TrimPolicy::default(),
+        fleet_limit: Some(shared_limit),
     };
     plane.load_identity()?;
     plane.poll_revocations();
@@ -160,7 +164,14 @@ struct ControlPlane {
     overlaps: Vec<(Arc<str>, i64)>,
     /// When to give freed memory back to the OS (after a large drop in connections).
     memory: crate::ops::memory::TrimPolicy,
+    /// Fleet scope: the device limit as last exchanged with the store; a different local
+    /// value means a manager changed it here, and it goes to the fleet.
+    fleet_limit: Option<u64>,
 }
+
+/// Fleet scope: another instance's device count is believed while it reported within
+/// this many seconds (an instance that died stops counting after it).
+const FLEET_FRESH_SECS: i64 = 5;
 
 fn json_response(status: u16, reason: &str, body: &Value, extra: Option<(&str, String)>) -> Bytes {
     let body = body.to_string();
@@ -209,6 +220,7 @@ impl ControlPlane {
                 self.refresh_trust_progress();
                 self.poll_changes();
                 self.trim_memory();
+                self.sync_fleet();
                 next_poll = Instant::now() + Duration::from_secs(1);
             }
         }
@@ -267,7 +279,9 @@ impl ControlPlane {
             Job::CertUsed { unit, fingerprint } => {
                 let fp = devgate_pki::format_fingerprint(&fingerprint);
                 if let Err(e) = self.store.mark_cert_used(&unit, &fp, unix_now()) {
-                    warn!("cannot record the first use of {unit}'s certificate: {e}");
+                    crate::warn_limited!(
+                        "cannot record the first use of {unit}'s certificate: {e}"
+                    );
                 }
                 self.poll_changes();
             }
@@ -392,7 +406,7 @@ impl ControlPlane {
                 refused()
             }
             Err(e) => {
-                crate::warn_limited!("enrollment failed: {e}");
+                crate::warn_limited!(%ip, "enrollment answered 503 (retry later): the credential store is unavailable: {e}");
                 json_response(
                     503,
                     "Service Unavailable",
@@ -468,7 +482,7 @@ impl ControlPlane {
                 )
             }
             Err(e) => {
-                warn!("renewal failed: {e}");
+                crate::warn_limited!("renewal failed: {e}");
                 json_response(
                     503,
                     "Service Unavailable",
@@ -635,7 +649,7 @@ impl ControlPlane {
             if let Err(e) = self.store.record_trust_acks(&acks, unix_now()) {
                 // Lost acknowledgements only delay the count: peers acknowledge every
                 // bundle frame, and reconnecting peers are sent it again.
-                warn!(
+                crate::warn_limited!(
                     count = acks.len(),
                     "cannot record trust bundle acknowledgements: {e}"
                 );
@@ -647,7 +661,45 @@ impl ControlPlane {
         };
         match self.store.trust_progress(&bundle.id) {
             Ok(progress) => self.shared.trust_progress.store(Some(Arc::new(progress))),
-            Err(e) => warn!("cannot read the root exchange progress: {e}"),
+            Err(e) => crate::warn_limited!("cannot read the root exchange progress: {e}"),
+        }
+    }
+
+    /// Fleet scope (`limits.device_limit_scope = "fleet"`): reports this instance's devices
+    /// and learns the others' and the fleet's limit. Staleness: a device counted here is
+    /// seen by the others after at most this second's exchange plus theirs (about 2 s).
+    fn sync_fleet(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.shared.config.limits.device_limit_scope != crate::config::DeviceLimitScope::Fleet {
+            return;
+        }
+        let shared = &self.shared;
+        let local = shared.device_limit.load(Relaxed);
+        let set = (Some(local) != self.fleet_limit).then_some(local);
+        let devices = shared.device_count.load(Relaxed) as u64;
+        match self.store.fleet_sync(
+            &shared.instance_id,
+            devices,
+            set,
+            unix_now(),
+            FLEET_FRESH_SECS,
+        ) {
+            Ok(view) => {
+                shared
+                    .fleet_devices_elsewhere
+                    .store(view.devices_elsewhere, Relaxed);
+                let limit = view.limit.unwrap_or(local);
+                if limit != local && set.is_none() {
+                    shared.device_limit.store(limit, Relaxed);
+                    info!(
+                        limit,
+                        "device limit changed for the fleet (by another instance)"
+                    );
+                }
+                self.fleet_limit = Some(if set.is_some() { local } else { limit });
+                shared.refresh_accepting();
+            }
+            Err(e) => crate::warn_limited!("cannot exchange device counts with the fleet: {e}"),
         }
     }
 
@@ -656,7 +708,7 @@ impl ControlPlane {
         let (events, last) = match self.store.revocations_since(self.revocation_seq) {
             Ok(r) => r,
             Err(e) => {
-                warn!("cannot read revocations: {e}");
+                crate::warn_limited!("cannot read revocations: {e}");
                 return;
             }
         };
@@ -702,7 +754,7 @@ impl ControlPlane {
         let (changes, last) = match self.store.cred_changes_since(self.change_seq) {
             Ok(r) => r,
             Err(e) => {
-                warn!("cannot read credential changes: {e}");
+                crate::warn_limited!("cannot read credential changes: {e}");
                 return;
             }
         };
@@ -739,7 +791,7 @@ impl ControlPlane {
                     }
                 }
                 Err(e) => {
-                    warn!("cannot read the credentials of {unit}: {e}");
+                    crate::warn_limited!("cannot read the credentials of {unit}: {e}");
                     continue;
                 }
             }
@@ -751,7 +803,7 @@ impl ControlPlane {
             match self.store.manager_creds(&name) {
                 Ok(accepted) => self.shared.identity.set_manager(&name, accepted.as_deref()),
                 Err(e) => {
-                    warn!("cannot read the credentials of manager {name}: {e}");
+                    crate::warn_limited!("cannot read the credentials of manager {name}: {e}");
                     continue;
                 }
             }

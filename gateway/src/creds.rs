@@ -10,7 +10,8 @@ use clap::Subcommand;
 use devgate_pki::{ClientCa, IssuedCert, PkiPaths};
 use serde_json::json;
 
-use crate::store::sqlite::SqliteStore;
+use std::sync::Arc;
+
 use crate::store::{self, Store};
 use crate::tls::unix_now;
 
@@ -191,8 +192,11 @@ pub enum ManagersCommand {
     },
 }
 
-/// The data dir's store, with a clear error when `data_dir` is not one.
-pub(crate) fn open_store(data_dir: &Path) -> Result<SqliteStore> {
+/// The store `devgate serve` would use with this data dir, with a clear error when
+/// `data_dir` is not one: `[store] url` of the effective configuration (`DEVGATE_CONFIG`
+/// or /etc/devgate/devgate.toml, and `DEVGATE_STORE__URL`) selects PostgreSQL, else the
+/// data dir's SQLite file.
+pub(crate) fn open_store(data_dir: &Path) -> Result<Arc<dyn Store>> {
     if !PkiPaths::new(data_dir).root_cert().exists() {
         bail!(
             "{} is not a devgate data dir (no pki/root.pem): run `devgate init --data-dir {} --name <host>` first",
@@ -200,7 +204,16 @@ pub(crate) fn open_store(data_dir: &Path) -> Result<SqliteStore> {
             data_dir.display()
         );
     }
-    Ok(SqliteStore::open(data_dir)?)
+    let (config, source) = crate::config::Config::load_effective(None)
+        .context("reading the configuration to find the credential store ([store] url)")?;
+    let url = config.store.url.as_deref();
+    crate::store::open(url, data_dir).with_context(|| match url {
+        Some(url) => format!(
+            "opening the PostgreSQL store {} (from {source})",
+            crate::config::redact_url(url)
+        ),
+        None => format!("opening the SQLite store in {}", data_dir.display()),
+    })
 }
 
 /// Records `pki/manager.pem` (made by `devgate init`) in the store of `data_dir`.
@@ -262,7 +275,7 @@ fn keys(cmd: KeysCommand) -> Result<()> {
             if let Some(e) = expires {
                 req["expires"] = json!(e);
             }
-            let created = crate::control::create_keys_from_json(&store, &req, unix_now())
+            let created = crate::control::create_keys_from_json(&*store, &req, unix_now())
                 .map_err(anyhow::Error::msg)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&created)?);
@@ -275,7 +288,7 @@ fn keys(cmd: KeysCommand) -> Result<()> {
         }
         KeysCommand::List { data_dir, json } => {
             let store = open_store(&data_dir)?;
-            match list_keys(&store, json) {
+            match list_keys(&*store, json) {
                 // `devgate keys list | head`: the reader left; not an error.
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
                 other => other.context("writing the key list"),
@@ -492,8 +505,7 @@ const LIST_PAGE: usize = 10_000;
 
 /// Prints every key, newest first, a page at a time: a store of 300,000 keys is never
 /// held in memory at once (nor rendered as one JSON string).
-fn list_keys(store: &crate::store::sqlite::SqliteStore, json: bool) -> std::io::Result<()> {
-    use crate::store::Store as _;
+fn list_keys(store: &dyn Store, json: bool) -> std::io::Result<()> {
     use std::io::Write as _;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -17,7 +17,9 @@
 //! - [`shared`] — the session map (unit ID → connection), the manager list, the per-worker
 //!   inboxes through which workers hand each other [`msg`]s, limits and counters.
 //! - [`guard`] — admission of new connections per source IP and globally (XDP or user space).
-//! - [`store`] — the credential store (SQLite by default): keys, device registry, revocations.
+//! - [`proxy_proto`] — the PROXY protocol header a load balancer puts before TLS.
+//! - [`store`] — the credential store (SQLite by default, PostgreSQL for several
+//!   instances): keys, device registry, revocations.
 //! - [`identity`] — which certificates are accepted (current, renewal overlap, revoked),
 //!   mirrored from the store for the workers.
 //! - [`control`] — the control plane's store thread: enrollment, pairing, key management,
@@ -47,6 +49,7 @@ pub mod identity;
 pub mod ktls;
 pub mod msg;
 pub mod ops;
+pub mod proxy_proto;
 pub mod reload;
 pub mod server;
 pub mod shared;

@@ -312,11 +312,14 @@ pub fn serve(config: Config) -> Result<()> {
     );
     shared.routing_workers = workers;
     shared.data_path = data_path.clone();
+    shared.instance_id = shared.config.instance_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}:{}", host.trim(), public.port())
+    });
     shared.tls_offload = tls_offload.clone();
     let shared = Arc::new(shared);
-    let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::sqlite::SqliteStore::open(
-        &shared.config.data_dir,
-    )?);
+    let store = crate::store::open(shared.config.store.url.as_deref(), &shared.config.data_dir)?;
+    info!(store = store.kind(), at = %store.location(), "credential store open");
     let _ = shared.store.set(store.clone());
     let jobs = crate::control::start(shared.clone(), store)?;
     let _ = shared.jobs.set(jobs);

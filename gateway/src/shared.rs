@@ -169,6 +169,14 @@ const NEVER: u64 = u64::MAX;
 pub struct Shared {
     /// Effective configuration.
     pub config: Config,
+    /// This instance's id (`instance_id`, else host name and public port; set at start).
+    pub instance_id: String,
+    /// Devices connected to the other instances of the fleet, as last read from the store
+    /// (`device_limit_scope = "fleet"`; 0 otherwise).
+    pub fleet_devices_elsewhere: AtomicU64,
+    /// Balancer networks whose connections start with a PROXY header
+    /// (`proxy_protocol_from`, checked by `Config::validate`).
+    pub proxy_from: crate::proxy_proto::Networks,
     /// Which I/O driver runs the data path, and why not io_uring if it does not.
     pub data_path: DataPath,
     /// Whether records are sealed by the kernel (kTLS) or rustls, and why.
@@ -296,7 +304,12 @@ impl Shared {
         let identity = crate::identity::Identity::new(config.credentials.require_registered);
         let unauthenticated =
             crate::guard::unauth::Unauthenticated::new(config.limits.max_handshakes_per_source);
+        let proxy_from =
+            crate::proxy_proto::Networks::parse(&config.proxy_protocol_from).unwrap_or_default();
         Self {
+            instance_id: String::new(),
+            fleet_devices_elsewhere: AtomicU64::new(0),
+            proxy_from,
             config,
             data_path: DataPath::default(),
             tls_offload: crate::ktls::TlsOffload::default(),
@@ -396,9 +409,10 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Read under the lock: the last caller sees the last count and tells the guard.
-        let at_limit = self
-            .device_limit()
-            .is_some_and(|limit| self.device_count.load(Ordering::Acquire) as u64 >= limit);
+        let elsewhere = self.fleet_devices_elsewhere.load(Ordering::Relaxed);
+        let at_limit = self.device_limit().is_some_and(|limit| {
+            (self.device_count.load(Ordering::Acquire) as u64).saturating_add(elsewhere) >= limit
+        });
         let accepting = !at_limit;
         if *last != accepting {
             *last = accepting;
@@ -478,8 +492,11 @@ impl Shared {
     /// Reserves a device slot under the limit; false if the limit is reached.
     pub fn reserve_device(&self) -> bool {
         let before = self.device_count.fetch_add(1, Ordering::AcqRel);
+        // In fleet scope the other instances' devices count too, as of the last exchange
+        // through the store (at most about two seconds old).
+        let elsewhere = self.fleet_devices_elsewhere.load(Ordering::Relaxed);
         match self.device_limit() {
-            Some(limit) if before as u64 >= limit => {
+            Some(limit) if (before as u64).saturating_add(elsewhere) >= limit => {
                 self.device_count.fetch_sub(1, Ordering::AcqRel);
                 false
             }

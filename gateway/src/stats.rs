@@ -37,6 +37,9 @@ counters! {
     /// Connections refused at accept because their source holds
     /// `limits.max_handshakes_per_source` unauthenticated connections.
     refused_handshakes_per_source,
+    /// Connections from a `proxy_protocol_from` network refused for a missing or invalid
+    /// PROXY header.
+    refused_proxy_header,
     /// Unauthenticated connections closed to make room for a newer one (table full).
     evicted_unauthenticated,
     /// Connections a handshake worker handed to a routing worker after their TLS

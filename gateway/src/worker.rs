@@ -228,20 +228,18 @@ impl Worker {
             return None;
         }
         let ip = peer.ip();
-        if !self.shared.guard.admit(ip, now) {
-            bump(&self.stats().refused_by_guard);
-            return None;
-        }
-        if self.shared.unauthenticated.try_add(ip).is_err() {
-            self.shared.guard.closed(ip);
-            bump(&self.stats().refused_handshakes_per_source);
-            debug!(%peer, "refused: the source holds limits.max_handshakes_per_source handshakes");
+        // A balancer's connection is counted under the client address its PROXY header
+        // names, once it has arrived (`take_proxy_header`).
+        let proxied = self.shared.proxy_from.contains(ip);
+        if !proxied && !self.admit_source(peer, now) {
             return None;
         }
         let undo = |shared: &Shared| {
             shared.connection_count.fetch_sub(1, Ordering::AcqRel);
-            shared.unauthenticated.remove(ip);
-            shared.guard.closed(ip);
+            if !proxied {
+                shared.unauthenticated.remove(ip);
+                shared.guard.closed(ip);
+            }
         };
         let open = self.shared.connection_count.fetch_add(1, Ordering::AcqRel);
         let full = open >= self.shared.max_connections
@@ -276,7 +274,7 @@ impl Worker {
         let handshake = Duration::from_millis(self.shared.config.limits.handshake_timeout_ms);
         self.handshake_timers
             .push(now + handshake, slot, entry.generation);
-        entry.unauthenticated = true;
+        entry.unauthenticated = !proxied;
         entry.conn = Some(Conn {
             handle,
             peer,
@@ -294,6 +292,7 @@ impl Worker {
             fd_queued: false,
             kind: PeerKind::Unknown,
             leaving: false,
+            proxy: proxied.then(Box::default),
         });
         self.live += 1;
         Some(slot)
@@ -401,6 +400,61 @@ impl Worker {
         self.shared.guard.closed(ip);
     }
 
+    /// The per-source admission of a new connection from `peer` (guard, then the
+    /// unauthenticated-per-source cap); false if refused, with nothing left counted.
+    fn admit_source(&self, peer: SocketAddr, now: Instant) -> bool {
+        let ip = peer.ip();
+        if !self.shared.guard.admit(ip, now) {
+            bump(&self.stats().refused_by_guard);
+            return false;
+        }
+        if self.shared.unauthenticated.try_add(ip).is_err() {
+            self.shared.guard.closed(ip);
+            bump(&self.stats().refused_handshakes_per_source);
+            debug!(%peer, "refused: the source holds limits.max_handshakes_per_source handshakes");
+            return false;
+        }
+        true
+    }
+
+    /// A balancer's connection: takes its PROXY header (see [`crate::proxy_proto`]) and
+    /// admits the client address it names. Returns the bytes after the header once
+    /// admitted; `None` while the header is incomplete or when the connection is refused
+    /// (closed here, with `conn.proxy` left set so that release counts nothing off).
+    fn take_proxy_header(&mut self, slot: u32, data: &[u8], now: Instant) -> Option<Vec<u8>> {
+        let conn = self.conn_mut(slot)?;
+        if matches!(conn.phase, Phase::Closing) {
+            return None;
+        }
+        let step = conn.proxy.as_mut()?.feed(data);
+        let (source, rest) = match step {
+            crate::proxy_proto::Step::More => return None,
+            crate::proxy_proto::Step::Refused(why) => {
+                let peer = conn.peer;
+                bump(&self.stats().refused_proxy_header);
+                crate::warn_limited!(%peer, "refused: {why}");
+                self.close(slot, now, Ending::Lost);
+                return None;
+            }
+            crate::proxy_proto::Step::Done { source, rest } => (source, rest),
+        };
+        if let Some(source) = source {
+            conn.peer = source;
+        }
+        let peer = conn.peer;
+        if !self.admit_source(peer, now) {
+            self.close(slot, now, Ending::Lost);
+            return None;
+        }
+        if let Some(entry) = self.slots.get_mut(slot as usize) {
+            entry.unauthenticated = true;
+            if let Some(conn) = entry.conn.as_mut() {
+                conn.proxy = None;
+            }
+        }
+        Some(rest)
+    }
+
     /// Bytes received from the socket of `slot`.
     pub fn on_received(&mut self, slot: u32, data: &[u8], now: Instant) {
         let mut plain = std::mem::take(&mut self.plain_in);
@@ -416,6 +470,20 @@ impl Worker {
     }
 
     fn on_received_inner(&mut self, slot: u32, data: &[u8], plain: &mut Vec<u8>, now: Instant) {
+        let after_header;
+        let data = if self.conn_ref(slot).is_some_and(|c| c.proxy.is_some()) {
+            match self.take_proxy_header(slot, data, now) {
+                // Nothing after the header yet: an empty read would look like EOF to TLS.
+                Some(rest) if rest.is_empty() => return,
+                Some(rest) => {
+                    after_header = rest;
+                    &after_header[..]
+                }
+                None => return,
+            }
+        } else {
+            data
+        };
         let Some(conn) = self.conn_mut(slot) else {
             return;
         };
@@ -920,7 +988,10 @@ impl Worker {
             if std::mem::take(&mut entry.unauthenticated) {
                 self.shared.unauthenticated.remove(conn.peer.ip());
             }
-            self.shared.guard.closed(conn.peer.ip());
+            // A balancer's connection refused before its header was admitted counted nothing.
+            if conn.proxy.is_none() {
+                self.shared.guard.closed(conn.peer.ip());
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 //! started with [`Gateway::start_in_netns`] runs inside one.
 
 pub mod netns;
+pub mod postgres;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -26,6 +26,11 @@ fn config_check_accepts_the_packaged_file_and_names_the_key_at_fault() -> Result
         ),
         ("[limits]\nqueue_bytes = 1024\n", "limits.queue_bytes"),
         ("workers = 5000\n", "workers"),
+        ("[store]\nurl = \"mysql://x\"\n", "store.url"),
+        (
+            "proxy_protocol_from = [\"10.0.0.0/99\"]\n",
+            "proxy_protocol_from",
+        ),
         ("[limits\n", "line 1"),
     ] {
         let file = dir.path().join("c.toml");

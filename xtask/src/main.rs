@@ -137,6 +137,7 @@ const EPOLL_SUITES: &[&str] = &[
     "identity",
     "rails",
     "proxy",
+    "proxy_protocol",
 ];
 
 #[derive(Default)]

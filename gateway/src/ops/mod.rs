@@ -391,7 +391,12 @@ pub fn summary(v: &Value) -> String {
         o,
         "  store {} {}: {}{}",
         text(&store["kind"]),
-        text(&store["data_dir"]),
+        // The shared store is somewhere else than the data dir: say where.
+        if store["kind"] == "postgres" {
+            text(&store["database"])
+        } else {
+            text(&store["data_dir"])
+        },
         match store["ok"].as_bool() {
             Some(true) => "ok",
             Some(false) => "PROBLEM",

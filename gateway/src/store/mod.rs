@@ -2,13 +2,16 @@
 //! revocations and manager pairing tokens.
 //!
 //! [`Store`] is the seam: SQLite ([`sqlite::SqliteStore`], in the data dir) is the
-//! default; a PostgreSQL implementation for several instances sharing one fleet plugs in
-//! behind the same trait. Store calls block (disk, fsync), so the data path never makes
+//! default; PostgreSQL ([`postgres::PgStore`], `[store] url`) is the store several
+//! instances of one fleet share. Store calls block (disk, fsync), so the data path never makes
 //! them: it hands enrollment and key management to the control plane's store thread.
 //!
 //! Secrets are never stored or logged: a key is kept as a salted SHA-256 hash, found by a
 //! separate lookup id derived from it, and compared in constant time.
 
+#[doc(hidden)]
+pub mod contract;
+pub mod postgres;
 pub mod sqlite;
 
 use std::fmt;
@@ -152,6 +155,15 @@ pub struct ManagerCert {
     pub source: String,
 }
 
+/// What [`Store::fleet_sync`] reads back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetView {
+    /// Devices on the other instances (those that reported recently).
+    pub devices_elsewhere: u64,
+    /// The fleet's device limit (0 = unlimited), if one was ever set through the store.
+    pub limit: Option<u64>,
+}
+
 /// Outcome of revoking a unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnitRevocation {
@@ -252,6 +264,10 @@ impl From<rusqlite::Error> for StoreError {
 
 /// The credential store (see the module docs).
 pub trait Store: Send + Sync + fmt::Debug {
+    /// `"sqlite"` or `"postgres"` (status, logs).
+    fn kind(&self) -> &'static str;
+    /// Where it is: the database file, or `user@host:port/db` (never a password).
+    fn location(&self) -> String;
     /// Adds keys.
     fn create_keys(&self, keys: &[NewKey]) -> Result<(), StoreError>;
     /// All keys, newest first.
@@ -371,6 +387,36 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn trust_progress(&self, bundle: &str) -> Result<TrustProgress, StoreError>;
     /// A cheap liveness check for status.
     fn health(&self) -> Result<(), StoreError>;
+    /// The fleet-wide device limit's exchange, once a second per instance: records that
+    /// `instance` holds `devices` now, sets the fleet's limit to `set_limit` if given (a
+    /// manager changed it on this instance), and returns the devices of the other
+    /// instances seen within `fresh_secs` and the fleet's limit (`None` if never set).
+    fn fleet_sync(
+        &self,
+        instance: &str,
+        devices: u64,
+        set_limit: Option<u64>,
+        now: i64,
+        fresh_secs: i64,
+    ) -> Result<FleetView, StoreError> {
+        let _ = (instance, devices, set_limit, now, fresh_secs);
+        Err(StoreError(format!(
+            "a fleet-wide device limit needs the PostgreSQL store, not {}",
+            self.kind()
+        )))
+    }
+}
+
+/// Opens the store a configuration names: PostgreSQL when `[store] url` is set, else the
+/// SQLite file in `data_dir`.
+pub fn open(
+    url: Option<&str>,
+    data_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(match url {
+        Some(url) => std::sync::Arc::new(postgres::PgStore::open(url)?),
+        None => std::sync::Arc::new(sqlite::SqliteStore::open(data_dir)?),
+    })
 }
 
 /// Characters of generated keys: Crockford's base32 (no I, L, O, U: nothing to misread
