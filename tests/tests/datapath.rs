@@ -149,6 +149,8 @@ async fn memory_is_given_back_after_a_thousand_devices_leave() -> Result<()> {
             devices.push(dev??);
         }
     }
+    // The store thread looks at the open connections once a second: let it see them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let peak = gw.rss_kib()?;
     assert_eq!(gw.status()?["memory_trims"], 0);
     drop(devices);
