@@ -45,6 +45,7 @@ pub mod control;
 pub mod creds;
 pub mod driver;
 pub mod guard;
+pub mod harness;
 pub mod identity;
 pub mod ktls;
 pub mod msg;
