@@ -28,7 +28,23 @@ pub const WORKLOADS: &[&str] = &[
     "tls_handshake_mtls",
     "map_lookup",
     "map_insert_remove",
+    "route_command_cross_worker",
+    "route_response_same_worker",
+    "route_response_cross_worker",
 ];
+
+pub mod routing;
+
+/// The function callgrind counts for workload `name` (`--toggle-collect`): the routing
+/// workloads count only the gateway's calls ([`routing::icount_gateway`]), the others
+/// their whole run (`icount_measure` in `devgate-bench`).
+pub fn icount_toggle(name: &str) -> &'static str {
+    if routing::ROUTING_WORKLOADS.contains(&name) {
+        "icount_gateway"
+    } else {
+        "icount_measure"
+    }
+}
 
 /// Iterations per workload for instruction counts: enough that per-iteration figures are
 /// not dominated by the first call's cache misses in callgrind's model, few enough that the
@@ -36,6 +52,7 @@ pub const WORKLOADS: &[&str] = &[
 pub fn icount_iterations(name: &str) -> u64 {
     match name {
         "tls_handshake_mtls" => 20,
+        n if routing::ROUTING_WORKLOADS.contains(&n) => 2_000,
         "ws_mask_16k" | "tls_seal_open_64" => 2_000,
         _ => 20_000,
     }
@@ -196,6 +213,8 @@ pub enum Workload {
     MapLookup(dashmap::DashMap<Arc<str>, u64>, Vec<String>),
     /// dashmap insert then remove of a session (a device connecting and leaving).
     MapInsertRemove(dashmap::DashMap<Arc<str>, u64>, Vec<Arc<str>>),
+    /// A command round trip through the workers (`gateway::harness`), one leg counted.
+    Route(Box<routing::Routing>),
 }
 
 /// The static payload the frame workloads carry.
@@ -259,6 +278,9 @@ impl Workload {
                     map.insert(id.clone(), i as u64);
                 }
                 Self::MapInsertRemove(map, ids)
+            }
+            n if routing::ROUTING_WORKLOADS.contains(&n) => {
+                Self::Route(Box::new(routing::Routing::new(n)?))
             }
             other => bail!(
                 "unknown workload {other:?} (known: {})",
@@ -335,6 +357,11 @@ impl Workload {
                     let id = &ids[10_000 + (i % 10_000) as usize];
                     map.insert(id.clone(), i);
                     black_box(map.remove(id));
+                }
+            }
+            Self::Route(r) => {
+                for _ in 0..iters {
+                    r.round_trip()?;
                 }
             }
         }

@@ -74,7 +74,7 @@ fn icount(args: &[String]) -> Result<()> {
             .args([
                 "--tool=callgrind",
                 "--collect-atstart=no",
-                "--toggle-collect=icount_measure",
+                &format!("--toggle-collect={}", bench::icount_toggle(name)),
                 "--callgrind-out-file=/dev/null",
             ])
             .arg(&exe)
