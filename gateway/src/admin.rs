@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use crate::shared::Shared;
+use crate::daemon::Daemon;
 use crate::stats::{LATENCY_BOUNDS_US, LatencyHistogram, StatsSnapshot, WorkerLatencies};
 
 /// The addresses actually bound (the configured ones may say port 0), for status.
@@ -133,7 +133,7 @@ pub fn create_token(path: &std::path::Path, rotate: bool) -> Result<bool> {
 /// `public` is the bound public listener address; with `token`, every request must carry
 /// it as `Authorization: Bearer …` (401 otherwise).
 pub fn start(
-    shared: Arc<Shared>,
+    shared: Arc<Daemon>,
     listener: std::net::TcpListener,
     public: std::net::SocketAddr,
     token: Option<AdminToken>,
@@ -186,7 +186,7 @@ pub fn start(
     Ok(())
 }
 
-async fn signals(shared: Arc<Shared>) {
+async fn signals(shared: Arc<Daemon>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -213,14 +213,14 @@ async fn signals(shared: Arc<Shared>) {
 /// theirs. On any error the current material stays. The service manager sees
 /// `RELOADING=1` … `READY=1` around it. (Certificate rotation with root exchange, issue 3,
 /// replaces the body with its own reload.)
-fn reload(shared: &Shared) {
+fn reload(shared: &Daemon) {
     crate::ops::notify::reloading();
     info!("SIGHUP: reloading the TLS material");
     crate::reload::reload(shared);
     crate::ops::notify::ready("serving (reloaded)");
 }
 
-async fn serve_one(shared: Arc<Shared>, mut stream: TcpStream, token: Option<AdminToken>) {
+async fn serve_one(shared: Arc<Daemon>, mut stream: TcpStream, token: Option<AdminToken>) {
     let mut buf = Vec::with_capacity(1024);
     let deadline = tokio::time::sleep(Duration::from_secs(5));
     tokio::pin!(deadline);
@@ -295,7 +295,7 @@ fn unauthorized() -> Vec<u8> {
     resp
 }
 
-fn snapshot(shared: &Shared) -> StatsSnapshot {
+fn snapshot(shared: &Daemon) -> StatsSnapshot {
     let mut s = StatsSnapshot::default();
     for w in shared.stats.iter() {
         s.add(w);
@@ -314,7 +314,7 @@ pub struct HistogramSnapshot {
 
 impl HistogramSnapshot {
     /// Sums one histogram of every worker.
-    fn collect(shared: &Shared, pick: fn(&WorkerLatencies) -> &LatencyHistogram) -> Self {
+    fn collect(shared: &Daemon, pick: fn(&WorkerLatencies) -> &LatencyHistogram) -> Self {
         let mut s = Self::default();
         for w in shared.latencies.iter() {
             let h = pick(w);
@@ -365,7 +365,7 @@ impl HistogramSnapshot {
 /// Health of the state directory and the credential store: the directory must exist, be a
 /// directory we can write into, and hold the server certificate; the store (SQLite or
 /// PostgreSQL) must answer.
-fn store_status(shared: &Shared) -> serde_json::Value {
+fn store_status(shared: &Daemon) -> serde_json::Value {
     let dir = &shared.config.data_dir;
     let paths = devgate_pki::PkiPaths::new(dir);
     let mut problems: Vec<String> = Vec::new();
@@ -417,7 +417,7 @@ fn free_bytes(dir: &std::path::Path) -> Option<u64> {
 
 /// The `/v1/status` document. Field names are a contract (see README "Contract" and
 /// `tests/tests/ops_status.rs`); add fields, never rename them.
-pub fn status_json(shared: &Shared) -> serde_json::Value {
+pub fn status_json(shared: &Daemon) -> serde_json::Value {
     let now = Instant::now();
     let unix_now = crate::tls::unix_now();
     let tls = shared.tls.load();
@@ -495,7 +495,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
 
 /// How far a root exchange has got, `null` when no trust bundle is loaded. The counts come
 /// from the store (refreshed once a second), so they include devices that are offline now.
-fn root_exchange_status(shared: &Shared) -> serde_json::Value {
+fn root_exchange_status(shared: &Daemon) -> serde_json::Value {
     let Some(bundle) = shared.trust_bundle.load_full() else {
         return serde_json::Value::Null;
     };
@@ -615,7 +615,7 @@ const MAPPED_COUNTERS: &[&str] = &[
 ];
 
 /// The `/metrics` page in Prometheus text format.
-pub fn metrics_text(shared: &Shared) -> String {
+pub fn metrics_text(shared: &Daemon) -> String {
     let now = Instant::now();
     let c = snapshot(shared);
     let mut m = Exposition {

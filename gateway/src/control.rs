@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,13 +20,12 @@ use devgate_proto::http;
 use serde_json::{Value, json};
 use tracing::info;
 
+use crate::daemon::Daemon;
 use crate::msg::{CloseReason, Msg, MsgKind, Priority};
-use crate::shared::{ConnHandle, Shared};
+use crate::shared::ConnHandle;
 use crate::store::{self, KeyCheck, KeyKind, Store};
 use crate::tls::unix_now;
 
-/// Largest enrollment or pairing request body.
-pub const MAX_BODY: usize = 16 * 1024;
 /// A one-time key consumed by a unit may be presented again by that unit for this long
 /// (it lost our answer, e.g. because the gateway crashed right after the commit).
 const RETRY_WINDOW_SECS: i64 = 900;
@@ -39,70 +38,10 @@ const MAX_TRACKED_IPS: usize = 100_000;
 /// at once is written in batches this size, not one transaction each).
 const MAX_PENDING_ACKS: usize = 10_000;
 
-/// Work for the store thread.
-#[derive(Debug)]
-pub enum Job {
-    /// `POST /v1/enroll` from a device without a credential.
-    Enroll {
-        /// The waiting connection.
-        reply_to: ConnHandle,
-        /// Source address (rate limiting).
-        ip: IpAddr,
-        /// Request body (JSON).
-        body: Vec<u8>,
-    },
-    /// `POST /v1/pair` from a manager with a pairing token.
-    Pair {
-        /// The waiting connection.
-        reply_to: ConnHandle,
-        /// Source address (rate limiting).
-        ip: IpAddr,
-        /// Request body (JSON).
-        body: Vec<u8>,
-    },
-    /// `POST /v1/renew` from a device over mutual TLS: `presented` is the SHA-256 of the
-    /// certificate it connected with, `unit` the unit that certificate names.
-    Renew {
-        /// The waiting connection.
-        reply_to: ConnHandle,
-        /// Source address (rate limiting).
-        ip: IpAddr,
-        /// The unit the presented certificate names.
-        unit: Arc<str>,
-        /// SHA-256 of the presented certificate.
-        presented: crate::identity::Fp,
-        /// Request body (JSON).
-        body: Vec<u8>,
-    },
-    /// A connection presented `unit`'s current certificate for the first time.
-    CertUsed {
-        /// The unit.
-        unit: Arc<str>,
-        /// SHA-256 of its current certificate.
-        fingerprint: crate::identity::Fp,
-    },
-    /// A manager's control request that needs the store.
-    Manager {
-        /// The manager connection.
-        reply_to: ConnHandle,
-        /// Its request id.
-        request_id: u32,
-        /// The parsed request.
-        request: Value,
-    },
-    /// A device or manager acknowledged the trust bundle (recorded in batches).
-    TrustAck {
-        /// The bundle id it acknowledged.
-        bundle: Box<str>,
-        /// `"device"` or `"manager"`.
-        kind: &'static str,
-        /// Unit ID or manager name.
-        name: Arc<str>,
-    },
-}
+pub use devgate_core::store_jobs::{Job, MAX_BODY, submit};
 
 /// Starts the store thread; returns the job sender the workers use.
-pub fn start(shared: Arc<Shared>, store: Arc<dyn Store>) -> anyhow::Result<SyncSender<Job>> {
+pub fn start(shared: Arc<Daemon>, store: Arc<dyn Store>) -> anyhow::Result<SyncSender<Job>> {
     let paths = PkiPaths::new(&shared.config.data_dir);
     let device_ca = ClientCa::load(&paths.device_ca_cert(), &paths.device_ca_key())?;
     let manager_ca = ClientCa::load(&paths.manager_ca_cert(), &paths.manager_ca_key())?;
@@ -132,24 +71,13 @@ pub fn start(shared: Arc<Shared>, store: Arc<dyn Store>) -> anyhow::Result<SyncS
     Ok(tx)
 }
 
-/// Hands a job to the store thread; false if it is overloaded (the caller answers 503).
-pub fn submit(shared: &Shared, job: Job) -> bool {
-    match shared.jobs.get() {
-        Some(tx) => match tx.try_send(job) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
-        },
-        None => false,
-    }
-}
-
 struct Bucket {
     tokens: f64,
     at: Instant,
 }
 
 struct ControlPlane {
-    shared: Arc<Shared>,
+    shared: Arc<Daemon>,
     store: Arc<dyn Store>,
     device_ca: ClientCa,
     manager_ca: ClientCa,
@@ -221,6 +149,7 @@ impl ControlPlane {
                 self.poll_changes();
                 self.trim_memory();
                 self.sync_fleet();
+                crate::daemon::refresh_certificate_validity(&self.shared);
                 next_poll = Instant::now() + Duration::from_secs(1);
             }
         }
@@ -852,7 +781,7 @@ fn retry_after_secs(wait: Duration) -> u64 {
     secs.max(1)
 }
 
-fn bump(shared: &Shared, f: impl Fn(&crate::stats::WorkerStats) -> &std::sync::atomic::AtomicU64) {
+fn bump(shared: &Daemon, f: impl Fn(&crate::stats::WorkerStats) -> &std::sync::atomic::AtomicU64) {
     // The store thread has no worker slot; it counts on worker 0's line (rare events).
     if let Some(s) = shared.stats.first() {
         f(s).fetch_add(1, std::sync::atomic::Ordering::Relaxed);

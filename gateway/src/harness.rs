@@ -303,14 +303,16 @@ impl Harness {
             Ok(0) | Err(_) => 10_000,
             Ok(n) => n,
         };
+        let now = Instant::now();
         let shared = Arc::new(Shared::new(
-            config,
+            config.settings(),
             tls,
             workers,
             max,
             Box::new(crate::guard::Unguarded),
+            now,
+            crate::tls::unix_now(),
         ));
-        let now = Instant::now();
         let workers = (0..workers)
             .map(|i| Worker::new(u16::try_from(i).unwrap_or(u16::MAX), shared.clone(), now))
             .collect();

@@ -31,111 +31,9 @@ const TLS_CIPHER_AES_GCM_128: u16 = 51;
 const TLS_CIPHER_AES_GCM_256: u16 = 52;
 const TLS_CIPHER_CHACHA20_POLY1305: u16 = 54;
 
-/// TLS record content types.
-pub const RECORD_ALERT: u8 = 21;
-/// A handshake record (post-handshake: KeyUpdate, NewSessionTicket).
-pub const RECORD_HANDSHAKE: u8 = 22;
-/// Application data.
-pub const RECORD_APPLICATION_DATA: u8 = 23;
-
-/// The AEADs kTLS handles for devgate, as a bit set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Ciphers(u8);
-
-impl Ciphers {
-    const AES128: u8 = 1;
-    const AES256: u8 = 2;
-    const CHACHA: u8 = 4;
-
-    fn bit(secrets: &ConnectionTrafficSecrets) -> u8 {
-        match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { .. } => Self::AES128,
-            ConnectionTrafficSecrets::Aes256Gcm { .. } => Self::AES256,
-            ConnectionTrafficSecrets::Chacha20Poly1305 { .. } => Self::CHACHA,
-            _ => 0,
-        }
-    }
-
-    /// Whether the kernel takes these secrets' cipher.
-    pub fn supports(self, secrets: &ConnectionTrafficSecrets) -> bool {
-        let bit = Self::bit(secrets);
-        bit != 0 && self.0 & bit != 0
-    }
-
-    /// Whether the kernel takes the AEAD of a negotiated suite.
-    pub fn supports_suite(self, suite: rustls::SupportedCipherSuite) -> bool {
-        let name = format!("{:?}", suite.suite());
-        let bit = if name.contains("AES_128_GCM") {
-            Self::AES128
-        } else if name.contains("AES_256_GCM") {
-            Self::AES256
-        } else if name.contains("CHACHA20_POLY1305") {
-            Self::CHACHA
-        } else {
-            0
-        };
-        bit != 0 && self.0 & bit != 0
-    }
-
-    /// Names, for logs and status.
-    pub fn names(self) -> Vec<&'static str> {
-        [
-            (Self::AES128, "AES-128-GCM"),
-            (Self::AES256, "AES-256-GCM"),
-            (Self::CHACHA, "CHACHA20-POLY1305"),
-        ]
-        .into_iter()
-        .filter(|(b, _)| self.0 & b != 0)
-        .map(|(_, n)| n)
-        .collect()
-    }
-}
-
-/// Where TLS records are sealed and opened, as status and metrics report it.
-#[derive(Debug, Clone)]
-pub struct TlsOffload {
-    /// `kernel` or `user`.
-    pub mode: &'static str,
-    /// Why records stay in rustls, when `mode` is `user`.
-    pub reason: Option<String>,
-    /// Ciphers the kernel accepted in the probe.
-    pub ciphers: Ciphers,
-    /// Whether the kernel takes new TLS 1.3 keys on a socket that has keys (KeyUpdate;
-    /// Linux 6.14 and later). Without it a peer's KeyUpdate ends the session.
-    pub rekey: bool,
-}
-
-impl Default for TlsOffload {
-    fn default() -> Self {
-        Self::user("not probed")
-    }
-}
-
-impl TlsOffload {
-    /// User-space TLS for `reason`.
-    pub fn user(reason: impl Into<String>) -> Self {
-        Self {
-            mode: "user",
-            reason: Some(reason.into()),
-            ciphers: Ciphers::default(),
-            rekey: false,
-        }
-    }
-
-    /// Whether connections are handed to the kernel after their handshake.
-    pub fn is_kernel(&self) -> bool {
-        self.mode == "kernel"
-    }
-}
-
-/// Direction of a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dir {
-    /// Keys we seal with (`TLS_TX`).
-    Tx,
-    /// Keys we open with (`TLS_RX`).
-    Rx,
-}
+pub use devgate_core::kernel_tls::{
+    Ciphers, Dir, RECORD_ALERT, RECORD_APPLICATION_DATA, RECORD_HANDSHAKE, TlsOffload,
+};
 
 /// The kernel's `tls12_crypto_info_*` structures, laid out as `<linux/tls.h>` has them.
 #[repr(C)]
@@ -532,5 +430,33 @@ mod tests {
         } else {
             assert!(!p.ciphers.names().is_empty());
         }
+    }
+}
+
+/// A connection's socket as the core's [`KernelTlsSocket`]: the system calls above, on its fd.
+#[derive(Debug, Clone, Copy)]
+pub struct FdSocket<'a>(pub BorrowedFd<'a>);
+
+impl devgate_core::kernel_tls::KernelTlsSocket for FdSocket<'_> {
+    fn attach_ulp(&mut self) -> io::Result<()> {
+        attach_ulp(self.0)
+    }
+
+    fn set_key(
+        &mut self,
+        dir: Dir,
+        version: ProtocolVersion,
+        seq: u64,
+        secrets: &ConnectionTrafficSecrets,
+    ) -> io::Result<()> {
+        set_key(self.0, dir, version, seq, secrets)
+    }
+
+    fn send_record(&mut self, record_type: u8, payload: &[u8]) -> io::Result<usize> {
+        send_record(self.0, record_type, payload)
+    }
+
+    fn recv_record(&mut self, buf: &mut [u8]) -> io::Result<(u8, usize)> {
+        recv_record(self.0, buf)
     }
 }

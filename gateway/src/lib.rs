@@ -40,24 +40,20 @@
 pub mod admin;
 pub mod certcmd;
 pub mod config;
-pub mod conn;
 pub mod control;
 pub mod creds;
+pub mod daemon;
 pub mod driver;
 pub mod guard;
 pub mod harness;
-pub mod identity;
 pub mod ktls;
-pub mod msg;
 pub mod ops;
-pub mod proxy_proto;
 pub mod reload;
 pub mod server;
-pub mod shared;
-pub mod stats;
 pub mod store;
 pub mod tickets;
-pub mod timers;
 pub mod tls;
-pub mod tls_conn;
-pub mod worker;
+
+// The routing core (`devgate-core`), under the paths the daemon's modules use.
+pub use devgate_core::warn_limited;
+pub use devgate_core::{conn, identity, msg, proxy_proto, shared, stats, timers, tls_conn, worker};

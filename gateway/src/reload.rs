@@ -19,7 +19,8 @@ use devgate_pki::PkiPaths;
 use devgate_proto::frame::Frame;
 use tracing::{info, warn};
 
-use crate::shared::{Shared, TrustBundle};
+use crate::daemon::Daemon;
+use crate::shared::TrustBundle;
 
 /// File holding the roots devices should trust (PEM), if a root exchange is under way.
 pub fn trust_bundle_path(data_dir: &std::path::Path) -> std::path::PathBuf {
@@ -27,7 +28,7 @@ pub fn trust_bundle_path(data_dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 /// Loads the trust bundle, if any, into `shared` (encoded once as a ready frame).
-pub fn load_trust_bundle(shared: &Shared) -> Result<()> {
+pub fn load_trust_bundle(shared: &Daemon) -> Result<()> {
     let path = trust_bundle_path(&shared.config.data_dir);
     if !path.exists() {
         if shared.trust_bundle.load().is_some() {
@@ -59,7 +60,7 @@ pub fn load_trust_bundle(shared: &Shared) -> Result<()> {
 }
 
 /// Re-reads the PKI; on any error the running material stays in place.
-pub fn reload(shared: &Shared) {
+pub fn reload(shared: &Daemon) {
     match crate::tls::load_with(&shared.config.data_dir, &shared.config.tls) {
         Ok(material) => {
             let server = material
@@ -68,12 +69,13 @@ pub fn reload(shared: &Shared) {
                 .find(|(role, _)| role == "server")
                 .map(|(_, c)| format!("{} (valid until {})", c.subject, c.not_after))
                 .unwrap_or_default();
-            if !material.server_cert_valid_now() {
+            if !material.server_cert_valid_at(crate::tls::unix_now()) {
                 warn!(
                     "reloaded a server certificate outside its validity dates: check-status reports err"
                 );
             }
             shared.tls.store(Arc::new(material));
+            crate::daemon::refresh_certificate_validity(shared);
             info!("reloaded certificates: server certificate {server}");
         }
         Err(e) => warn!("reload failed, keeping the current certificates: {e:#}"),

@@ -13,6 +13,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
 use crate::config::{Config, DataPathChoice};
+use crate::daemon::Daemon;
 use crate::shared::{DataPath, Shared};
 use crate::worker::Worker;
 
@@ -235,7 +236,7 @@ pub fn serve(config: Config) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
-    if !tls.server_cert_valid_now() {
+    if !tls.server_cert_valid_at(crate::tls::unix_now()) {
         warn!(
             "the server certificate is outside its validity dates: check-status reports err until it is renewed"
         );
@@ -303,21 +304,29 @@ pub fn serve(config: Config) -> Result<()> {
     let admin_addr = admin.local_addr()?;
 
     let guard = crate::guard::build(&config.xdp, &[public.port()]);
+    let started = Instant::now();
     let mut shared = Shared::new(
-        config,
+        config.settings(),
         tls,
         workers + handshake_workers,
         max_connections,
         guard,
+        started,
+        crate::tls::unix_now(),
     );
     shared.routing_workers = workers;
     shared.data_path = data_path.clone();
-    shared.instance_id = shared.config.instance_id.clone().unwrap_or_else(|| {
+    shared.instance_id = config.instance_id.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}:{}", host.trim(), public.port())
     });
     shared.tls_offload = tls_offload.clone();
-    let shared = Arc::new(shared);
+    crate::daemon::refresh_certificate_validity(&shared);
+    let shared = Arc::new(Daemon {
+        core: Arc::new(shared),
+        config,
+        store: std::sync::OnceLock::new(),
+    });
     let store = crate::store::open(shared.config.store.url.as_deref(), &shared.config.data_dir)?;
     info!(store = store.kind(), at = %store.location(), "credential store open");
     let _ = shared.store.set(store.clone());
@@ -331,7 +340,7 @@ pub fn serve(config: Config) -> Result<()> {
     let mut listeners = listeners.into_iter();
     for id in 0..workers {
         let id = u16::try_from(id).context("too many workers")?;
-        let worker = Worker::new(id, shared.clone(), now);
+        let worker = Worker::new(id, shared.core.clone(), now);
         let listener = if handshake_workers == 0 {
             listeners.next()
         } else {
@@ -348,7 +357,7 @@ pub fn serve(config: Config) -> Result<()> {
     }
     for (n, listener) in listeners.enumerate() {
         let id = u16::try_from(workers + n).context("too many workers")?;
-        let worker = Worker::handshake_worker(id, shared.clone(), now);
+        let worker = Worker::handshake_worker(id, shared.core.clone(), now);
         // Handshake workers run on epoll whatever the data path: their connections
         // leave as ordinary descriptors, which either driver can take.
         threads.push(spawn_worker(

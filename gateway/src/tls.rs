@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use devgate_pki::{CertSummary, PeerClassifier, PkiPaths};
+use devgate_pki::{PeerClassifier, PkiPaths};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
@@ -27,28 +27,7 @@ pub fn set_secret_extraction(on: bool) {
     SECRET_EXTRACTION.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Everything loaded from the PKI directory that the data path needs.
-#[derive(Debug)]
-pub struct TlsMaterial {
-    /// The rustls server configuration handed to every new connection.
-    pub server_config: Arc<ServerConfig>,
-    /// Maps a verified client certificate to a device or manager.
-    pub classifier: PeerClassifier,
-    /// Subject and expiry of the certificates, for status.
-    pub certificates: Vec<(String, CertSummary)>,
-    /// Validity window of the server certificate (unix seconds).
-    pub server_not_before: i64,
-    /// Expiry of the server certificate (unix seconds).
-    pub server_not_after: i64,
-}
-
-impl TlsMaterial {
-    /// Whether the server certificate is within its validity dates now.
-    pub fn server_cert_valid_now(&self) -> bool {
-        let now = unix_now();
-        self.server_not_before <= now && now < self.server_not_after
-    }
-}
+pub use devgate_core::tls_material::TlsMaterial;
 
 /// Current time in unix seconds.
 pub fn unix_now() -> i64 {

@@ -13,6 +13,8 @@
 //! - `bench-check [--update-baseline]` — instruction counts of the hot paths under callgrind
 //!   against `bench/baseline/instructions.json` (fails beyond +3 %); `bench-report [--quick]`
 //!   — devgate against an echo floor and nginx in one run (`bench.rs`, docs/BENCHMARKS.md).
+//! - `core-check` — the routing core (`devgate-core`) depends on no I/O crate, has no
+//!   `unsafe`, calls no `libc` and reads no clock (`core_check.rs`; part of `ci`).
 
 mod package;
 
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod core_check;
 mod datapath;
 mod ebpf;
 mod slowloris;
@@ -40,6 +43,7 @@ fn main() -> Result<()> {
         Some("datapath-bench") => datapath::task(&args[1..]),
         Some("slowloris-bench") => slowloris::task(&args[1..]),
         Some("bench-check") => bench::check(&args[1..]),
+        Some("core-check") => core_check::check(),
         Some("bench-report") => bench::report(&args[1..]),
         _ => {
             eprintln!(
@@ -191,6 +195,7 @@ fn ci() -> Result<()> {
     // The XDP object the XDP tests attach (setup.sh installed its toolchain).
     ebpf::task("build-ebpf", &[])?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    core_check::check()?;
     run(cargo().args([
         "clippy",
         "--workspace",

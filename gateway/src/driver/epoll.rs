@@ -17,6 +17,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::debug;
 
+use crate::ktls::FdSocket;
 use crate::shared::{Handover, Wake};
 use crate::worker::{Flush, Worker};
 
@@ -196,7 +197,7 @@ pub fn run(mut worker: Worker, listener: Option<StdListener>) -> io::Result<()> 
         worker.take_fd_work(&mut fd_work);
         for &slot in &fd_work {
             if let Some(Some(sock)) = sockets.get_mut(slot as usize) {
-                worker.fd_work(slot, sock.stream.as_fd(), now);
+                worker.fd_work(slot, &mut FdSocket(sock.stream.as_fd()), now);
             }
         }
         worker.take_dirty(&mut dirty);
@@ -226,11 +227,11 @@ pub fn run(mut worker: Worker, listener: Option<StdListener>) -> io::Result<()> 
                 let _ = worker.flush_to(slot, &mut sock.stream);
                 worker.take_fd_work(&mut fd_work);
                 if fd_work.contains(&slot) {
-                    worker.fd_work(slot, sock.stream.as_fd(), now);
+                    worker.fd_work(slot, &mut FdSocket(sock.stream.as_fd()), now);
                 }
                 for &other in fd_work.iter().filter(|s| **s != slot) {
                     if let Some(Some(o)) = sockets.get(other as usize) {
-                        worker.fd_work(other, o.stream.as_fd(), now);
+                        worker.fd_work(other, &mut FdSocket(o.stream.as_fd()), now);
                     }
                 }
                 let _ = poll.registry().deregister(&mut sock.stream);
@@ -375,7 +376,7 @@ fn read_socket(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // kTLS: the next record is an alert or a handshake message, not data.
             Err(e) if e.raw_os_error() == Some(libc::EIO) && worker.is_offloaded(slot) => {
-                worker.on_control_record(slot, stream.as_fd(), now);
+                worker.on_control_record(slot, &mut FdSocket(stream.as_fd()), now);
             }
             Err(e) => {
                 worker.on_error(slot, &e, now);

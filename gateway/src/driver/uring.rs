@@ -31,6 +31,7 @@ use io_uring::types::{BufRingEntry, Fd, Fixed, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 use tracing::debug;
 
+use crate::ktls::FdSocket;
 use crate::shared::{Handover, Wake};
 use crate::worker::{Flush, Worker};
 
@@ -774,7 +775,8 @@ impl Driver {
         } else if result == -libc::EIO && !closing && self.worker.is_offloaded(slot) {
             // kTLS: the next record is an alert or a handshake message, not data.
             if let Some(Target::Fd(fd)) = &sock.target {
-                self.worker.on_control_record(slot, fd.as_fd(), now);
+                self.worker
+                    .on_control_record(slot, &mut FdSocket(fd.as_fd()), now);
             }
             if !more && self.worker.is_active(slot) {
                 self.rearm.push(slot);
@@ -832,7 +834,7 @@ impl Driver {
             if sock.send.is_some() {
                 self.fd_deferred.push(slot);
             } else {
-                self.worker.fd_work(slot, fd.as_fd(), now);
+                self.worker.fd_work(slot, &mut FdSocket(fd.as_fd()), now);
             }
         }
         self.fd_work = work;
@@ -995,7 +997,7 @@ impl Driver {
                 ..
             })) = self.sockets.get(slot as usize)
             {
-                self.worker.fd_work(slot, fd.as_fd(), now);
+                self.worker.fd_work(slot, &mut FdSocket(fd.as_fd()), now);
             }
         }
         let Some(Some(sock)) = self.sockets.get_mut(slot as usize) else {

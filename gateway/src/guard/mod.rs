@@ -17,7 +17,8 @@
 //! [`build`] picks one from the `[xdp]` configuration ([`config::GuardConfig`]).
 
 pub mod config;
-pub mod unauth;
+/// Unauthenticated connections per source: in the core, where the workers count them.
+pub use devgate_core::unauth;
 pub mod userspace;
 pub mod xdp;
 
@@ -30,21 +31,7 @@ use tracing::{info, warn};
 use self::config::{GuardConfig, Mode};
 use self::userspace::{Refusal, UserspaceGuard};
 
-/// Admission decisions for new connections; shared by all workers.
-pub trait Guard: Send + Sync + std::fmt::Debug {
-    /// A TCP connection from `ip` was accepted; return false to refuse (close) it.
-    fn admit(&self, ip: IpAddr, now: Instant) -> bool;
-    /// A connection from `ip` that was admitted has closed.
-    fn closed(&self, ip: IpAddr);
-    /// Whether new connections are admitted at all (false while the device limit is reached).
-    fn set_accepting(&self, accepting: bool);
-    /// The `"xdp"` object of `/v1/status`.
-    fn status(&self) -> serde_json::Value;
-    /// Appends the guard's Prometheus metrics.
-    fn metrics(&self, out: &mut String);
-    /// The gateway is stopping: detach from the kernel (the XDP program).
-    fn shutdown(&self) {}
-}
+pub use devgate_core::guard::Guard;
 
 /// No limits beyond the gateway's own (device limit, `max_connections`).
 #[derive(Debug, Default)]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::shared::Shared;
+use crate::daemon::Daemon;
 
 /// The stall bound is never below this, whatever `WatchdogSec` says: a busy loop turn
 /// of a second or two under a reconnect storm is not a hang.
@@ -44,7 +44,7 @@ pub fn should_ping(oldest_heartbeat_age: Duration, interval: Duration) -> bool {
 }
 
 /// The `"watchdog"` object of `/v1/status`.
-pub fn status(shared: &Shared, now: Instant) -> serde_json::Value {
+pub fn status(shared: &Daemon, now: Instant) -> serde_json::Value {
     let interval = super::notify::watchdog_interval();
     serde_json::json!({
         "notify_socket": super::notify::enabled(),
@@ -57,7 +57,7 @@ pub fn status(shared: &Shared, now: Instant) -> serde_json::Value {
 }
 
 /// One line for `systemctl status`.
-fn status_line(shared: &Shared) -> String {
+fn status_line(shared: &Daemon) -> String {
     format!(
         "serving: {} devices, {} managers",
         shared.device_count.load(Ordering::Relaxed),
@@ -67,7 +67,7 @@ fn status_line(shared: &Shared) -> String {
 
 /// Sends READY once the workers run, then pings the watchdog and refreshes the status
 /// line until shutdown. Runs forever on the admin runtime.
-pub async fn run(shared: Arc<Shared>) {
+pub async fn run(shared: Arc<Daemon>) {
     while shared.workers_ready.load(Ordering::Acquire) < shared.worker_count() {
         if shared.shutting_down.load(Ordering::Relaxed) {
             return;

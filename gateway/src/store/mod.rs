@@ -116,17 +116,8 @@ pub struct DeviceRecord {
 }
 
 /// Which certificates the gateway accepts for one unit in the registry (mirrored into
-/// memory for the workers; see `crate::identity`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeviceCreds {
-    /// The current certificate's SHA-256 ([`devgate_pki::fingerprint`] form); `None` after
-    /// a reset.
-    pub current: Option<String>,
-    /// Whether a connection has presented the current certificate yet.
-    pub current_used: bool,
-    /// The certificate replaced by a renewal and the end of its overlap (unix seconds).
-    pub previous: Option<(String, i64)>,
-}
+/// memory for the workers; see `devgate_core::identity`).
+pub use devgate_core::identity::DeviceCreds;
 
 /// A change of accepted certificates, from the store's change log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,18 +177,7 @@ pub struct TrustAck {
     pub name: std::sync::Arc<str>,
 }
 
-/// How far a root exchange has got: who acknowledged the trust bundle.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct TrustProgress {
-    /// The bundle id.
-    pub bundle: String,
-    /// Enrolled, unrevoked devices that acknowledged it.
-    pub devices_acked: u64,
-    /// Enrolled, unrevoked devices (the registry).
-    pub devices_total: u64,
-    /// Managers (by certificate name) that acknowledged it.
-    pub managers_acked: Vec<String>,
-}
+pub use devgate_core::shared::TrustProgress;
 
 /// Outcome of presenting a key for enrollment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

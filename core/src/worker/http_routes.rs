@@ -40,7 +40,7 @@ impl Worker {
                     return None;
                 };
                 let len = usize::try_from(len).unwrap_or(usize::MAX);
-                if len > crate::control::MAX_BODY {
+                if len > crate::store_jobs::MAX_BODY {
                     self.refuse(
                         slot,
                         413,
@@ -62,17 +62,17 @@ impl Worker {
                 let conn = self.conn_mut(slot)?;
                 let (reply_to, ip, body) = (conn.handle, conn.peer.ip(), body.to_vec());
                 let job = match (path, renewal) {
-                    (_, Some((unit, presented))) => crate::control::Job::Renew {
+                    (_, Some((unit, presented))) => crate::store_jobs::Job::Renew {
                         reply_to,
                         ip,
                         unit,
                         presented,
                         body,
                     },
-                    ("/v1/enroll", None) => crate::control::Job::Enroll { reply_to, ip, body },
-                    _ => crate::control::Job::Pair { reply_to, ip, body },
+                    ("/v1/enroll", None) => crate::store_jobs::Job::Enroll { reply_to, ip, body },
+                    _ => crate::store_jobs::Job::Pair { reply_to, ip, body },
                 };
-                if !crate::control::submit(&self.shared, job) {
+                if !crate::store_jobs::submit(&self.shared, job) {
                     self.refuse(
                         slot,
                         503,

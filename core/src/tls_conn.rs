@@ -160,7 +160,7 @@ impl TlsConn {
     }
 
     /// Whether the kernel can seal records of the negotiated cipher suite.
-    pub fn kernel_takes(&self, ciphers: crate::ktls::Ciphers) -> bool {
+    pub fn kernel_takes(&self, ciphers: crate::kernel_tls::Ciphers) -> bool {
         self.conn
             .negotiated_cipher_suite()
             .is_some_and(|s| ciphers.supports_suite(s))

@@ -182,12 +182,12 @@ impl Worker {
             return;
         }
         *acked = generation;
-        let job = crate::control::Job::TrustAck {
+        let job = crate::store_jobs::Job::TrustAck {
             bundle: bundle.id.clone(),
             kind,
             name: name.clone(),
         };
-        if !crate::control::submit(&self.shared, job) {
+        if !crate::store_jobs::submit(&self.shared, job) {
             // Not recorded: the store thread is overloaded. Forget that it was seen, so
             // the peer's next acknowledgement (it acknowledges every bundle frame) counts.
             *acked = 0;

@@ -9,14 +9,15 @@
 //! then the socket work below, and last `take_released` (flush once more, close the socket)
 //! and `release`.
 //!
-//! Socket work (kernel TLS, [`crate::ktls`]): a few steps need a syscall on the
-//! connection's own fd, which the sans-IO core never holds. `take_fd_work` lists those slots
-//! (hand the session to the kernel; send close_notify as an alert record); the driver calls
-//! `fd_work(slot, BorrowedFd, now)` for each, but only when no send on that socket is in
+//! Socket work (kernel TLS, [`crate::kernel_tls`]): a few steps need a syscall on the
+//! connection's own socket, which the sans-IO core never holds. `take_fd_work` lists those
+//! slots (hand the session to the kernel; send close_notify as an alert record); the driver
+//! calls `fd_work(slot, &mut socket, now)` for each, with the socket as a
+//! [`KernelTlsSocket`](crate::kernel_tls::KernelTlsSocket), but only when no send on that socket is in
 //! flight and no received bytes wait to be handed in (the hand-over switches the socket from
 //! ciphertext to plaintext). Once `is_offloaded(slot)`, reads and writes on that socket are
 //! plaintext (`on_received` and `flush_to` handle that themselves), and a read that fails
-//! with EIO means a control record: the driver calls `on_control_record(slot, fd, now)` and
+//! with EIO means a control record: the driver calls `on_control_record(slot, &mut socket, now)` and
 //! reads on.
 //!
 //! Where things are: [`admission`] (accept, per-source admission, PROXY header, hand-over
@@ -34,7 +35,6 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -179,7 +179,7 @@ fn bump(counter: &AtomicU64) {
 impl Worker {
     /// A worker with id `id` (its index in `shared.inboxes`).
     pub fn new(id: u16, shared: Arc<Shared>, now: Instant) -> Self {
-        let unauthenticated_cap = crate::guard::unauth::unauthenticated_cap(
+        let unauthenticated_cap = crate::unauth::unauthenticated_cap(
             shared.max_connections,
             shared.config.limits.session_reserve_percent,
         );

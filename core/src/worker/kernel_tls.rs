@@ -2,6 +2,9 @@
 //! steps that need a syscall on the connection's own socket).
 
 use super::*;
+use crate::kernel_tls::{
+    Dir, KernelTlsSocket, RECORD_ALERT, RECORD_APPLICATION_DATA, RECORD_HANDSHAKE,
+};
 
 impl Worker {
     /// Slots that need a syscall on their own socket since the last call: hand-over to
@@ -32,7 +35,7 @@ impl Worker {
     /// Does the socket work `take_fd_work` listed for `slot`, on its fd. The driver must
     /// call it only when no send on that socket is in flight and no received bytes are
     /// waiting to be handed to [`Self::on_received`].
-    pub fn fd_work(&mut self, slot: u32, fd: BorrowedFd<'_>, now: Instant) {
+    pub fn fd_work(&mut self, slot: u32, socket: &mut impl KernelTlsSocket, now: Instant) {
         let Some(conn) = self.conn_mut(slot) else {
             return;
         };
@@ -43,11 +46,11 @@ impl Worker {
                     && tls.ready_for_kernel() =>
             {
                 conn.offload_wanted = false;
-                self.offload(slot, fd, now);
+                self.offload(slot, socket, now);
             }
             Tls::Kernel(k) if k.close_notify_pending => {
                 k.close_notify_pending = false;
-                if let Err(e) = crate::ktls::send_close_notify(fd) {
+                if let Err(e) = socket.send_close_notify() {
                     debug!(peer = %conn.peer, "close_notify on kTLS socket: {e}");
                 }
             }
@@ -58,18 +61,23 @@ impl Worker {
 
     /// A read on the kTLS socket of `slot` failed with EIO: the next record is not
     /// application data (an alert, a KeyUpdate). Reads it with its type and acts on it.
-    pub fn on_control_record(&mut self, slot: u32, fd: BorrowedFd<'_>, now: Instant) {
+    pub fn on_control_record(
+        &mut self,
+        slot: u32,
+        socket: &mut impl KernelTlsSocket,
+        now: Instant,
+    ) {
         let mut buf = std::mem::take(&mut self.plain_in);
         buf.clear();
         buf.resize(RECORD_PLAINTEXT + 256, 0);
-        let result = crate::ktls::recv_record(fd, &mut buf);
+        let result = socket.recv_record(&mut buf);
         match result {
             Ok((_, 0)) => self.close(slot, now, Ending::PeerClosed),
-            Ok((crate::ktls::RECORD_APPLICATION_DATA, n)) => {
+            Ok((RECORD_APPLICATION_DATA, n)) => {
                 let mut data = buf[..n].to_vec();
                 self.read_plaintext(slot, &mut data, now);
             }
-            Ok((crate::ktls::RECORD_ALERT, n)) => {
+            Ok((RECORD_ALERT, n)) => {
                 let description = if n >= 2 { buf[1] } else { 255 };
                 if description == 0 {
                     self.close(slot, now, Ending::PeerClosed);
@@ -80,9 +88,9 @@ impl Worker {
                     self.close(slot, now, Ending::Lost);
                 }
             }
-            Ok((crate::ktls::RECORD_HANDSHAKE, n)) => {
+            Ok((RECORD_HANDSHAKE, n)) => {
                 let msg = buf[..n].to_vec();
-                self.on_post_handshake(slot, fd, &msg, now);
+                self.on_post_handshake(slot, socket, &msg, now);
             }
             Ok((other, _)) => {
                 if let Some(conn) = self.conn_ref(slot) {
@@ -126,7 +134,7 @@ impl Worker {
     /// Moves the record layer of `slot` into the kernel. The ULP goes on first: if the
     /// kernel refuses it, rustls keeps the session. Once rustls has given up its keys,
     /// a failure can only end the connection.
-    pub(super) fn offload(&mut self, slot: u32, fd: BorrowedFd<'_>, now: Instant) {
+    pub(super) fn offload(&mut self, slot: u32, socket: &mut impl KernelTlsSocket, now: Instant) {
         let ciphers = self.shared.tls_offload.ciphers;
         let stats = &self.shared.stats[usize::from(self.id)];
         let Some(conn) = self
@@ -143,7 +151,7 @@ impl Worker {
             bump(&stats.ktls_not_offloaded);
             return;
         }
-        if let Err(e) = crate::ktls::attach_ulp(fd) {
+        if let Err(e) = socket.attach_ulp() {
             bump(&stats.ktls_not_offloaded);
             crate::warn_limited!(peer = %conn.peer, "kernel refused the tls ULP ({e}); this session stays in rustls");
             return;
@@ -155,7 +163,8 @@ impl Worker {
             .into_kernel()
             .map_err(|e| e.to_string())
             .and_then(|(secrets, kc)| {
-                crate::ktls::install_keys(fd, kc.protocol_version(), &secrets)
+                socket
+                    .install_keys(kc.protocol_version(), &secrets)
                     .map(|()| kc)
                     .map_err(|e| e.to_string())
             });
@@ -183,7 +192,7 @@ impl Worker {
     pub(super) fn on_post_handshake(
         &mut self,
         slot: u32,
-        fd: BorrowedFd<'_>,
+        socket: &mut impl KernelTlsSocket,
         msg: &[u8],
         now: Instant,
     ) {
@@ -237,7 +246,8 @@ impl Worker {
                     .update_rx_secret()
                     .map_err(|e| e.to_string())
                     .and_then(|(seq, s)| {
-                        crate::ktls::set_key(fd, crate::ktls::Dir::Rx, version, seq, &s)
+                        socket
+                            .set_key(Dir::Rx, version, seq, &s)
                             .map_err(|e| e.to_string())
                     });
                 let tx = rx.and_then(|()| {
@@ -245,14 +255,12 @@ impl Worker {
                         return Ok(());
                     }
                     // Our KeyUpdate goes out under the old key, then the new key is set.
-                    crate::ktls::send_record(
-                        fd,
-                        crate::ktls::RECORD_HANDSHAKE,
-                        &[KEY_UPDATE, 0, 0, 1, 0],
-                    )
-                    .map_err(|e| e.to_string())?;
+                    socket
+                        .send_record(RECORD_HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0])
+                        .map_err(|e| e.to_string())?;
                     let (seq, s) = k.conn.update_tx_secret().map_err(|e| e.to_string())?;
-                    crate::ktls::set_key(fd, crate::ktls::Dir::Tx, version, seq, &s)
+                    socket
+                        .set_key(Dir::Tx, version, seq, &s)
                         .map_err(|e| e.to_string())
                 });
                 match tx {

@@ -14,11 +14,11 @@ use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 use dashmap::DashMap;
 
-use crate::config::Config;
 use crate::guard::Guard;
 use crate::msg::Msg;
+use crate::settings::Settings;
 use crate::stats::{WorkerLatencies, WorkerStats};
-use crate::tls::TlsMaterial;
+use crate::tls_material::TlsMaterial;
 
 /// Names one connection: the worker that owns it, its slot there, and the slot's
 /// generation (so a handle to a closed connection never reaches its slot's next tenant).
@@ -168,7 +168,7 @@ const NEVER: u64 = u64::MAX;
 /// State shared by all workers and the control plane.
 pub struct Shared {
     /// Effective configuration.
-    pub config: Config,
+    pub config: Settings,
     /// This instance's id (`instance_id`, else host name and public port; set at start).
     pub instance_id: String,
     /// Devices connected to the other instances of the fleet, as last read from the store
@@ -180,7 +180,7 @@ pub struct Shared {
     /// Which I/O driver runs the data path, and why not io_uring if it does not.
     pub data_path: DataPath,
     /// Whether records are sealed by the kernel (kTLS) or rustls, and why.
-    pub tls_offload: crate::ktls::TlsOffload,
+    pub tls_offload: crate::kernel_tls::TlsOffload,
     /// TLS configuration and certificate facts (swapped whole on reload).
     pub tls: ArcSwap<TlsMaterial>,
     /// The session map: unit ID → the connection that currently owns it.
@@ -208,6 +208,12 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// When the gateway started.
     pub started: Instant,
+    /// The wall clock (unix seconds) at `started`, for certificate validity and the
+    /// renewal overlap ([`crate::identity::unix_at`]).
+    pub wall_clock: (Instant, i64),
+    /// Whether the server certificate is within its validity dates; the daemon checks it
+    /// against the wall clock every second (check-status says `err` when it is not).
+    pub server_cert_valid: AtomicBool,
     /// Milliseconds after `started` since when no manager is connected, or `NEVER`.
     no_manager_since_ms: AtomicU64,
     /// Whether any manager has connected since start.
@@ -215,7 +221,7 @@ pub struct Shared {
     /// Admission of new connections (XDP or user space).
     pub guard: Box<dyn Guard>,
     /// Unauthenticated connections per source and in total (limited by default).
-    pub unauthenticated: crate::guard::unauth::Unauthenticated,
+    pub unauthenticated: crate::unauth::Unauthenticated,
     /// Per worker: milliseconds after `started` of its last loop turn (the watchdog's
     /// proof that the data path is alive).
     pub heartbeats: Box<[AtomicU64]>,
@@ -228,16 +234,14 @@ pub struct Shared {
     /// (mirrored from the store; see [`crate::identity`]).
     pub identity: crate::identity::Identity,
     /// Jobs for the control plane's store thread.
-    pub jobs: OnceLock<std::sync::mpsc::SyncSender<crate::control::Job>>,
-    /// The credential store (status reads its health).
-    pub store: OnceLock<Arc<dyn crate::store::Store>>,
+    pub jobs: OnceLock<std::sync::mpsc::SyncSender<crate::store_jobs::Job>>,
     /// The trust bundle devices and managers are sent during a root exchange.
     pub trust_bundle: arc_swap::ArcSwapOption<TrustBundle>,
     /// Bumped whenever `trust_bundle` changes; workers resend it to their peers.
     pub trust_generation: AtomicU64,
     /// How far the root exchange has got (acknowledgements in the store), refreshed by the
     /// store thread about once a second while a bundle is loaded.
-    pub trust_progress: arc_swap::ArcSwapOption<crate::store::TrustProgress>,
+    pub trust_progress: arc_swap::ArcSwapOption<TrustProgress>,
     /// Workers `0..routing_workers` hold sessions; the rest (if any) are handshake
     /// workers, which accept, run TLS handshakes and HTTP requests, and hand each
     /// connection that asks for a WebSocket session to a routing worker ([`Handover`]).
@@ -293,17 +297,21 @@ const INBOX_CAPACITY: usize = 32 * 1024;
 
 impl Shared {
     /// Creates the shared state for `workers` workers.
+    /// `started` and `unix_at_start` are the clocks' readings at start, taken by the daemon
+    /// (the core never reads a clock; see [`Self::wall_clock`]).
     pub fn new(
-        config: Config,
+        config: Settings,
         tls: TlsMaterial,
         workers: usize,
         max_connections: usize,
         guard: Box<dyn Guard>,
+        started: Instant,
+        unix_at_start: i64,
     ) -> Self {
         let device_limit = config.limits.device_limit;
         let identity = crate::identity::Identity::new(config.credentials.require_registered);
         let unauthenticated =
-            crate::guard::unauth::Unauthenticated::new(config.limits.max_handshakes_per_source);
+            crate::unauth::Unauthenticated::new(config.limits.max_handshakes_per_source);
         let proxy_from =
             crate::proxy_proto::Networks::parse(&config.proxy_protocol_from).unwrap_or_default();
         Self {
@@ -312,7 +320,7 @@ impl Shared {
             proxy_from,
             config,
             data_path: DataPath::default(),
-            tls_offload: crate::ktls::TlsOffload::default(),
+            tls_offload: crate::kernel_tls::TlsOffload::default(),
             tls: ArcSwap::from_pointee(tls),
             devices: DashMap::new(),
             managers: ArcSwap::from_pointee(Vec::new()),
@@ -330,7 +338,9 @@ impl Shared {
             max_connections,
             workers_ready: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
-            started: Instant::now(),
+            started,
+            wall_clock: (started, unix_at_start),
+            server_cert_valid: AtomicBool::new(true),
             no_manager_since_ms: AtomicU64::new(0),
             manager_seen: AtomicBool::new(false),
             guard,
@@ -340,7 +350,6 @@ impl Shared {
             revoked: DashMap::new(),
             identity,
             jobs: OnceLock::new(),
-            store: OnceLock::new(),
             trust_bundle: arc_swap::ArcSwapOption::empty(),
             trust_generation: AtomicU64::new(0),
             trust_progress: arc_swap::ArcSwapOption::empty(),
@@ -515,7 +524,7 @@ impl Shared {
 
     /// What `/usg/check-status` says now.
     pub fn check_status(&self, now: Instant) -> CheckStatus {
-        if !self.tls.load().server_cert_valid_now() {
+        if !self.server_cert_valid.load(Ordering::Relaxed) {
             return CheckStatus::Err;
         }
         let age = now.saturating_duration_since(self.started);
@@ -538,4 +547,17 @@ impl Shared {
             CheckStatus::Warn
         }
     }
+}
+
+/// How far a root exchange has got: who acknowledged the trust bundle.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TrustProgress {
+    /// The bundle id.
+    pub bundle: String,
+    /// Enrolled, unrevoked devices that acknowledged it.
+    pub devices_acked: u64,
+    /// Enrolled, unrevoked devices (the registry).
+    pub devices_total: u64,
+    /// Managers (by certificate name) that acknowledged it.
+    pub managers_acked: Vec<String>,
 }

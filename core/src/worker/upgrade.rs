@@ -29,7 +29,11 @@ impl Worker {
     ) -> bool {
         let identity = &self.shared.identity;
         let verdict = match (unit, manager) {
-            (Some(unit), _) => identity.check_device(unit, fp, crate::identity::unix_at(now)),
+            (Some(unit), _) => identity.check_device(
+                unit,
+                fp,
+                crate::identity::unix_at(self.shared.wall_clock, now),
+            ),
             (None, Some(name)) => identity.check_manager(name, fp),
             (None, None) => return false,
         };
@@ -39,11 +43,11 @@ impl Worker {
                 if let Some(unit) = unit {
                     // The store ends the renewal overlap and the enrollment retry window;
                     // if its queue is full, the next connection tells it again.
-                    let job = crate::control::Job::CertUsed {
+                    let job = crate::store_jobs::Job::CertUsed {
                         unit: unit.clone(),
                         fingerprint: *fp,
                     };
-                    if crate::control::submit(&self.shared, job) {
+                    if crate::store_jobs::submit(&self.shared, job) {
                         self.shared.identity.note_used(unit, fp);
                     }
                 }

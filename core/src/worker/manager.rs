@@ -270,12 +270,12 @@ impl Worker {
             }
             "create_keys" | "list_keys" | "revoke_key" | "revoke_device" | "unrevoke_device"
             | "reset_device" | "revoke_certificate" | "list_enrolled" => {
-                let job = crate::control::Job::Manager {
+                let job = crate::store_jobs::Job::Manager {
                     reply_to: me,
                     request_id,
                     request: req,
                 };
-                if crate::control::submit(shared, job) {
+                if crate::store_jobs::submit(shared, job) {
                     Ok(None)
                 } else {
                     Err("the control plane is busy; retry later".into())

@@ -22,7 +22,18 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use crate::shared::ConnHandle;
-use crate::store::DeviceCreds;
+
+/// A device's accepted certificates as the store records them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceCreds {
+    /// The current certificate's SHA-256 ([`devgate_pki::fingerprint`] form); `None` after
+    /// a reset.
+    pub current: Option<String>,
+    /// Whether a connection has presented the current certificate yet.
+    pub current_used: bool,
+    /// The certificate replaced by a renewal and the end of its overlap (unix seconds).
+    pub previous: Option<(String, i64)>,
+}
 
 /// SHA-256 of a certificate's DER.
 pub type Fp = [u8; 32];
@@ -31,11 +42,10 @@ pub type Fp = [u8; 32];
 /// the new certificate is first used).
 pub const RENEW_OVERLAP_SECS: i64 = 3600;
 
-/// Unix seconds at `now`, without reading the wall clock on the data path: the offset is
-/// taken once, at the first call.
-pub fn unix_at(now: std::time::Instant) -> i64 {
-    static BASE: std::sync::OnceLock<(std::time::Instant, i64)> = std::sync::OnceLock::new();
-    let (at, unix) = *BASE.get_or_init(|| (std::time::Instant::now(), crate::tls::unix_now()));
+/// Unix seconds at `now`, given the wall clock's reading at one instant (`base`, taken by
+/// the daemon at start): the data path never reads the wall clock.
+pub fn unix_at(base: (std::time::Instant, i64), now: std::time::Instant) -> i64 {
+    let (at, unix) = base;
     let delta = if now >= at {
         i64::try_from(now.duration_since(at).as_secs()).unwrap_or(i64::MAX)
     } else {
