@@ -423,3 +423,14 @@ fn errors_reach_devices_too() -> Result<()> {
     send(&mut h, dev, &Frame::response("", 0x1234, b"nobody asked"))?;
     expect_only_error(&h.take(dev), ErrorCode::UnknownRequest, 0x1234, "")
 }
+
+#[test]
+fn a_trust_bundle_ack_gets_no_reply_from_either_side() -> Result<()> {
+    let (_dir, mut h) = harness(1)?;
+    let (mgr, dev) = manager_and_device(&mut h, 0, 0)?;
+    let ack = br#"{"op":"trust_bundle_ack","bundle":"00112233445566778899aabbccddeeff"}"#;
+    send(&mut h, dev, &Frame::control(0, ack))?;
+    send(&mut h, mgr, &Frame::control(0, ack))?;
+    nothing(&h.take(dev))?;
+    nothing(&h.take(mgr))
+}

@@ -306,3 +306,40 @@ fn a_device_disconnected_as_too_slow_is_offline_closed_by_gateway() -> Result<()
     );
     Ok(())
 }
+
+#[test]
+fn presence_is_not_dropped_for_a_manager_over_its_soft_limit() -> Result<()> {
+    let (_dir, mut h) = harness_with(2, small_queues)?;
+    let (mgr, dev) = manager_and_device(&mut h, 0, 1)?;
+    for _ in 0..10 {
+        h.send(dev, &Frame::event("", &[b'e'; 1000]))?;
+        h.run_stalled(&[mgr]);
+    }
+    ensure!(!h.take(dev).is_empty(), "the manager's queue never filled");
+    h.device(UNIT2, 0)?;
+    h.run_stalled(&[mgr]);
+    h.resume(mgr);
+    let p = presences(&h.take(mgr))?;
+    ensure!(
+        p == [(UNIT2.to_owned(), true, PresenceReason::Connected)],
+        "{p:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_device_count_stays_right_through_replacements_and_departures() -> Result<()> {
+    let (_dir, mut h) = harness_with(2, |c| c.limits.device_limit = 1)?;
+    let (mgr, _old) = manager_and_device(&mut h, 0, 0)?;
+    let new = h.device(UNIT, 1)?;
+    h.take(mgr);
+    send(&mut h, mgr, &Frame::control(1, br#"{"op":"get_status"}"#))?;
+    ensure!(control_reply(&h.take(mgr), 1)?["devices"] == 1);
+    h.hang_up(new);
+    h.take(mgr);
+    send(&mut h, mgr, &Frame::control(2, br#"{"op":"get_status"}"#))?;
+    ensure!(control_reply(&h.take(mgr), 2)?["devices"] == 0);
+    // The slot the limit allows is free again for another unit.
+    h.device(UNIT2, 1)?;
+    Ok(())
+}

@@ -198,3 +198,21 @@ fn a_response_for_a_manager_that_left_is_answered_with_an_error_to_the_device() 
     );
     Ok(())
 }
+
+/// A Command already on its way to the device's worker when the device leaves.
+#[test]
+fn a_command_crossing_the_devices_departure_gets_an_error_with_its_id() -> Result<()> {
+    let (_dir, mut h) = harness(2)?;
+    let (mgr, dev) = manager_and_device(&mut h, 0, 1)?;
+    h.send(mgr, &Frame::command(UNIT, 12, b"x"))?;
+    h.feed(mgr);
+    h.hang_up(dev);
+    let got = h.take(mgr);
+    let f = frames(&got)?;
+    ensure!(
+        f.iter()
+            .any(|f| expect_error(f, ErrorCode::DeviceNotConnected, 12, UNIT).is_ok()),
+        "{got:?}"
+    );
+    Ok(())
+}
