@@ -434,3 +434,59 @@ fn a_trust_bundle_ack_gets_no_reply_from_either_side() -> Result<()> {
     nothing(&h.take(dev))?;
     nothing(&h.take(mgr))
 }
+
+#[test]
+fn control_list_devices_pages_with_offset_and_limit() -> Result<()> {
+    let (_dir, mut h) = harness(2)?;
+    let mgr = h.manager("ops", 0)?;
+    for (n, unit) in ["dev-1", "dev-2", "dev-3"].into_iter().enumerate() {
+        h.device(unit, n % 2)?;
+    }
+    h.take(mgr);
+    let mut seen = Vec::new();
+    for offset in 0..3 {
+        let req = format!(r#"{{"op":"list_devices","offset":{offset},"limit":1}}"#);
+        send(&mut h, mgr, &Frame::control(10 + offset, req.as_bytes()))?;
+        let reply = control_reply(&h.take(mgr), 10 + offset)?;
+        ensure!(reply["total"] == 3, "{reply}");
+        let page = reply["devices"].as_array().cloned().unwrap_or_default();
+        ensure!(page.len() == 1, "{reply}");
+        seen.extend(page.iter().filter_map(|u| u.as_str().map(str::to_owned)));
+    }
+    seen.sort_unstable();
+    ensure!(seen == ["dev-1", "dev-2", "dev-3"], "{seen:?}");
+    Ok(())
+}
+
+#[test]
+fn a_stream_window_of_zero_is_malformed() -> Result<()> {
+    let (_dir, mut h) = harness(1)?;
+    let (mgr, dev) = manager_and_device(&mut h, 0, 0)?;
+    open_stream(&mut h, mgr, dev, UNIT, 1, 4096, 4096)?;
+    let mut f = header(1, 0x12, 0, UNIT.as_bytes(), 1);
+    f.extend_from_slice(&0u32.to_be_bytes());
+    h.send_ws(mgr, Opcode::Binary, &f)?;
+    h.run();
+    ensure!(error_code_and_id(&h.take(mgr))?.0 == ErrorCode::MalformedFrame);
+    nothing(&h.take(dev))
+}
+
+#[test]
+fn a_close_frame_with_a_reserved_code_closes_with_1002() -> Result<()> {
+    let (_dir, mut h) = harness(1)?;
+    let (_mgr, dev) = manager_and_device(&mut h, 0, 0)?;
+    h.send_ws(dev, Opcode::Close, &1005u16.to_be_bytes())?;
+    h.run();
+    expect_close(&h.take(dev), 1002)
+}
+
+#[test]
+fn a_close_reason_that_is_not_utf8_closes_with_1007() -> Result<()> {
+    let (_dir, mut h) = harness(1)?;
+    let (_mgr, dev) = manager_and_device(&mut h, 0, 0)?;
+    let mut payload = 1000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(&[0xff, 0xfe]);
+    h.send_ws(dev, Opcode::Close, &payload)?;
+    h.run();
+    expect_close(&h.take(dev), 1007)
+}

@@ -265,3 +265,17 @@ fn a_certificate_on_the_wrong_path_is_refused_with_403() -> Result<()> {
     ensure!(h.shared().manager_count() == 0 && !is_registered(&h, UNIT));
     Ok(())
 }
+
+#[test]
+fn with_require_registered_an_unknown_unit_is_refused_with_403() -> Result<()> {
+    let (_dir, mut h) = harness_with(1, |c| c.credentials.require_registered = true)?;
+    let config = h.device_config(UNIT)?;
+    let id = h.open(0, Side::Device, config)?;
+    ensure!(h.client(id).status == Some(403));
+    ensure!(
+        response_text(&h, id).contains("not registered"),
+        "{}",
+        response_text(&h, id)
+    );
+    Ok(())
+}
