@@ -656,3 +656,83 @@ impl Harness {
         }
     }
 }
+
+// ===== Slow readers ======================================================================
+//
+// Added for the routing tests of queue limits (gateway/tests/routing_limits.rs): a client
+// that stops reading. [`Harness::run`] hands every byte a worker queued to its client at
+// once, so a queue never fills there; these run the same loop but leave what a worker
+// queued for the stalled clients where it is, as a socket whose send buffer is full does.
+
+impl Harness {
+    /// Runs like [`Self::run`], except that the clients in `stalled` read nothing: the
+    /// gateway's queues towards them keep growing, up to their limits. A connection the
+    /// gateway closes still gets its last flush (so its close frame can be checked).
+    pub fn run_stalled(&mut self, stalled: &[ClientId]) {
+        for _ in 0..10_000 {
+            let mut moved = false;
+            for id in 0..self.clients.len() {
+                moved |= self.feed(id);
+            }
+            for i in 0..self.workers.len() {
+                moved |= self.deliver(i) > 0;
+                let now = self.now;
+                let w = &mut self.workers[i];
+                (self.hook)(&mut || {
+                    w.tick(now);
+                });
+                moved |= self.flush_except(i, stalled);
+            }
+            self.absorb_all();
+            if !moved
+                && !self
+                    .clients
+                    .iter()
+                    .any(|c| !c.closed && c.tls.wants_write())
+            {
+                return;
+            }
+        }
+    }
+
+    /// Client `id` reads again: everything its worker queued for it is flushed, then the
+    /// harness runs as usual.
+    pub fn resume(&mut self, id: ClientId) {
+        let (i, slot) = (self.clients[id].worker, self.clients[id].slot);
+        if self.by_slot.get(&(i, slot)) == Some(&id) {
+            let w = &mut self.workers[i];
+            let sink = &mut self.clients[id].from_gateway;
+            (self.hook)(&mut || {
+                let _ = w.flush_to(slot, sink);
+            });
+        }
+        self.absorb(id);
+        self.run();
+    }
+
+    /// [`Self::flush`] for every client but those in `stalled` (released connections get
+    /// their last flush all the same).
+    fn flush_except(&mut self, i: usize, stalled: &[ClientId]) -> bool {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        let w = &mut self.workers[i];
+        let clients = &mut self.clients;
+        let by_slot = &self.by_slot;
+        let mut moved = false;
+        (self.hook)(&mut || {
+            w.take_dirty(&mut dirty);
+            for &slot in &dirty {
+                if let Some(&id) = by_slot.get(&(i, slot))
+                    && !stalled.contains(&id)
+                {
+                    let before = clients[id].from_gateway.len();
+                    let _ = w.flush_to(slot, &mut clients[id].from_gateway);
+                    moved |= clients[id].from_gateway.len() > before;
+                }
+            }
+        });
+        dirty.clear();
+        self.dirty = dirty;
+        // Nothing is dirty any more: this only closes (after a last flush) what was released.
+        moved | self.flush(i)
+    }
+}
