@@ -28,9 +28,9 @@ pub(crate) async fn run(config: Config) -> Result<()> {
         "agent starting"
     );
     loop {
-        match connect(&state, &gateway.host, gateway.port).await {
-            Ok(mux) => {
-                tracing::info!(gateway = %format!("{}:{}", gateway.host, gateway.port), unit = %gateway.unit, "connected to the gateway");
+        match connect(&state, &gateway.host, gateway.port, config.proxy.as_deref()).await {
+            Ok((mux, via)) => {
+                tracing::info!(gateway = %format!("{}:{}", gateway.host, gateway.port), unit = %gateway.unit, via = %via, "connected to the gateway");
                 backoff.reset();
                 let why = serve(mux, &config, &state).await;
                 tracing::warn!(reason = %why, "disconnected from the gateway");
@@ -43,13 +43,22 @@ pub(crate) async fn run(config: Config) -> Result<()> {
     }
 }
 
-async fn connect(state: &StateDir, host: &str, port: u16) -> Result<Mux> {
+/// Connects; returns the session and how it went ("direct" or "proxy HOST:PORT").
+async fn connect(
+    state: &StateDir,
+    host: &str,
+    port: u16,
+    proxy: Option<&str>,
+) -> Result<(Mux, String)> {
     // Read anew on every attempt: roots from a trust bundle take effect on the next one.
     let tls = state.tls()?;
     let addr = crate::enroll::resolve(host, port).await?;
-    let opts = ConnectOptions::new(addr, host, Role::Device);
+    let mut opts = ConnectOptions::new(addr, host, Role::Device);
+    // Also anew: HTTPS_PROXY/NO_PROXY are read when the configuration names no proxy.
+    opts.proxy = crate::proxy::select(proxy, host, addr)?;
+    let via = crate::proxy::describe(opts.proxy.as_ref());
     let conn = devgate_client::connect(&opts, tls).await?;
-    Ok(Mux::new(conn))
+    Ok((Mux::new(conn), via))
 }
 
 /// Serves one connection; returns why it ended.
