@@ -14,6 +14,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::PtySpec;
+use crate::pty_user::User;
 
 /// Size when the manager sends none.
 const DEFAULT_COLS: u16 = 80;
@@ -60,6 +61,7 @@ fn set_size(fd: impl AsFd, cols: u16, rows: u16) -> Result<()> {
 /// (the exit status is sent) or the manager goes away (the shell is killed).
 pub(crate) async fn serve(
     spec: &PtySpec,
+    user: Option<&User>,
     cols: u16,
     rows: u16,
     term: &str,
@@ -68,11 +70,6 @@ pub(crate) async fn serve(
     let cols = if cols == 0 { DEFAULT_COLS } else { cols };
     let rows = if rows == 0 { DEFAULT_ROWS } else { rows };
     let term = if term.is_empty() { &spec.term } else { term };
-    let user = spec
-        .user
-        .as_deref()
-        .map(crate::pty_user::lookup)
-        .transpose()?;
     let (master, slave) = open_pair(cols, rows)?;
     let mut cmd = tokio::process::Command::new(&spec.shell);
     cmd.args(&spec.args)
@@ -90,7 +87,7 @@ pub(crate) async fn serve(
         });
     }
     // After the pre_exec above: the identity changes last.
-    if let Some(user) = &user {
+    if let Some(user) = user {
         crate::pty_user::run_as(&mut cmd, &slave, user, &spec.shell, term)?;
     }
     cmd.stderr(Stdio::from(slave));

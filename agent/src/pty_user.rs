@@ -33,8 +33,24 @@ pub(crate) struct User {
     groups: Vec<Gid>,
 }
 
-/// Looks `name` up in the user database, with its groups.
+/// Looks `name` up in the user database, with its groups, and checks that the agent can
+/// start a shell as that user.
 pub(crate) fn lookup(name: &str) -> Result<User> {
+    let user = find(name)?;
+    let euid = rustix::process::geteuid();
+    if !euid.is_root() && euid != user.uid {
+        bail!(
+            "pty.user {:?} (uid {}) is another user, and the agent runs as uid {}, not root: \
+             run the agent as root (the packaged unit does) or remove pty.user",
+            user.name,
+            user.uid.as_raw(),
+            euid.as_raw()
+        );
+    }
+    Ok(user)
+}
+
+fn find(name: &str) -> Result<User> {
     let cname = CString::new(name).with_context(|| format!("pty.user {name:?} has a NUL byte"))?;
     let mut buf: Vec<libc::c_char> = vec![0; 4096];
     // SAFETY: passwd is a plain C struct; all-zero is a valid value to be overwritten.
@@ -123,8 +139,8 @@ fn tty_group() -> Option<Gid> {
     (rc == 0 && !found.is_null()).then(|| Gid::from_raw(grp.gr_gid))
 }
 
-/// Makes `cmd` (the shell on the terminal `slave`) run as `user`. The agent must run as root
-/// unless `user` is the agent's own user (then only the environment is set).
+/// Makes `cmd` (the shell on the terminal `slave`) run as `user` (from [`lookup`]); when
+/// `user` is the agent's own, only the environment is set.
 ///
 /// Call it after any other `pre_exec` of `cmd`: the identity changes last, as root until then.
 pub(crate) fn run_as(
@@ -134,17 +150,8 @@ pub(crate) fn run_as(
     shell: &str,
     term: &str,
 ) -> Result<()> {
-    let euid = rustix::process::geteuid();
-    let switch = euid.is_root() && !user.uid.is_root();
-    if !euid.is_root() && euid != user.uid {
-        bail!(
-            "pty.user {:?} (uid {}) is another user, and the agent runs as uid {}, not root: \
-             run the agent as root (the packaged unit does) or remove pty.user",
-            user.name,
-            user.uid.as_raw(),
-            euid.as_raw()
-        );
-    }
+    // lookup checked that the agent is root or already this user.
+    let switch = rustix::process::geteuid().is_root() && !user.uid.is_root();
     if switch {
         rustix::fs::fchown(
             &slave,

@@ -137,8 +137,24 @@ async fn open(incoming: IncomingStream, config: &Config) {
         Ok(OpenParams::Pty { cols, rows, term }) => match &config.pty {
             None => refuse(incoming, "pty is not on this device's allow-list".into()),
             Some(spec) => {
+                // Before accepting: a user that cannot be switched to is the manager's answer.
+                let user = match spec
+                    .user
+                    .as_deref()
+                    .map(crate::pty_user::lookup)
+                    .transpose()
+                {
+                    Ok(user) => user,
+                    Err(e) => {
+                        tracing::warn!(params = %text, "refused stream: {e:#}");
+                        incoming.refuse(ErrorCode::Internal, &format!("pty: {e:#}"));
+                        return;
+                    }
+                };
                 let stream = incoming.accept();
-                if let Err(e) = crate::pty::serve(spec, cols, rows, &term, stream).await {
+                if let Err(e) =
+                    crate::pty::serve(spec, user.as_ref(), cols, rows, &term, stream).await
+                {
                     tracing::warn!("terminal failed: {e:#}");
                 }
             }
