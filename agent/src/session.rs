@@ -35,7 +35,10 @@ pub(crate) async fn run(config: Config) -> Result<()> {
                 let why = serve(mux, &config, &state).await;
                 tracing::warn!(reason = %why, "disconnected from the gateway");
             }
-            Err(e) => tracing::warn!("could not connect to the gateway: {e:#}"),
+            Err(e) => tracing::warn!(
+                "could not connect to the gateway: {e:#}{}",
+                state.untrusted_root_hint(&e)
+            ),
         }
         let delay = backoff.next_delay();
         tracing::info!(delay_ms = delay.as_millis(), "reconnecting");
