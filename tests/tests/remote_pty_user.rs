@@ -24,6 +24,11 @@ impl TestUser {
             name: format!("dgpty{id}"),
             group: format!("dgptyg{id}"),
         };
+        // Left over from a run that was killed before it could clean up.
+        let _ = Command::new("userdel")
+            .args(["--remove", &user.name])
+            .output();
+        let _ = Command::new("groupdel").arg(&user.group).output();
         run(Command::new("groupadd").arg(&user.group))?;
         run(Command::new("useradd")
             .args(["--create-home", "--shell", "/bin/sh", "--groups"])
