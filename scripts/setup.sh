@@ -26,8 +26,11 @@ done
 #                    Debian's smallest build with TLS and proxying; its packaged service is
 #                    not used, the report starts its own nginx on a loopback port)
 #   tinyproxy        the HTTP CONNECT proxy that tests/tests/proxy.rs puts between the
-#                    client library and the gateway (its packaged service is not used:
-#                    each test starts its own on a loopback port, as nobody when root)
+#                    client library and the gateway, and tests/tests/remote_proxy.rs between
+#                    devgate-agent/devgate-ctl and the gateway (its packaged service is not
+#                    used: each test starts its own on a loopback port, as nobody when root)
+#   useradd,         tests/tests/remote_pty_user.rs: a throwaway user and group for the
+#   groupadd         agent's pty.user (package passwd; removed again by the test)
 #   sshd, ssh, scp   tests/tests/remote.rs: a real OpenSSH session through `devgate-ctl forward`
 #                    (the test starts its own sshd on a loopback port, not the packaged one)
 #   tmux             tests/tests/remote.rs: `devgate-ctl shell` inside a real terminal
@@ -48,6 +51,8 @@ command -v nsenter >/dev/null || need+=(util-linux)
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v tinyproxy >/dev/null || need+=(tinyproxy)
+command -v useradd >/dev/null || need+=(passwd)
+command -v groupadd >/dev/null || need+=(passwd)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh >/dev/null || need+=(openssh-client)
 command -v scp >/dev/null || need+=(openssh-client)

@@ -21,6 +21,9 @@ pub(crate) struct Config {
     /// Where `devgate-agent enroll` stored the credential.
     #[serde(default = "default_state_dir")]
     pub(crate) state_dir: PathBuf,
+    /// HTTP proxy (CONNECT) to reach the gateway through, `http://[user:pass@]host:port`;
+    /// absent: `HTTPS_PROXY`. `NO_PROXY` bypasses either (`crate::proxy`).
+    pub(crate) proxy: Option<String>,
     /// Commands a manager may run: name → what to run.
     #[serde(default)]
     pub(crate) commands: BTreeMap<String, CommandSpec>,
@@ -118,6 +121,9 @@ impl Config {
     }
 
     fn check(&self) -> Result<()> {
+        if let Some(url) = &self.proxy {
+            crate::proxy::check(url, "proxy")?;
+        }
         for (name, spec) in &self.commands {
             if spec.argv.is_empty() {
                 bail!("command {name:?}: argv is empty; give the program and its arguments");

@@ -41,6 +41,10 @@ pub(crate) struct EnrollArgs {
     /// Where to store the credential.
     #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// Reach the gateway through this HTTP proxy (CONNECT), http://[user:pass@]host:port;
+    /// default: $HTTPS_PROXY. NO_PROXY bypasses either for the gateways it lists.
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
 }
 
 pub(crate) async fn run(args: EnrollArgs) -> Result<()> {
@@ -62,7 +66,10 @@ pub(crate) async fn run(args: EnrollArgs) -> Result<()> {
         None => hostname()?,
     };
     let addr = resolve(&host, port).await?;
-    let contact = devgate_client::fetch_gateway_root(addr, &host, FIRST_CONTACT_TIMEOUT).await?;
+    let proxy = crate::proxy::select(args.proxy.as_deref(), &host, addr)?;
+    let contact =
+        devgate_client::fetch_gateway_root_via(proxy.as_ref(), addr, &host, FIRST_CONTACT_TIMEOUT)
+            .await?;
     let roots = match &args.fingerprint {
         Some(full) => {
             if !devgate_pki::fingerprint_matches(&contact.fingerprint, full) {
@@ -79,7 +86,8 @@ pub(crate) async fn run(args: EnrollArgs) -> Result<()> {
         }
         None => prompt(&contact, &host, port)?,
     };
-    let enrolled = devgate_client::enroll(addr, &host, &roots, &unit, &args.key).await?;
+    let enrolled =
+        devgate_client::enroll_via(proxy.as_ref(), addr, &host, &roots, &unit, &args.key).await?;
     let roots_pem: String = roots
         .iter()
         .map(|r| pem("CERTIFICATE", r.as_ref()))

@@ -14,7 +14,9 @@ use clap::{Parser, Subcommand};
 mod commands;
 mod config;
 mod enroll;
+mod proxy;
 mod pty;
+mod pty_user;
 mod session;
 mod state;
 
@@ -34,6 +36,11 @@ enum Cmd {
         /// The configuration file.
         #[arg(long, default_value = config::DEFAULT_CONFIG, env = "DEVGATE_AGENT_CONFIG")]
         config: PathBuf,
+        /// Reach the gateway through this HTTP proxy (CONNECT), http://[user:pass@]host:port;
+        /// overrides the configuration's `proxy`, which overrides $HTTPS_PROXY. NO_PROXY
+        /// bypasses any of them for the gateways it lists.
+        #[arg(long, value_name = "URL")]
+        proxy: Option<String>,
     },
 }
 
@@ -45,6 +52,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in the journal or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -61,7 +70,14 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Cmd::Enroll(args) => enroll::run(args).await,
-            Cmd::Run { config } => session::run(config::Config::load(&config)?).await,
+            Cmd::Run { config, proxy } => {
+                let mut config = config::Config::load(&config)?;
+                if let Some(url) = proxy {
+                    proxy::check(&url, "--proxy")?;
+                    config.proxy = Some(url);
+                }
+                session::run(config).await
+            }
         }
     });
     match result {

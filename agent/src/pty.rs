@@ -14,6 +14,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::PtySpec;
+use crate::pty_user::User;
 
 /// Size when the manager sends none.
 const DEFAULT_COLS: u16 = 80;
@@ -21,32 +22,6 @@ const DEFAULT_ROWS: u16 = 24;
 /// After the shell exits, output still in the terminal is forwarded until it has been
 /// quiet this long (a background job may keep the terminal open for ever).
 const DRAIN_QUIET: Duration = Duration::from_millis(200);
-
-/// A user to run the shell as, from the password database.
-struct User {
-    uid: u32,
-    gid: u32,
-    home: String,
-    name: String,
-}
-
-fn lookup_user(name: &str) -> Result<User> {
-    let passwd = std::fs::read_to_string("/etc/passwd").context("reading /etc/passwd")?;
-    for line in passwd.lines() {
-        let f: Vec<&str> = line.split(':').collect();
-        if let [user, _, uid, gid, _, home, ..] = f.as_slice()
-            && *user == name
-        {
-            return Ok(User {
-                uid: uid.parse().context("uid in /etc/passwd")?,
-                gid: gid.parse().context("gid in /etc/passwd")?,
-                home: (*home).to_owned(),
-                name: name.to_owned(),
-            });
-        }
-    }
-    anyhow::bail!("pty.user {name:?} is not in /etc/passwd")
-}
 
 /// Opens a terminal pair: the master (non-blocking, for the agent) and the slave (for the
 /// shell).
@@ -86,6 +61,7 @@ fn set_size(fd: impl AsFd, cols: u16, rows: u16) -> Result<()> {
 /// (the exit status is sent) or the manager goes away (the shell is killed).
 pub(crate) async fn serve(
     spec: &PtySpec,
+    user: Option<&User>,
     cols: u16,
     rows: u16,
     term: &str,
@@ -100,17 +76,7 @@ pub(crate) async fn serve(
         .env("TERM", term)
         .stdin(Stdio::from(slave.try_clone()?))
         .stdout(Stdio::from(slave.try_clone()?))
-        .stderr(Stdio::from(slave))
         .kill_on_drop(true);
-    if let Some(name) = &spec.user {
-        let user = lookup_user(name)?;
-        cmd.uid(user.uid)
-            .gid(user.gid)
-            .env("HOME", &user.home)
-            .env("USER", &user.name)
-            .env("LOGNAME", &user.name)
-            .current_dir(&user.home);
-    }
     // SAFETY: only async-signal-safe system calls (setsid, ioctl) run between fork and exec,
     // and nothing allocates; fd 0 is the terminal's slave side by then.
     unsafe {
@@ -120,12 +86,17 @@ pub(crate) async fn serve(
             Ok(())
         });
     }
+    // After the pre_exec above: the identity changes last.
+    if let Some(user) = user {
+        crate::pty_user::run_as(&mut cmd, &slave, user, &spec.shell, term)?;
+    }
+    cmd.stderr(Stdio::from(slave));
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting the shell {:?}", spec.shell))?;
     // The Command holds the slave side open; the shell must be its only holder.
     drop(cmd);
-    tracing::info!(shell = %spec.shell, cols, rows, "terminal opened");
+    tracing::info!(shell = %spec.shell, user = spec.user.as_deref().unwrap_or("(the agent's)"), cols, rows, "terminal opened");
     // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the same descriptor until
     // the AsyncFd is dropped.
     let master = unsafe { AsyncFd::register(master) }

@@ -28,14 +28,17 @@ pub(crate) async fn run(config: Config) -> Result<()> {
         "agent starting"
     );
     loop {
-        match connect(&state, &gateway.host, gateway.port).await {
-            Ok(mux) => {
-                tracing::info!(gateway = %format!("{}:{}", gateway.host, gateway.port), unit = %gateway.unit, "connected to the gateway");
+        match connect(&state, &gateway.host, gateway.port, config.proxy.as_deref()).await {
+            Ok((mux, via)) => {
+                tracing::info!(gateway = %format!("{}:{}", gateway.host, gateway.port), unit = %gateway.unit, via = %via, "connected to the gateway");
                 backoff.reset();
                 let why = serve(mux, &config, &state).await;
                 tracing::warn!(reason = %why, "disconnected from the gateway");
             }
-            Err(e) => tracing::warn!("could not connect to the gateway: {e:#}"),
+            Err(e) => tracing::warn!(
+                "could not connect to the gateway: {e:#}{}",
+                state.untrusted_root_hint(&e)
+            ),
         }
         let delay = backoff.next_delay();
         tracing::info!(delay_ms = delay.as_millis(), "reconnecting");
@@ -43,13 +46,22 @@ pub(crate) async fn run(config: Config) -> Result<()> {
     }
 }
 
-async fn connect(state: &StateDir, host: &str, port: u16) -> Result<Mux> {
+/// Connects; returns the session and how it went ("direct" or "proxy HOST:PORT").
+async fn connect(
+    state: &StateDir,
+    host: &str,
+    port: u16,
+    proxy: Option<&str>,
+) -> Result<(Mux, String)> {
     // Read anew on every attempt: roots from a trust bundle take effect on the next one.
     let tls = state.tls()?;
     let addr = crate::enroll::resolve(host, port).await?;
-    let opts = ConnectOptions::new(addr, host, Role::Device);
+    let mut opts = ConnectOptions::new(addr, host, Role::Device);
+    // Also anew: HTTPS_PROXY/NO_PROXY are read when the configuration names no proxy.
+    opts.proxy = crate::proxy::select(proxy, host, addr)?;
+    let via = crate::proxy::describe(opts.proxy.as_ref());
     let conn = devgate_client::connect(&opts, tls).await?;
-    Ok(Mux::new(conn))
+    Ok((Mux::new(conn), via))
 }
 
 /// Serves one connection; returns why it ended.
@@ -128,8 +140,24 @@ async fn open(incoming: IncomingStream, config: &Config) {
         Ok(OpenParams::Pty { cols, rows, term }) => match &config.pty {
             None => refuse(incoming, "pty is not on this device's allow-list".into()),
             Some(spec) => {
+                // Before accepting: a user that cannot be switched to is the manager's answer.
+                let user = match spec
+                    .user
+                    .as_deref()
+                    .map(crate::pty_user::lookup)
+                    .transpose()
+                {
+                    Ok(user) => user,
+                    Err(e) => {
+                        tracing::warn!(params = %text, "refused stream: {e:#}");
+                        incoming.refuse(ErrorCode::Internal, &format!("pty: {e:#}"));
+                        return;
+                    }
+                };
                 let stream = incoming.accept();
-                if let Err(e) = crate::pty::serve(spec, cols, rows, &term, stream).await {
+                if let Err(e) =
+                    crate::pty::serve(spec, user.as_ref(), cols, rows, &term, stream).await
+                {
                     tracing::warn!("terminal failed: {e:#}");
                 }
             }

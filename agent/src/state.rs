@@ -78,6 +78,24 @@ impl StateDir {
         serde_json::from_slice(&text).with_context(|| format!("{} is invalid", path.display()))
     }
 
+    /// What to do when the gateway's chain does not verify with the stored roots: the gateway
+    /// switched to a root this agent never received (it was offline for the whole root
+    /// exchange, or the operator forced the activation), and only a new enrollment helps.
+    pub(crate) fn untrusted_root_hint(&self, err: &anyhow::Error) -> String {
+        let text = format!("{err:#}");
+        // A new root with the old one's name shows as a bad signature, not an unknown issuer.
+        if !text.contains("UnknownIssuer") && !text.contains("BadSignature") {
+            return String::new();
+        }
+        format!(
+            " (the gateway's certificate is not from a root in {}: it has changed its root \
+             since this device last received the trust bundle; enroll again with \
+             `devgate-agent enroll --state-dir {}`)",
+            self.path("roots.pem").display(),
+            self.dir.display()
+        )
+    }
+
     /// The TLS configuration for the device connection, from the stored files (read anew
     /// each time, so a trust bundle received on the last connection is used).
     pub(crate) fn tls(&self) -> Result<Arc<rustls::ClientConfig>> {

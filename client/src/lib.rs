@@ -20,7 +20,8 @@
 //! * `proxy` tunnels that TCP connection through an HTTP CONNECT proxy when
 //!   [`ConnectOptions::proxy`] is set ([`Proxy`], `http://[user:pass@]host:port`;
 //!   [`Proxy::from_env`] and [`ConnectOptions::with_env_proxy`] honour `HTTPS_PROXY` and
-//!   [`NoProxy`] lists from `NO_PROXY`). The one-shot requests take a proxy in their
+//!   [`NoProxy`] lists from `NO_PROXY`; [`Proxy::select`] for programs with a `--proxy`
+//!   setting of their own). The one-shot requests take a proxy in their
 //!   `_via` forms ([`http_get_via`], [`http_post_via`], [`enroll_via`], [`renew_via`],
 //!   [`fetch_gateway_root_via`]).
 //! * `conn` is the upgraded connection: [`Connection::send`] and

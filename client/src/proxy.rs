@@ -109,15 +109,9 @@ impl Proxy {
     /// environment: `https_proxy` or `HTTPS_PROXY` (the lower-case one wins, as in curl),
     /// unless `no_proxy` or `NO_PROXY` lists the gateway. `None`: connect directly.
     pub fn from_env(server_name: &str, addr: SocketAddr) -> Result<Option<Self>, ClientError> {
-        let var = |lower: &str, upper: &str| {
-            std::env::var(lower)
-                .ok()
-                .filter(|v| !v.trim().is_empty())
-                .or_else(|| std::env::var(upper).ok())
-        };
         Self::from_vars(
-            var("https_proxy", "HTTPS_PROXY").as_deref(),
-            var("no_proxy", "NO_PROXY").as_deref(),
+            env_var("https_proxy", "HTTPS_PROXY").as_deref(),
+            env_var("no_proxy", "NO_PROXY").as_deref(),
             server_name,
             addr,
         )
@@ -130,11 +124,58 @@ impl Proxy {
         server_name: &str,
         addr: SocketAddr,
     ) -> Result<Option<Self>, ClientError> {
-        let Some(url) = https_proxy.map(str::trim).filter(|u| !u.is_empty()) else {
+        Self::chosen(https_proxy, "HTTPS_PROXY", no_proxy, server_name, addr)
+    }
+
+    /// The proxy for a program that has a proxy setting of its own (a `--proxy` flag, a
+    /// configuration key): `explicit` when given, else `HTTPS_PROXY` as in
+    /// [`Proxy::from_env`]. `NO_PROXY` bypasses either for the gateways it lists, as it
+    /// does curl's `-x`: one environment can then name the gateways reached directly.
+    pub fn select(
+        explicit: Option<&str>,
+        server_name: &str,
+        addr: SocketAddr,
+    ) -> Result<Option<Self>, ClientError> {
+        match explicit.map(str::trim).filter(|u| !u.is_empty()) {
+            None => Self::from_env(server_name, addr),
+            Some(url) => Self::select_vars(
+                url,
+                env_var("no_proxy", "NO_PROXY").as_deref(),
+                server_name,
+                addr,
+            ),
+        }
+    }
+
+    /// [`Proxy::select`] for an explicit proxy, with `NO_PROXY`'s value given.
+    pub fn select_vars(
+        explicit: &str,
+        no_proxy: Option<&str>,
+        server_name: &str,
+        addr: SocketAddr,
+    ) -> Result<Option<Self>, ClientError> {
+        Self::chosen(
+            Some(explicit),
+            "the proxy setting",
+            no_proxy,
+            server_name,
+            addr,
+        )
+    }
+
+    /// `url` (named `source` in errors) unless `no_proxy` lists the gateway.
+    fn chosen(
+        url: Option<&str>,
+        source: &str,
+        no_proxy: Option<&str>,
+        server_name: &str,
+        addr: SocketAddr,
+    ) -> Result<Option<Self>, ClientError> {
+        let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
             return Ok(None);
         };
         let proxy = Self::parse(url).map_err(|e| match e {
-            ClientError::Config(m) => ClientError::Config(format!("HTTPS_PROXY: {m}")),
+            ClientError::Config(m) => ClientError::Config(format!("{source}: {m}")),
             other => other,
         })?;
         let bypass = no_proxy.map(NoProxy::parse).unwrap_or_default();
@@ -159,6 +200,15 @@ impl Proxy {
         req.push_str("\r\n");
         req.into_bytes()
     }
+}
+
+/// An environment variable by its lower-case name, else its upper-case one (the lower-case
+/// one wins, as in curl); empty counts as unset for the lower-case one.
+fn env_var(lower: &str, upper: &str) -> Option<String> {
+    std::env::var(lower)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .or_else(|| std::env::var(upper).ok())
 }
 
 /// The proxy's answer to `CONNECT`, judged from the bytes read so far: `Ok(None)` while

@@ -39,6 +39,10 @@ pub(crate) struct ConnArgs {
     /// The gateway's root certificate (PEM), e.g. pki/root.pem of its data directory.
     #[arg(long, env = "DEVGATE_CA")]
     ca: Option<PathBuf>,
+    /// Reach the gateways through this HTTP proxy (CONNECT), http://[user:pass@]host:port;
+    /// default: $HTTPS_PROXY. NO_PROXY bypasses either for the gateways it lists.
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
 }
 
 /// One connected gateway.
@@ -127,6 +131,7 @@ pub(crate) async fn connect_all(args: &ConnArgs) -> Result<Vec<Gateway>> {
     let attempts = args.gateways.iter().map(|g| {
         let tls = tls.clone();
         let g = g.clone();
+        let proxy = args.proxy.clone();
         async move {
             let r = async {
                 let (host, port) = split_host_port(&g)?;
@@ -135,7 +140,9 @@ pub(crate) async fn connect_all(args: &ConnArgs) -> Result<Vec<Gateway>> {
                     .with_context(|| format!("resolving {host}"))?
                     .next()
                     .with_context(|| format!("{host} has no address"))?;
-                let opts = ConnectOptions::new(addr, host, Role::Manager);
+                let mut opts = ConnectOptions::new(addr, host.clone(), Role::Manager);
+                opts.proxy = devgate_client::Proxy::select(proxy.as_deref(), &host, addr)
+                    .context("choosing the HTTP proxy")?;
                 Ok::<_, anyhow::Error>(devgate_client::connect(&opts, tls).await?)
             }
             .await;

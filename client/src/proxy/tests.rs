@@ -149,3 +149,16 @@ fn environment_values_pick_the_proxy_or_bypass_it() {
     let e = Proxy::from_vars(Some("ftp://p"), None, "gw", gw()).unwrap_err();
     assert!(e.to_string().contains("HTTPS_PROXY"), "{e}");
 }
+
+#[test]
+fn an_explicit_proxy_is_used_unless_no_proxy_lists_the_gateway() {
+    let pick =
+        |no: Option<&str>| Proxy::select_vars("http://u:pw@p:3128", no, "gw.example.com", gw());
+    assert_eq!(
+        pick(None).unwrap().map(|p| p.to_string()),
+        Some("p:3128".to_owned())
+    );
+    assert_eq!(pick(Some("gw.example.com")).unwrap(), None);
+    let e = Proxy::select_vars("socks5://p", None, "gw", gw()).unwrap_err();
+    assert!(e.to_string().contains("the proxy setting"), "{e}");
+}

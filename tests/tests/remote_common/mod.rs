@@ -133,7 +133,7 @@ impl Remote {
         };
         let key = r.create_key()?;
         let state = r.dir.path().join("state");
-        let out = Command::new(binary("devgate-agent"))
+        let out = without_proxy_env(&mut Command::new(binary("devgate-agent")))
             .args([
                 "enroll",
                 "--gateway",
@@ -159,7 +159,7 @@ impl Remote {
             format!("state_dir = {:?}\n{allow}\n", state.display().to_string()),
         )?;
         r.agent = Proc::spawn(
-            Command::new(binary("devgate-agent"))
+            without_proxy_env(&mut Command::new(binary("devgate-agent")))
                 .arg("run")
                 .arg("--config")
                 .arg(&config),
@@ -185,6 +185,7 @@ impl Remote {
     pub(crate) fn ctl(&self, args: &[&str]) -> Command {
         let mut c = Command::new(binary("devgate-ctl"));
         c.args(self.ctl_conn_args()).args(args);
+        without_proxy_env(&mut c);
         c
     }
 
@@ -214,6 +215,15 @@ impl Remote {
     pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+}
+
+/// `cmd` without the proxy variables of the environment the tests run in: agent and ctl
+/// honour them, and the gateway is on loopback.
+pub(crate) fn without_proxy_env(cmd: &mut Command) -> &mut Command {
+    for var in ["https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"] {
+        cmd.env_remove(var);
+    }
+    cmd
 }
 
 /// A loopback port nobody listens on right now.
