@@ -579,6 +579,12 @@ impl Harness {
     /// (not yet read by them; see [`Self::absorb_all`]) and closes what it released.
     /// Returns whether anything was written or closed.
     pub fn flush(&mut self, i: usize) -> bool {
+        self.flush_skipping(i, &[])
+    }
+
+    /// [`Self::flush`], leaving the output for the clients in `stalled` queued in the
+    /// worker (released connections get their last flush all the same).
+    fn flush_skipping(&mut self, i: usize, stalled: &[ClientId]) -> bool {
         let mut dirty = std::mem::take(&mut self.dirty);
         let mut released = std::mem::take(&mut self.released);
         let w = &mut self.workers[i];
@@ -588,7 +594,9 @@ impl Harness {
         (self.hook)(&mut || {
             w.take_dirty(&mut dirty);
             for &slot in &dirty {
-                if let Some(&id) = by_slot.get(&(i, slot)) {
+                if let Some(&id) = by_slot.get(&(i, slot))
+                    && !stalled.contains(&id)
+                {
                     let before = clients[id].from_gateway.len();
                     let _ = w.flush_to(slot, &mut clients[id].from_gateway);
                     moved |= clients[id].from_gateway.len() > before;
@@ -630,30 +638,7 @@ impl Harness {
     /// out, clients read. Bounded: a livelock is a bug the caller sees as a failed
     /// expectation, not a hang.
     pub fn run(&mut self) {
-        for _ in 0..10_000 {
-            let mut moved = false;
-            for id in 0..self.clients.len() {
-                moved |= self.feed(id);
-            }
-            for i in 0..self.workers.len() {
-                moved |= self.deliver(i) > 0;
-                let now = self.now;
-                let w = &mut self.workers[i];
-                (self.hook)(&mut || {
-                    w.tick(now);
-                });
-                moved |= self.flush(i);
-            }
-            self.absorb_all();
-            if !moved
-                && !self
-                    .clients
-                    .iter()
-                    .any(|c| !c.closed && c.tls.wants_write())
-            {
-                return;
-            }
-        }
+        self.run_stalled(&[]);
     }
 }
 
@@ -681,7 +666,7 @@ impl Harness {
                 (self.hook)(&mut || {
                     w.tick(now);
                 });
-                moved |= self.flush_except(i, stalled);
+                moved |= self.flush_skipping(i, stalled);
             }
             self.absorb_all();
             if !moved
@@ -708,31 +693,5 @@ impl Harness {
         }
         self.absorb(id);
         self.run();
-    }
-
-    /// [`Self::flush`] for every client but those in `stalled` (released connections get
-    /// their last flush all the same).
-    fn flush_except(&mut self, i: usize, stalled: &[ClientId]) -> bool {
-        let mut dirty = std::mem::take(&mut self.dirty);
-        let w = &mut self.workers[i];
-        let clients = &mut self.clients;
-        let by_slot = &self.by_slot;
-        let mut moved = false;
-        (self.hook)(&mut || {
-            w.take_dirty(&mut dirty);
-            for &slot in &dirty {
-                if let Some(&id) = by_slot.get(&(i, slot))
-                    && !stalled.contains(&id)
-                {
-                    let before = clients[id].from_gateway.len();
-                    let _ = w.flush_to(slot, &mut clients[id].from_gateway);
-                    moved |= clients[id].from_gateway.len() > before;
-                }
-            }
-        });
-        dirty.clear();
-        self.dirty = dirty;
-        // Nothing is dirty any more: this only closes (after a last flush) what was released.
-        moved | self.flush(i)
     }
 }
