@@ -133,6 +133,10 @@ pub enum MsgKind {
         stream_id: u32,
         /// Credit returned.
         increment: u32,
+        /// The granting device (told `unknown_stream` if the stream closed meanwhile).
+        device: ConnHandle,
+        /// The device's stream id.
+        device_stream: u32,
     },
     /// The device side of a stream is gone; the manager `to` is told and forgets it.
     StreamClosedToManager {
@@ -151,6 +155,10 @@ pub enum MsgKind {
         stream_id: u32,
         /// Encoded WebSocket frame.
         bytes: Bytes,
+        /// The sending device (told `unknown_stream` if the stream closed meanwhile).
+        device: ConnHandle,
+        /// The device's stream id.
+        device_stream: u32,
     },
     /// The gateway closes `to`.
     Close(CloseReason),

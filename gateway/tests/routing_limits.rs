@@ -295,7 +295,6 @@ fn a_device_reading_too_slowly_is_closed_with_1008_and_goes_offline() -> Result<
 }
 
 #[test]
-#[ignore = "BUG: a device the gateway disconnects as too slow (1008) goes offline with reason `disconnected`; PROTOCOL.md sections 4 and 8 say `closed_by_gateway` when the gateway closes it"]
 fn a_device_disconnected_as_too_slow_is_offline_closed_by_gateway() -> Result<()> {
     let (_dir, mut h) = harness_with(2, small_queues)?;
     let got = slow_device(&mut h)?;

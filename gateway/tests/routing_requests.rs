@@ -182,7 +182,7 @@ fn past_max_pending_requests_commands_get_too_many_requests() -> Result<()> {
 
 /// Not covered by PROTOCOL.md's table: the asking manager left before the answer. The
 /// device must still hear that its Response went nowhere ("the gateway never drops a frame
-/// silently"); today that is an Error with code `queue_full`.
+/// silently"): the request is over, so its id is `unknown_request`.
 #[test]
 fn a_response_for_a_manager_that_left_is_answered_with_an_error_to_the_device() -> Result<()> {
     let (_dir, mut h) = harness(2)?;
@@ -193,7 +193,13 @@ fn a_response_for_a_manager_that_left_is_answered_with_an_error_to_the_device() 
     let got = h.take(dev);
     let f = only_frame(&got)?;
     ensure!(
-        matches!(f.body, Body::Error { .. }) && f.id == id,
+        matches!(
+            f.body,
+            Body::Error {
+                code: ErrorCode::UnknownRequest,
+                ..
+            }
+        ) && f.id == id,
         "the device got {got:?}"
     );
     Ok(())

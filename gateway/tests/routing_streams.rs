@@ -267,7 +267,6 @@ fn two_managers_with_the_same_stream_id_on_one_device_are_kept_apart() -> Result
 /// PROTOCOL.md section 5: "the side that did not close receives one unknown_stream Error
 /// for each StreamData or StreamWindow it still had in flight when the close crossed it".
 #[test]
-#[ignore = "BUG: manager stream data that crosses the device's StreamClose between workers is dropped silently at the device's worker (no unknown_stream Error; PROTOCOL.md sections 4 and 5)"]
 fn manager_data_crossing_a_device_close_between_workers_gets_unknown_stream() -> Result<()> {
     let (_dir, mut h) = harness(2)?;
     let (mgr, dev) = manager_and_device(&mut h, 0, 1)?;
@@ -298,7 +297,6 @@ fn manager_data_crossing_a_device_close_between_workers_gets_unknown_stream() ->
 /// The same crossing the other way: the manager closes while the device's data is on its
 /// way between workers.
 #[test]
-#[ignore = "BUG: device stream data that crosses the manager's StreamClose between workers is dropped silently at the manager's worker (no unknown_stream Error; PROTOCOL.md sections 4 and 5)"]
 fn device_data_crossing_a_manager_close_between_workers_gets_unknown_stream() -> Result<()> {
     let (_dir, mut h) = harness(2)?;
     let (mgr, dev) = manager_and_device(&mut h, 0, 1)?;

@@ -437,6 +437,15 @@ fn utf8<'a>(bytes: &'a [u8], what: &'static str) -> Result<&'a str, FrameError> 
     std::str::from_utf8(bytes).map_err(|_| FrameError::Malformed(what))
 }
 
+/// The id field of a message whose 8-byte header is there, whatever else is wrong with it
+/// (for the `malformed_frame` Error's id).
+pub fn header_id(buf: &[u8]) -> Option<u32> {
+    match buf.get(..HEADER_LEN)? {
+        [_, _, _, _, i0, i1, i2, i3] => Some(u32::from_be_bytes([*i0, *i1, *i2, *i3])),
+        _ => None,
+    }
+}
+
 impl<'a> Frame<'a> {
     /// Decodes one frame from a whole binary WebSocket message.
     ///

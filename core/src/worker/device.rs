@@ -103,7 +103,12 @@ impl Worker {
                 let (to, stream_id) = (stream.manager, stream.manager_stream_id);
                 self.deliver(Msg {
                     to,
-                    kind: MsgKind::StreamDataToManager { stream_id, bytes },
+                    kind: MsgKind::StreamDataToManager {
+                        stream_id,
+                        bytes,
+                        device: me,
+                        device_stream: frame.id,
+                    },
                 });
             }
             Body::StreamWindow { increment } => {
@@ -124,6 +129,8 @@ impl Worker {
                     kind: MsgKind::StreamWindowToManager {
                         stream_id,
                         increment,
+                        device: me,
+                        device_stream: frame.id,
                     },
                 });
             }

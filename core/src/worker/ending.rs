@@ -70,6 +70,22 @@ impl Worker {
                             .push(f, Priority::Essential, usize::MAX, usize::MAX)
                             .ok();
                     }
+                    // The peer learns why before the close (PROTOCOL.md §9).
+                    if let Ending::UnsupportedVersion(v) = ending {
+                        let why = format!(
+                            "frame version {v} is not supported (this gateway speaks version {})",
+                            frame::VERSION
+                        );
+                        let f = encode_ws_frame(&Frame::error(
+                            "",
+                            0,
+                            ErrorCode::UnsupportedVersion,
+                            &why,
+                        ));
+                        conn.out
+                            .push(f, Priority::Essential, usize::MAX, usize::MAX)
+                            .ok();
+                    }
                     conn.out
                         .push(
                             close_frame(code, reason),
@@ -90,7 +106,11 @@ impl Worker {
         if let Phase::Session(session) = phase {
             let presence_reason = match ending {
                 Ending::Dead => PresenceReason::Dead,
-                Ending::Gateway(_) => PresenceReason::ClosedByGateway,
+                // The gateway ended it: its own decision, a protocol violation or a full
+                // queue (PROTOCOL.md §4).
+                Ending::Gateway(_) | Ending::Protocol(..) | Ending::UnsupportedVersion(_) => {
+                    PresenceReason::ClosedByGateway
+                }
                 _ => PresenceReason::Disconnected,
             };
             self.cleanup_role_with(session.role, handle, presence_reason, now);

@@ -120,7 +120,24 @@ impl Worker {
     pub(super) fn handle_msg(&mut self, msg: Msg, now: Instant) {
         let to = msg.to;
         if self.lookup(to).is_none() {
-            let gone = msg.bounce(ErrorCode::DeviceNotConnected, "the device is not connected");
+            let gone = match msg.kind {
+                // The request ended with its manager: for the device, its id is no longer
+                // outstanding (PROTOCOL.md §4).
+                MsgKind::Response {
+                    device,
+                    device_request_id,
+                    ..
+                } => Some(Msg {
+                    to: device,
+                    kind: MsgKind::Error {
+                        code: ErrorCode::UnknownRequest,
+                        id: device_request_id,
+                        unit: None,
+                        message: "the manager that sent this request has disconnected",
+                    },
+                }),
+                _ => msg.bounce(ErrorCode::DeviceNotConnected, "the device is not connected"),
+            };
             if let Some(b) = gone {
                 self.deliver(b);
             }
@@ -236,6 +253,7 @@ impl Worker {
             } => {
                 self.with_device(slot, |w, dev| {
                     let Some(id) = dev.streams_by_manager.get(&(from, stream_id)).copied() else {
+                        w.stream_crossed_close(from, stream_id, Some(dev.unit.clone()));
                         return;
                     };
                     let bytes = encode_ws_frame(&Frame::stream_data("", id, &payload));
@@ -250,6 +268,7 @@ impl Worker {
                 self.with_device(slot, |w, dev| {
                     let cap = w.shared.config.limits.stream_window_cap;
                     let Some(id) = dev.streams_by_manager.get(&(from, stream_id)).copied() else {
+                        w.stream_crossed_close(from, stream_id, Some(dev.unit.clone()));
                         return;
                     };
                     let Some(stream) = dev.streams.get_mut(&id) else {
@@ -283,10 +302,13 @@ impl Worker {
             MsgKind::StreamWindowToManager {
                 stream_id,
                 increment,
+                device,
+                device_stream,
             } => {
                 self.with_manager(slot, |w, mgr| {
                     let cap = w.shared.config.limits.stream_window_cap;
                     let Some(stream) = mgr.streams.get_mut(&stream_id) else {
+                        w.stream_crossed_close(device, device_stream, None);
                         return;
                     };
                     let granted = increment.min(cap.saturating_sub(stream.credit_to_device));
@@ -299,10 +321,17 @@ impl Worker {
                     let _ = w.queue(slot, bytes, Priority::Essential, now);
                 });
             }
-            MsgKind::StreamDataToManager { stream_id, bytes } => {
+            MsgKind::StreamDataToManager {
+                stream_id,
+                bytes,
+                device,
+                device_stream,
+            } => {
                 self.with_manager(slot, |w, mgr| {
                     if mgr.streams.contains_key(&stream_id) {
                         let _ = w.queue(slot, bytes, Priority::Essential, now);
+                    } else {
+                        w.stream_crossed_close(device, device_stream, None);
                     }
                 });
             }
@@ -323,6 +352,21 @@ impl Worker {
                 });
             }
         }
+    }
+
+    /// A stream frame reached a side whose end of the stream is already closed (the close
+    /// crossed it): its sender `to` gets `unknown_stream` for its stream id, as it would
+    /// had the frame reached the gateway after the close.
+    pub(super) fn stream_crossed_close(&mut self, to: ConnHandle, id: u32, unit: Option<Arc<str>>) {
+        self.deliver(Msg {
+            to,
+            kind: MsgKind::Error {
+                code: ErrorCode::UnknownStream,
+                id,
+                unit,
+                message: "no open stream has this id (it was closed)",
+            },
+        });
     }
 
     pub(super) fn command_to_device(

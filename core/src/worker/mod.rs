@@ -292,6 +292,9 @@ enum Ending {
     Dead,
     /// Protocol violation: close code and reason.
     Protocol(u16, &'static str),
+    /// A devgate frame of another version (this one): an `unsupported_version` Error, then
+    /// close 1002.
+    UnsupportedVersion(u8),
     /// The gateway ends it.
     Gateway(CloseReason),
     /// After an HTTP response: no WebSocket close.
@@ -303,6 +306,7 @@ impl Ending {
         match self {
             Self::CloseReceived(code) => Some((code.filter(|c| *c != 1005).unwrap_or(1000), "")),
             Self::Protocol(code, reason) => Some((code, reason)),
+            Self::UnsupportedVersion(_) => Some((1002, "unsupported devgate frame version")),
             Self::Gateway(CloseReason::Replaced) => {
                 Some((CLOSE_REPLACED, "replaced by a newer connection"))
             }

@@ -80,15 +80,12 @@ impl Worker {
         let frame = match Frame::decode(data) {
             Ok(f) => f,
             Err(frame::FrameError::UnsupportedVersion(v)) => {
-                let msg = format!(
-                    "frame version {v} is not supported (this gateway speaks version {})",
-                    frame::VERSION
-                );
-                self.send_error(slot, ErrorCode::UnsupportedVersion, 0, "", &msg, now);
-                return Outcome::Close(Ending::Protocol(1002, "unsupported devgate frame version"));
+                return Outcome::Close(Ending::UnsupportedVersion(v));
             }
             Err(e) => {
-                self.send_error(slot, ErrorCode::MalformedFrame, 0, "", &e.to_string(), now);
+                // The id is the frame's when its header was readable (PROTOCOL.md §7).
+                let id = frame::header_id(data).unwrap_or(0);
+                self.send_error(slot, ErrorCode::MalformedFrame, id, "", &e.to_string(), now);
                 return Outcome::Continue;
             }
         };
