@@ -519,9 +519,10 @@ async fn malformed_input_gets_errors_or_a_closed_socket_and_the_gateway_lives_on
         Some(Incoming::Closed { code, .. }) => assert_eq!(code, Some(1009)),
         other => bail!("oversized message not refused: {other:?}"),
     }
+    // The gateway closed it: closed_by_gateway (PROTOCOL.md §4, §8).
     assert_eq!(
         presence(&mut mgr, "bad-dev", false).await?,
-        PresenceReason::Disconnected
+        PresenceReason::ClosedByGateway
     );
     // A connection that never says anything is closed after the handshake timeout.
     let mut raw = tokio::net::TcpStream::connect(gw.addr).await?;
