@@ -41,6 +41,13 @@ pub(crate) struct ConnArgs {
     ca: Option<PathBuf>,
 }
 
+impl ConnArgs {
+    /// The gateways as given (`HOST:PORT`).
+    pub(crate) fn labels(&self) -> &[String] {
+        &self.gateways
+    }
+}
+
 /// One connected gateway.
 #[derive(Debug)]
 pub(crate) struct Gateway {
@@ -128,17 +135,7 @@ pub(crate) async fn connect_all(args: &ConnArgs) -> Result<Vec<Gateway>> {
         let tls = tls.clone();
         let g = g.clone();
         async move {
-            let r = async {
-                let (host, port) = split_host_port(&g)?;
-                let addr = tokio::net::lookup_host((host.as_str(), port))
-                    .await
-                    .with_context(|| format!("resolving {host}"))?
-                    .next()
-                    .with_context(|| format!("{host} has no address"))?;
-                let opts = ConnectOptions::new(addr, host, Role::Manager);
-                Ok::<_, anyhow::Error>(devgate_client::connect(&opts, tls).await?)
-            }
-            .await;
+            let r = connect_one(&g, tls).await;
             (g, r)
         }
     });
@@ -146,11 +143,7 @@ pub(crate) async fn connect_all(args: &ConnArgs) -> Result<Vec<Gateway>> {
     let mut failures = Vec::new();
     for (label, r) in futures_join(attempts).await {
         match r {
-            Ok(conn) => out.push(Gateway {
-                label,
-                mux: Mux::new(conn),
-                next_id: 0,
-            }),
+            Ok(gw) => out.push(gw),
             Err(e) => {
                 eprintln!("devgate-ctl: gateway {label}: {e:#}");
                 failures.push(label);
@@ -161,6 +154,23 @@ pub(crate) async fn connect_all(args: &ConnArgs) -> Result<Vec<Gateway>> {
         bail!("could not connect to any gateway ({})", failures.join(", "));
     }
     Ok(out)
+}
+
+/// Connects to one gateway, `HOST:PORT` (also to reconnect after it went away).
+pub(crate) async fn connect_one(label: &str, tls: Arc<rustls::ClientConfig>) -> Result<Gateway> {
+    let (host, port) = split_host_port(label)?;
+    let addr = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .with_context(|| format!("resolving {host}"))?
+        .next()
+        .with_context(|| format!("{host} has no address"))?;
+    let opts = ConnectOptions::new(addr, host, Role::Manager);
+    let conn = devgate_client::connect(&opts, tls).await?;
+    Ok(Gateway {
+        label: label.to_owned(),
+        mux: Mux::new(conn),
+        next_id: 0,
+    })
 }
 
 async fn futures_join<F: std::future::Future + Send + 'static>(
@@ -212,7 +222,8 @@ pub(crate) async fn open_stream(
     )
 }
 
-fn tls(args: &ConnArgs) -> Result<Arc<rustls::ClientConfig>> {
+/// The manager's TLS configuration from the credential arguments.
+pub(crate) fn tls(args: &ConnArgs) -> Result<Arc<rustls::ClientConfig>> {
     let (cert, key, dir_ca) = match (&args.creds, &args.cert, &args.key) {
         (Some(dir), _, _) => {
             let (c, k) = find_pair(dir)?;

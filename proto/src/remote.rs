@@ -256,9 +256,15 @@ impl GetHeader {
     /// The wire form.
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut out = [0u8; Self::LEN];
-        out[..8].copy_from_slice(&self.size.to_be_bytes());
-        out[8..16].copy_from_slice(&self.start.to_be_bytes());
-        out[16..].copy_from_slice(&self.sha256);
+        for (dst, src) in out.iter_mut().zip(
+            self.size
+                .to_be_bytes()
+                .iter()
+                .chain(&self.start.to_be_bytes())
+                .chain(&self.sha256),
+        ) {
+            *dst = *src;
+        }
         out
     }
 
@@ -268,16 +274,13 @@ impl GetHeader {
         let Some(b) = buf.get(..Self::LEN) else {
             return Ok(None);
         };
-        let word = |at: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[at..at + 8]);
-            u64::from_be_bytes(w)
-        };
-        let mut sha256 = [0u8; 32];
-        sha256.copy_from_slice(&b[16..]);
+        let (size, rest) = b.split_at(8);
+        let (start, sha) = rest.split_at(8);
+        let word = |w: &[u8]| <[u8; 8]>::try_from(w).map(u64::from_be_bytes).unwrap_or(0);
+        let sha256 = <[u8; 32]>::try_from(sha).unwrap_or([0; 32]);
         let h = Self {
-            size: word(0),
-            start: word(8),
+            size: word(size),
+            start: word(start),
             sha256,
         };
         if h.start > h.size {
