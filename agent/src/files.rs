@@ -9,10 +9,10 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
-use devgate_client::{ErrorCode, IncomingStream};
+use devgate_client::{DevgateStream, ErrorCode, IncomingStream};
 use devgate_proto::remote::{GetHeader, PutStart, sha256_hex};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::config::FilesSpec;
 use crate::file_policy::{allowed_to_send, get_allowed, put_target};
@@ -89,7 +89,7 @@ pub(crate) async fn put(
                 size - start
             ));
         }
-        let file = tokio::fs::OpenOptions::new()
+        let mut file = tokio::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
@@ -99,6 +99,9 @@ pub(crate) async fn put(
         file.set_len(start)
             .await
             .map_err(|e| format!("truncating {}: {e}", target.part.display()))?;
+        file.seek(SeekFrom::Start(start))
+            .await
+            .map_err(|e| format!("seeking in {}: {e}", target.part.display()))?;
         let prefix = hash_prefix(&target.part, start)
             .await
             .map_err(|e| format!("reading {}: {e}", target.part.display()))?;
@@ -119,39 +122,26 @@ pub(crate) async fn put(
         return;
     }
     let want = size - start;
-    let mut got = 0u64;
-    let mut buf = vec![0u8; CHUNK];
-    while got < want {
-        let room = usize::try_from((want - got).min(CHUNK as u64)).unwrap_or(CHUNK);
-        let n = match stream.read(&mut buf[..room]).await {
-            Ok(0) => {
-                tracing::info!(
-                    name,
-                    start,
-                    got,
-                    "file-put ended early; the partial file is kept for a resume"
-                );
-                return;
-            }
-            Ok(n) => n,
-            Err(e) => {
-                tracing::info!(
-                    name,
-                    start,
-                    got,
-                    "file-put dropped ({e}); the partial file is kept for a resume"
-                );
-                return;
-            }
-        };
-        if let Err(e) = file.write_all(&buf[..n]).await {
+    let received = receive(&mut stream, &mut file, &mut hasher, want).await;
+    // A write may still be running in the background: the next transfer of this file must
+    // find the partial file as this one leaves it.
+    let flushed = file.flush().await;
+    match (received, flushed) {
+        (Ok(()), Ok(())) => {}
+        (Err(Dropped(why)), _) => {
+            tracing::info!(
+                name,
+                start,
+                "file-put dropped ({why}); the partial file is kept for a resume"
+            );
+            return;
+        }
+        (Ok(()) | Err(WriteFailed(_)), Err(e)) | (Err(WriteFailed(e)), Ok(())) => {
             let reason = format!("file-put of {name}: writing {}: {e}", target.part.display());
             tracing::warn!("{reason}");
             stream.close_with(u16::from(ErrorCode::Internal), &reason);
             return;
         }
-        hasher.update(&buf[..n]);
-        got += n as u64;
     }
     let digest: [u8; 32] = hasher.finalize().into();
     let actual = sha256_hex(&digest);
@@ -186,6 +176,38 @@ pub(crate) async fn put(
             stream.close_with(u16::from(ErrorCode::Internal), &reason);
         }
     }
+}
+
+/// Why receiving stopped before the last byte.
+enum Stopped {
+    /// The stream ended (the manager or the connection went away).
+    Dropped(String),
+    /// The partial file could not be written.
+    WriteFailed(std::io::Error),
+}
+use Stopped::{Dropped, WriteFailed};
+
+/// Reads `want` bytes from the stream into the file and the hash.
+async fn receive(
+    stream: &mut DevgateStream,
+    file: &mut tokio::fs::File,
+    hasher: &mut Sha256,
+    want: u64,
+) -> Result<(), Stopped> {
+    let mut got = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    while got < want {
+        let room = usize::try_from((want - got).min(CHUNK as u64)).unwrap_or(CHUNK);
+        let n = match stream.read(&mut buf[..room]).await {
+            Ok(0) => return Err(Dropped(format!("the manager ended it after {got} bytes"))),
+            Ok(n) => n,
+            Err(e) => return Err(Dropped(format!("{e}, after {got} bytes"))),
+        };
+        file.write_all(&buf[..n]).await.map_err(WriteFailed)?;
+        hasher.update(&buf[..n]);
+        got += n as u64;
+    }
+    Ok(())
 }
 
 /// SHA-256 state over the first `len` bytes of `path` (what a resumed transfer already has).

@@ -19,7 +19,7 @@ use crate::link::{Link, OpenFailure};
 use crate::progress::{DeviceResult, Progress};
 
 /// Attempts in a row that moved no bytes before a device counts as failed.
-pub(crate) const MAX_IDLE_ATTEMPTS: u32 = 10;
+pub(crate) const MAX_IDLE_ATTEMPTS: u32 = 12;
 /// Attempts in all, however much each moved.
 pub(crate) const MAX_ATTEMPTS: u32 = 40;
 /// Longest wait for the device's answer or its next credit.
@@ -28,10 +28,10 @@ pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 const CHUNK: usize = 256 * 1024;
 
 /// The backoff between attempts: a restarted gateway takes a few seconds and its devices up
-/// to 30 s to come back, so the ceiling reaches 8 s and the tries in a row span about a
-/// minute.
+/// to 30 s to come back, so the ceiling reaches 10 s and the idle tries in a row span about
+/// 45 s on average (at most about 90 s).
 pub(crate) fn retry_backoff() -> Backoff {
-    Backoff::new(Duration::from_millis(500), Duration::from_secs(8))
+    Backoff::new(Duration::from_millis(500), Duration::from_secs(10))
 }
 
 /// What is sent.
