@@ -122,22 +122,19 @@ async fn attempt(
     file.seek(std::io::SeekFrom::Start(start))
         .await
         .map_err(io)?;
-    let mut left = h.size - start;
-    let mut buf = vec![0u8; CHUNK];
-    while left > 0 {
-        let want = usize::try_from(left.min(CHUNK as u64)).unwrap_or(CHUNK);
-        let n = stalled(stream.read(&mut buf[..want]), "file bytes").await?;
-        if n == 0 {
-            file.flush().await.map_err(io)?;
-            return Err(format!("the device ended the file {left} bytes early"));
-        }
-        file.write_all(&buf[..n]).await.map_err(io)?;
-        hasher.update(&buf[..n]);
-        left -= n as u64;
-        r.bytes += n as u64;
-        progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
-    }
+    let received = receive(
+        &mut stream,
+        &mut file,
+        &mut hasher,
+        h.size - start,
+        r,
+        progress,
+    )
+    .await;
+    // A write may still be running in the background: the next attempt must find the
+    // partial file as this one leaves it.
     file.flush().await.map_err(io)?;
+    received?;
     file.sync_all().await.map_err(io)?;
     drop(file);
     let got: [u8; 32] = hasher.finalize().into();
@@ -153,6 +150,33 @@ async fn attempt(
     tokio::fs::rename(part, out)
         .await
         .map_err(|e| format!("renaming {} to {}: {e}", part.display(), out.display()))?;
+    Ok(())
+}
+
+/// Reads `left` bytes of the file from the stream into the partial file and the hash.
+async fn receive(
+    stream: &mut devgate_client::DevgateStream,
+    file: &mut tokio::fs::File,
+    hasher: &mut Sha256,
+    mut left: u64,
+    r: &mut DeviceResult,
+    progress: &Progress,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; CHUNK];
+    while left > 0 {
+        let want = usize::try_from(left.min(CHUNK as u64)).unwrap_or(CHUNK);
+        let n = stalled(stream.read(&mut buf[..want]), "file bytes").await?;
+        if n == 0 {
+            return Err(format!("the device ended the file {left} bytes early"));
+        }
+        file.write_all(&buf[..n])
+            .await
+            .map_err(|e| format!("writing the partial file: {e}"))?;
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+        r.bytes += n as u64;
+        progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
     Ok(())
 }
 

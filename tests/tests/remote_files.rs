@@ -148,6 +148,76 @@ fn push_and_pull_move_files_both_ways_with_matching_sha256() -> Result<()> {
         !files_in(r.dir.path()).iter().any(|f| f.ends_with(".part")),
         "no partial file is left on the manager's side"
     );
+
+    // --all: every connected device, under another name.
+    let out = r
+        .ctl(&["push", local.to_str().context("path")?, "--all"])
+        .args(["--name", "copy.bin"])
+        .output()?;
+    ensure!(out.status.success(), "push --all: {:?}", text(&out));
+    ensure!(table(&text(&out).0)?.len() == 1);
+    ensure!(sha256_file(&incoming.join("copy.bin"))? == sha256_file(&local)?);
+    Ok(())
+}
+
+#[test]
+fn pull_resumes_after_the_gateway_is_killed_mid_transfer() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (incoming, outgoing) = (dir.path().join("incoming"), dir.path().join("outgoing"));
+    std::fs::create_dir_all(&incoming)?;
+    std::fs::create_dir_all(&outgoing)?;
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let env = [("DEVGATE_LISTEN", listen.as_str())];
+    let gateway = Gateway::start_in_env(DataDir::init()?, "", &env)?;
+    let mut r = Remote::start_gateway(&files_config(&incoming, &outgoing), gateway)?;
+    let big = outgoing.join("big.bin");
+    let size = 256usize << 20;
+    write_pattern(&big, size, 5)?;
+    let out = r.path("big.copy");
+    let part = r.path(".big.copy.part");
+    let mut pull = r.ctl(&["pull", &r.unit, big.to_str().context("path")?]);
+    pull.arg("--out").arg(&out);
+    let mut ctl = Proc::spawn(&mut pull)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < (16 << 20) {
+        ensure!(
+            Instant::now() < deadline,
+            "the pull did not start:\n{}",
+            ctl.log()
+        );
+        ensure!(
+            ctl.child.try_wait()?.is_none(),
+            "ctl ended early:\n{}",
+            ctl.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let data = std::mem::replace(&mut r.gateway, Gateway::start("")?).kill9()?;
+    r.gateway = Gateway::start_in_env(data, "", &env)?;
+    let status = loop {
+        if let Some(s) = ctl.child.try_wait()? {
+            break s;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "pull did not finish:\n{}",
+            ctl.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let log = ctl.log();
+    ensure!(status.success(), "pull failed ({status}):\n{log}");
+    ensure!(sha256_file(&out)? == sha256_file(&big)?, "the copy differs");
+    let rows = table(
+        &log.lines()
+            .filter(|l| !l.starts_with("devgate-ctl:"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )?;
+    let row = rows.get(&r.unit).context("the device's row")?;
+    ensure!(row.attempts > 1 && row.resumed_at > 0, "resumed: {row:?}");
+    ensure!(row.bytes == size as u64, "no byte fetched twice: {row:?}");
     Ok(())
 }
 
