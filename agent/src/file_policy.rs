@@ -71,6 +71,12 @@ pub(crate) fn put_target(spec: &FilesSpec, name: &str, sha256: &str) -> Result<P
     })
 }
 
+/// Where a `file-put` of `size` bytes starts when the manager allows skipping `offset` and
+/// the partial file holds `have`: a partial file longer than the file cannot be of it.
+pub(crate) fn put_start(offset: u64, have: u64, size: u64) -> u64 {
+    if have > size { 0 } else { offset.min(have) }
+}
+
 /// The path of `file-get;path=PATH` if the allow-list has it, else the reason it is
 /// refused. The caller checks the path again once symlinks are resolved.
 pub(crate) fn get_allowed(spec: &FilesSpec, path: &str) -> Result<PathBuf, String> {
@@ -151,6 +157,23 @@ mod tests {
         );
         let none = FilesSpec::default();
         assert!(put_target(&none, "x", SHA).is_err());
+    }
+
+    #[test]
+    fn a_put_resumes_at_what_the_device_holds_if_the_manager_allows_it() {
+        assert_eq!(put_start(100, 40, 100), 40, "resume");
+        assert_eq!(put_start(0, 40, 100), 0, "the manager starts over");
+        assert_eq!(put_start(10, 40, 100), 10, "the manager skips less");
+        assert_eq!(
+            put_start(100, 100, 100),
+            100,
+            "all there: only the check is left"
+        );
+        assert_eq!(
+            put_start(100, 150, 100),
+            0,
+            "longer than the file: not of it"
+        );
     }
 
     #[test]

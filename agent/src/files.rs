@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::config::FilesSpec;
-use crate::file_policy::{allowed_to_send, get_allowed, put_target};
+use crate::file_policy::{allowed_to_send, get_allowed, put_start, put_target};
 
 /// Bytes moved per read or write.
 const CHUNK: usize = 256 * 1024;
@@ -73,12 +73,11 @@ pub(crate) async fn put(
     };
     let prepared = async {
         let have = match tokio::fs::metadata(&target.part).await {
-            Ok(m) if m.len() <= size => m.len(),
-            Ok(_) => 0,
+            Ok(m) => m.len(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(format!("reading {}: {e}", target.part.display())),
         };
-        let start = offset.min(have);
+        let start = put_start(offset, have, size);
         let free = rustix::fs::statvfs(&target.dir)
             .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
             .map_err(|e| format!("receive directory {}: {e}", target.dir.display()))?;

@@ -33,19 +33,23 @@ pub(crate) fn start_line(
             tokio::time::sleep(Duration::from_millis(500)).await;
             let bytes = progress.bytes.load(Ordering::Relaxed);
             let secs = started.elapsed().as_secs_f64().max(0.001);
-            let pct = if total_bytes == 0 {
-                100.0
+            // A pull learns the size only from the device: then no share is shown.
+            let of = if total_bytes == 0 {
+                String::new()
             } else {
-                100.0 * bytes as f64 / total_bytes as f64
+                format!(
+                    " of {} ({:.0} %)",
+                    human(total_bytes),
+                    100.0 * bytes as f64 / total_bytes as f64
+                )
             };
             let mut err = std::io::stderr().lock();
             let _ = write!(
                 err,
-                "\r\x1b[K{what}: {}/{devices} devices done ({} failed), {} of {} ({pct:.0} %), {}/s",
+                "\r\x1b[K{what}: {}/{devices} devices done ({} failed), {}{of}, {}/s",
                 progress.done.load(Ordering::Relaxed),
                 progress.failed.load(Ordering::Relaxed),
                 human(bytes),
-                human(total_bytes),
                 human((bytes as f64 / secs) as u64),
             );
             let _ = err.flush();
