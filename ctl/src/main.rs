@@ -178,7 +178,9 @@ async fn run(cli: Cli) -> Result<u8> {
             let units = if all {
                 push::all_units(&mut gateways).await?
             } else {
-                to
+                // A unit named twice would race itself for the same partial file.
+                let mut seen = std::collections::HashSet::new();
+                to.into_iter().filter(|u| seen.insert(u.clone())).collect()
             };
             if units.is_empty() {
                 bail!("no device to send to (none is connected)");
@@ -197,7 +199,7 @@ async fn run(cli: Cli) -> Result<u8> {
             );
             let results = push::run(link, source.clone(), units, parallel, progress).await;
             drop(line);
-            Ok(finish(&format!("pushed {}", source.name), &results))
+            Ok(finish(&format!("push {}", source.name), &results))
         }
         Cmd::Pull { unit, path, out } => {
             let out = match out {
@@ -214,7 +216,7 @@ async fn run(cli: Cli) -> Result<u8> {
             let result = pull::run(&link, &unit, &path, &out, &progress).await;
             drop(line);
             Ok(finish(
-                &format!("pulled {path} to {}", out.display()),
+                &format!("pull {path} to {}", out.display()),
                 &[result],
             ))
         }
