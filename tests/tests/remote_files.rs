@@ -177,6 +177,9 @@ fn pull_resumes_after_the_gateway_is_killed_mid_transfer() -> Result<()> {
     let part = r.path(".big.copy.part");
     let mut pull = r.ctl(&["pull", &r.unit, big.to_str().context("path")?]);
     pull.arg("--out").arg(&out);
+    // Started before the pull so that the kill follows the check at once: `kill9` consumes
+    // the gateway, and this one takes its place in `r` until the restart.
+    let spare = Gateway::start("")?;
     let mut ctl = Proc::spawn(&mut pull)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while std::fs::metadata(&part).map_or(0, |m| m.len()) < (16 << 20) {
@@ -192,7 +195,7 @@ fn pull_resumes_after_the_gateway_is_killed_mid_transfer() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let data = std::mem::replace(&mut r.gateway, Gateway::start("")?).kill9()?;
+    let data = std::mem::replace(&mut r.gateway, spare).kill9()?;
     r.gateway = Gateway::start_in_env(data, "", &env)?;
     let status = loop {
         if let Some(s) = ctl.child.try_wait()? {
@@ -442,6 +445,9 @@ fn push_survives_a_gateway_kill(n: usize, size: usize, limit: Duration) -> Resul
     let want = sha256_file(&local)?;
     let total = (n * size) as u64;
     let units: Vec<&str> = fleet.units.iter().map(String::as_str).collect();
+    // Takes the gateway's place in `fleet` from the kill to the restart (started now, so
+    // that the kill follows the check at once).
+    let spare = Gateway::start("")?;
     let push_started = Instant::now();
     let mut push = fleet.ctl(&["push", local.to_str().context("path")?, "--parallel"]);
     push.arg(n.to_string()).arg("--to").args(&units);
@@ -463,7 +469,7 @@ fn push_survives_a_gateway_kill(n: usize, size: usize, limit: Duration) -> Resul
     }
     let at_kill = fleet.received();
     let killed_after = push_started.elapsed();
-    let data = std::mem::replace(&mut fleet.gateway, Gateway::start("")?).kill9()?;
+    let data = std::mem::replace(&mut fleet.gateway, spare).kill9()?;
     fleet.gateway = Gateway::start_in_env(data, "", &[("DEVGATE_LISTEN", &fleet.env_listen)])?;
 
     let status = loop {
