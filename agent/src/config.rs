@@ -32,6 +32,9 @@ pub(crate) struct Config {
     /// TCP targets (`tcp:HOST:PORT` streams).
     #[serde(default)]
     pub(crate) tcp: TcpSpec,
+    /// File transfer (`file-put` / `file-get` streams).
+    #[serde(default)]
+    pub(crate) files: FilesSpec,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -105,6 +108,19 @@ pub(crate) struct TcpSpec {
     pub(crate) allow: Vec<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FilesSpec {
+    /// Directories a manager may put files into (absolute). A bare file name goes into the
+    /// first; an absolute name must be a file directly inside one of them.
+    #[serde(default)]
+    pub(crate) receive_dirs: Vec<PathBuf>,
+    /// Files a manager may get (absolute); an entry ending in `/` allows every file below
+    /// that directory.
+    #[serde(default)]
+    pub(crate) send: Vec<String>,
+}
+
 impl Config {
     pub(crate) fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| {
@@ -145,6 +161,19 @@ impl Config {
             };
             if !ok {
                 bail!("tcp.allow entry {target:?} is not HOST:PORT (e.g. 127.0.0.1:22)");
+            }
+        }
+        for dir in &self.files.receive_dirs {
+            if !dir.is_absolute() {
+                bail!(
+                    "files.receive_dirs entry {} is not an absolute path",
+                    dir.display()
+                );
+            }
+        }
+        for path in &self.files.send {
+            if !path.starts_with('/') {
+                bail!("files.send entry {path:?} is not an absolute path");
             }
         }
         Ok(())

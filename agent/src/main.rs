@@ -3,8 +3,8 @@
 //! - `enroll`: first contact and enrollment (`enroll.rs`), credential into the state
 //!   directory (`state.rs`);
 //! - `run`: keeps the session (`session.rs`) and serves the allow-lists of the
-//!   configuration (`config.rs`): commands (`commands.rs`), terminals (`pty.rs`) and TCP
-//!   targets.
+//!   configuration (`config.rs`): commands (`commands.rs`), terminals (`pty.rs`), TCP
+//!   targets and file transfer (`files.rs`, its allow-list in `file_policy.rs`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,6 +14,8 @@ use clap::{Parser, Subcommand};
 mod commands;
 mod config;
 mod enroll;
+mod file_policy;
+mod files;
 mod proxy;
 mod pty;
 mod pty_user;

@@ -25,6 +25,8 @@ pub(crate) async fn run(config: Config) -> Result<()> {
         commands = config.commands.len(),
         pty = config.pty.is_some(),
         tcp_targets = config.tcp.allow.len(),
+        receive_dirs = config.files.receive_dirs.len(),
+        send_paths = config.files.send.len(),
         "agent starting"
     );
     loop {
@@ -185,10 +187,15 @@ async fn open(incoming: IncomingStream, config: &Config) {
                 }
             }
         }
-        Ok(OpenParams::FilePut { .. } | OpenParams::FileGet { .. }) => refuse(
-            incoming,
-            format!("{text}: file transfer is not implemented by this agent"),
-        ),
+        Ok(OpenParams::FilePut {
+            name,
+            size,
+            sha256,
+            offset,
+        }) => crate::files::put(incoming, &config.files, &name, size, &sha256, offset).await,
+        Ok(OpenParams::FileGet { path, offset }) => {
+            crate::files::get(incoming, &config.files, &path, offset).await;
+        }
     }
 }
 

@@ -42,7 +42,14 @@ pub(crate) struct ConnArgs {
     /// Reach the gateways through this HTTP proxy (CONNECT), http://[user:pass@]host:port;
     /// default: $HTTPS_PROXY. NO_PROXY bypasses either for the gateways it lists.
     #[arg(long, value_name = "URL")]
-    proxy: Option<String>,
+    pub(crate) proxy: Option<String>,
+}
+
+impl ConnArgs {
+    /// The gateways as given (`HOST:PORT`).
+    pub(crate) fn labels(&self) -> &[String] {
+        &self.gateways
+    }
 }
 
 /// One connected gateway.
@@ -133,19 +140,7 @@ pub(crate) async fn connect_all(args: &ConnArgs) -> Result<Vec<Gateway>> {
         let g = g.clone();
         let proxy = args.proxy.clone();
         async move {
-            let r = async {
-                let (host, port) = split_host_port(&g)?;
-                let addr = tokio::net::lookup_host((host.as_str(), port))
-                    .await
-                    .with_context(|| format!("resolving {host}"))?
-                    .next()
-                    .with_context(|| format!("{host} has no address"))?;
-                let mut opts = ConnectOptions::new(addr, host.clone(), Role::Manager);
-                opts.proxy = devgate_client::Proxy::select(proxy.as_deref(), &host, addr)
-                    .context("choosing the HTTP proxy")?;
-                Ok::<_, anyhow::Error>(devgate_client::connect(&opts, tls).await?)
-            }
-            .await;
+            let r = connect_one(&g, tls, proxy.as_deref()).await;
             (g, r)
         }
     });
@@ -153,11 +148,7 @@ pub(crate) async fn connect_all(args: &ConnArgs) -> Result<Vec<Gateway>> {
     let mut failures = Vec::new();
     for (label, r) in futures_join(attempts).await {
         match r {
-            Ok(conn) => out.push(Gateway {
-                label,
-                mux: Mux::new(conn),
-                next_id: 0,
-            }),
+            Ok(gw) => out.push(gw),
             Err(e) => {
                 eprintln!("devgate-ctl: gateway {label}: {e:#}");
                 failures.push(label);
@@ -168,6 +159,29 @@ pub(crate) async fn connect_all(args: &ConnArgs) -> Result<Vec<Gateway>> {
         bail!("could not connect to any gateway ({})", failures.join(", "));
     }
     Ok(out)
+}
+
+/// Connects to one gateway, `HOST:PORT` (also to reconnect after it went away).
+pub(crate) async fn connect_one(
+    label: &str,
+    tls: Arc<rustls::ClientConfig>,
+    proxy: Option<&str>,
+) -> Result<Gateway> {
+    let (host, port) = split_host_port(label)?;
+    let addr = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .with_context(|| format!("resolving {host}"))?
+        .next()
+        .with_context(|| format!("{host} has no address"))?;
+    let mut opts = ConnectOptions::new(addr, host.clone(), Role::Manager);
+    opts.proxy =
+        devgate_client::Proxy::select(proxy, &host, addr).context("choosing the HTTP proxy")?;
+    let conn = devgate_client::connect(&opts, tls).await?;
+    Ok(Gateway {
+        label: label.to_owned(),
+        mux: Mux::new(conn),
+        next_id: 0,
+    })
 }
 
 async fn futures_join<F: std::future::Future + Send + 'static>(
@@ -219,7 +233,8 @@ pub(crate) async fn open_stream(
     )
 }
 
-fn tls(args: &ConnArgs) -> Result<Arc<rustls::ClientConfig>> {
+/// The manager's TLS configuration from the credential arguments.
+pub(crate) fn tls(args: &ConnArgs) -> Result<Arc<rustls::ClientConfig>> {
     let (cert, key, dir_ca) = match (&args.creds, &args.cert, &args.key) {
         (Some(dir), _, _) => {
             let (c, k) = find_pair(dir)?;

@@ -1,8 +1,9 @@
 //! `devgate-ctl`: the manager side of devgate remote access, for an operator.
 //!
 //! Exit status: `run` and `shell` exit with the device's command or shell status; every
-//! subcommand exits with 255 when the device could not be reached or refused
-//! (so a non-zero status always means some addressed device failed), 2 on usage errors.
+//! subcommand exits with 255 when the device could not be reached or refused, and `push`
+//! and `pull` when any device failed (so a non-zero status always means some addressed
+//! device failed), 2 on usage errors.
 
 use std::process::ExitCode;
 
@@ -13,6 +14,10 @@ use serde_json::{Value, json};
 
 mod forward;
 mod gateways;
+mod link;
+mod progress;
+mod pull;
+mod push;
 mod shell;
 
 use gateways::ConnArgs;
@@ -24,7 +29,7 @@ const FAILED: u8 = 255;
 #[command(
     name = "devgate-ctl",
     version,
-    about = "devgate manager tool: devices, commands, shells, port forwarding"
+    about = "devgate manager tool: devices, commands, shells, port forwarding, file transfer"
 )]
 struct Cli {
     #[command(flatten)]
@@ -65,6 +70,33 @@ enum Cmd {
         /// bound what one manager can have.
         #[arg(long, default_value_t = 8)]
         max_streams: usize,
+    },
+    /// Send a file to devices (into their receive directory), resuming dropped transfers;
+    /// prints a table with one row per device, exits non-zero when any failed.
+    Push {
+        file: std::path::PathBuf,
+        /// Devices to send to.
+        #[arg(long, num_args = 1.., required_unless_present = "all", conflicts_with = "all")]
+        to: Vec<String>,
+        /// Every device connected to the gateways.
+        #[arg(long)]
+        all: bool,
+        /// Devices sent to at once. Each has up to 1 MiB in flight through the gateway.
+        #[arg(long, default_value_t = 16)]
+        parallel: usize,
+        /// Name on the device: a file name (into its first receive directory) or an absolute
+        /// path inside one of its receive directories; default: FILE's name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Fetch an allow-listed file from a device, resuming a dropped transfer.
+    Pull {
+        unit: String,
+        /// Absolute path on the device.
+        path: String,
+        /// Where to store it; default: PATH's file name in the current directory.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// Enrollment keys, through the manager connection.
     Keys {
@@ -135,6 +167,65 @@ async fn run(cli: Cli) -> Result<u8> {
             listen,
             max_streams,
         } => forward::run(gateways, &unit, &target, &listen, max_streams).await,
+        Cmd::Push {
+            file,
+            to,
+            all,
+            parallel,
+            name,
+        } => {
+            let source = std::sync::Arc::new(push::Source::open(&file, name).await?);
+            let units = if all {
+                push::all_units(&mut gateways).await?
+            } else {
+                // A unit named twice would race itself for the same partial file.
+                let mut seen = std::collections::HashSet::new();
+                to.into_iter().filter(|u| seen.insert(u.clone())).collect()
+            };
+            if units.is_empty() {
+                bail!("no device to send to (none is connected)");
+            }
+            let link = std::sync::Arc::new(link::Link::new(
+                cli.conn.labels(),
+                gateways,
+                gateways::tls(&cli.conn)?,
+                cli.conn.proxy.clone(),
+            ));
+            let progress = std::sync::Arc::new(progress::Progress::default());
+            let line = progress::start_line(
+                format!("push {}", source.name),
+                units.len(),
+                source.size.saturating_mul(units.len() as u64),
+                progress.clone(),
+            );
+            let results = push::run(link, source.clone(), units, parallel, progress).await;
+            drop(line);
+            Ok(finish(&format!("push {}", source.name), &results))
+        }
+        Cmd::Pull { unit, path, out } => {
+            let out = match out {
+                Some(o) => o,
+                None => std::path::PathBuf::from(
+                    std::path::Path::new(&path)
+                        .file_name()
+                        .with_context(|| format!("{path:?} names no file; give --out"))?,
+                ),
+            };
+            let link = link::Link::new(
+                cli.conn.labels(),
+                gateways,
+                gateways::tls(&cli.conn)?,
+                cli.conn.proxy.clone(),
+            );
+            let progress = std::sync::Arc::new(progress::Progress::default());
+            let line = progress::start_line(format!("pull {path}"), 1, 0, progress.clone());
+            let result = pull::run(&link, &unit, &path, &out, &progress).await;
+            drop(line);
+            Ok(finish(
+                &format!("pull {path} to {}", out.display()),
+                &[result],
+            ))
+        }
         Cmd::Keys {
             command:
                 KeysCmd::Create {
@@ -233,6 +324,21 @@ async fn devices(gateways: &mut [gateways::Gateway], watch: bool) -> Result<u8> 
         }
     }
     bail!("lost every gateway")
+}
+
+/// Prints the per-device table and a summary; the exit status (non-zero when any failed).
+fn finish(what: &str, results: &[progress::DeviceResult]) -> u8 {
+    progress::print_table(results);
+    let failed = results.iter().filter(|r| r.error.is_some()).count();
+    let bytes: u64 = results.iter().map(|r| r.bytes).sum();
+    let resumed = results.iter().filter(|r| r.resumed_at > 0).count();
+    eprintln!(
+        "devgate-ctl: {what}: {} of {} devices ok, {failed} failed; {} transferred, {resumed} resumed",
+        results.len() - failed,
+        results.len(),
+        progress::human(bytes)
+    );
+    if failed == 0 { 0 } else { FAILED }
 }
 
 fn reason_name(r: PresenceReason) -> &'static str {

@@ -1,7 +1,8 @@
 //! What remote-access streams carry (docs/PROTOCOL.md section 11): the open parameters
-//! of a StreamOpen (`pty;cols=80;rows=24;term=xterm`, `tcp:127.0.0.1:22`, and the reserved
-//! file transfer forms) and the records of a terminal stream (data, window size, exit
-//! status).
+//! of a StreamOpen (`pty;cols=80;rows=24;term=xterm`, `tcp:127.0.0.1:22`,
+//! `file-put;name=…;size=…;sha256=…;offset=…`, `file-get;path=…;offset=…`), the records of
+//! a terminal stream (data, window size, exit status) and the headers a device sends first
+//! on a file stream (where the bytes start, and a sent file's size and SHA-256).
 //!
 //! The gateway never looks inside either; they are a contract between `devgate-agent` and
 //! `devgate-ctl` (and any other agent or manager tool), so they live here, sans-IO, with
@@ -32,6 +33,9 @@ pub enum RemoteError {
         /// What the kind requires.
         expected: usize,
     },
+    /// A file stream's header is inconsistent.
+    #[error("file stream header: {0}")]
+    BadHeader(&'static str),
 }
 
 /// Parsed open parameters of a stream.
@@ -53,22 +57,24 @@ pub enum OpenParams {
         /// Port.
         port: u16,
     },
-    /// Reserved, not implemented yet: a file sent to the device.
+    /// A file sent to the device (section 11.5).
     FilePut {
-        /// File name inside the device's receive directory.
+        /// File name inside the device's receive directory, or an absolute path inside one
+        /// of its receive directories.
         name: String,
         /// Whole size in bytes.
         size: u64,
         /// SHA-256 of the whole file, 64 lower-case hex digits.
         sha256: String,
-        /// Where this stream's bytes start (resume).
+        /// The most the device may skip of what it already holds (resume); 0 starts over.
+        /// The device answers with where the bytes actually start ([`PutStart`]).
         offset: u64,
     },
-    /// Reserved, not implemented yet: a file sent by the device.
+    /// A file sent by the device (section 11.5).
     FileGet {
-        /// Path on the device.
+        /// Absolute path on the device.
         path: String,
-        /// Where to start (resume).
+        /// Where to start (resume); the device answers with [`GetHeader`].
         offset: u64,
     },
 }
@@ -204,6 +210,89 @@ impl OpenParams {
             Self::FileGet { path, offset } => format!("file-get;path={path};offset={offset}"),
         }
     }
+}
+
+/// Device → manager, the first 8 bytes of an accepted `file-put` stream: the offset from
+/// which the manager sends the file's bytes (u64 big-endian). It is the smaller of the
+/// request's `offset` and what the device already holds of this file (same name, size and
+/// SHA-256) from an earlier, dropped transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutStart(pub u64);
+
+impl PutStart {
+    /// Bytes on the wire.
+    pub const LEN: usize = 8;
+
+    /// The wire form.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        self.0.to_be_bytes()
+    }
+
+    /// Reads it from the front of `buf`; `None` until all of it is there.
+    pub fn decode(buf: &[u8]) -> Option<Self> {
+        let b: [u8; Self::LEN] = buf.get(..Self::LEN)?.try_into().ok()?;
+        Some(Self(u64::from_be_bytes(b)))
+    }
+}
+
+/// Device → manager, the first 48 bytes of an accepted `file-get` stream: the file's whole
+/// size, the offset its bytes start at (the request's `offset`, at most `size`), and the
+/// SHA-256 of the whole file. The bytes from `start` to `size` follow, then the device closes
+/// the stream with code 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GetHeader {
+    /// Whole size in bytes.
+    pub size: u64,
+    /// Where the bytes that follow start.
+    pub start: u64,
+    /// SHA-256 of the whole file.
+    pub sha256: [u8; 32],
+}
+
+impl GetHeader {
+    /// Bytes on the wire: size u64, start u64, sha256.
+    pub const LEN: usize = 48;
+
+    /// The wire form.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        for (dst, src) in out.iter_mut().zip(
+            self.size
+                .to_be_bytes()
+                .iter()
+                .chain(&self.start.to_be_bytes())
+                .chain(&self.sha256),
+        ) {
+            *dst = *src;
+        }
+        out
+    }
+
+    /// Reads it from the front of `buf`: `Ok(None)` until all of it is there; an error when
+    /// `start` is past `size`.
+    pub fn decode(buf: &[u8]) -> Result<Option<Self>, RemoteError> {
+        let Some(b) = buf.get(..Self::LEN) else {
+            return Ok(None);
+        };
+        let (size, rest) = b.split_at(8);
+        let (start, sha) = rest.split_at(8);
+        let word = |w: &[u8]| <[u8; 8]>::try_from(w).map(u64::from_be_bytes).unwrap_or(0);
+        let sha256 = <[u8; 32]>::try_from(sha).unwrap_or([0; 32]);
+        let h = Self {
+            size: word(size),
+            start: word(start),
+            sha256,
+        };
+        if h.start > h.size {
+            return Err(RemoteError::BadHeader("start is past the file's size"));
+        }
+        Ok(Some(h))
+    }
+}
+
+/// Lower-case hex of a SHA-256 (as in `file-put` parameters).
+pub fn sha256_hex(digest: &[u8; 32]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn bad(text: &str, why: &'static str) -> RemoteError {

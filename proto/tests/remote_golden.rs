@@ -1,10 +1,11 @@
 //! Golden vectors of remote access (docs/PROTOCOL.md section 11): `tests/remote_vectors.json`
 //! holds open parameters (text → fields, and the canonical text back), terminal records
-//! (bytes → record, and the record back to the same bytes), and a StreamOpen frame that
-//! carries terminal parameters, for agents and manager tools in other languages.
+//! (bytes → record, and the record back to the same bytes), the headers a device sends
+//! first on file streams, and a StreamOpen frame that carries terminal parameters, for
+//! agents and manager tools in other languages.
 
 use devgate_proto::frame::{Body, Frame};
-use devgate_proto::remote::{OpenParams, PtyRecord, RemoteError};
+use devgate_proto::remote::{GetHeader, OpenParams, PtyRecord, PutStart, RemoteError, sha256_hex};
 use serde_json::Value;
 
 const VECTORS: &str = include_str!("remote_vectors.json");
@@ -152,5 +153,51 @@ fn stream_open_frame_vectors() {
         let mut out = Vec::new();
         f.encode(&mut out);
         assert_eq!(out, bytes, "{name}: re-encoded");
+    }
+}
+
+#[test]
+fn file_header_vectors() {
+    let vs = vectors("file_headers");
+    assert!(vs.len() >= 4);
+    for v in vs {
+        let name = v["name"].as_str().expect("name");
+        let bytes = unhex(v["hex"].as_str().expect("hex"));
+        if let Some(start) = v.get("put_start") {
+            assert_eq!(bytes.len(), PutStart::LEN, "{name}");
+            let p = PutStart::decode(&bytes).unwrap_or_else(|| panic!("{name}: incomplete"));
+            assert_eq!(p.0, start.as_u64().expect("number"), "{name}");
+            assert_eq!(
+                PutStart::decode(&bytes[..bytes.len() - 1]),
+                None,
+                "{name}: prefix"
+            );
+            assert_eq!(hex(&p.encode()), hex(&bytes), "{name}: re-encoded");
+            continue;
+        }
+        let decoded = GetHeader::decode(&bytes);
+        if v.get("error").is_some() {
+            assert!(
+                matches!(decoded, Err(RemoteError::BadHeader(_))),
+                "{name}: must be refused, got {decoded:?}"
+            );
+            continue;
+        }
+        let h = decoded
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .unwrap_or_else(|| panic!("{name}: incomplete"));
+        let want = &v["get_header"];
+        assert_eq!(h.size, want["size"].as_u64().expect("size"), "{name}");
+        assert_eq!(h.start, want["start"].as_u64().expect("start"), "{name}");
+        assert_eq!(
+            sha256_hex(&h.sha256),
+            want["sha256"].as_str().expect("sha256")
+        );
+        assert_eq!(
+            GetHeader::decode(&bytes[..GetHeader::LEN - 1]),
+            Ok(None),
+            "{name}: prefix"
+        );
+        assert_eq!(hex(&h.encode()), hex(&bytes), "{name}: re-encoded");
     }
 }
