@@ -509,6 +509,20 @@ impl Fleet {
         v
     }
 
+    /// The merged view, like [`Fleet::devices`], with every event queued so far discarded:
+    /// [`Fleet::next_event`] continues exactly after this view (a watcher prints the view,
+    /// then the changes, and sees each device once).
+    pub async fn devices_then_events(&self) -> Vec<(String, InstanceIndex)> {
+        let mut events = self.events.lock().await;
+        // Events are queued under the state lock: none slips between the two.
+        let st = self.shared.lock();
+        while events.try_recv().is_ok() {}
+        let mut v: Vec<_> = st.merge.online().map(|(u, i)| (u.to_owned(), i)).collect();
+        drop(st);
+        v.sort();
+        v
+    }
+
     /// Where the view has `unit`.
     pub fn location(&self, unit: &str) -> Option<InstanceIndex> {
         self.shared.lock().merge.shown(unit)
