@@ -33,6 +33,8 @@ use devgate_tests::{DataDir, Gateway, binary};
 /// certificate on a 2-core machine; see docs/OPERATIONS.md for the measured cost.
 const DEVICES: usize = 3000;
 const FRONT_PORT: u16 = 8443;
+/// Connections one HAProxy takes (the process's descriptor limit allows about 9,500).
+const MAXCONN: usize = 9000;
 /// Every instance listens on this port, on its own address in its own namespace.
 const GW_PORT: u16 = 8443;
 const INSTANCES: usize = 3;
@@ -74,11 +76,21 @@ fn balancer_v4(i: usize) -> Ipv4Addr {
 
 /// HAProxy in TCP mode sending PROXY v2; with `backups`, all but the first instance are
 /// backup servers (every device lands on the first until it dies).
-fn haproxy(ns: &str, dir: &std::path::Path, instances: usize, backups: bool) -> Result<HaProxy> {
+///
+/// `maxconn` is bounded by the descriptor limit HAProxy may raise itself to (about two
+/// descriptors per connection); more devices than one process can hold go through several
+/// balancers, each on its own port of [`SERVER_V4`].
+fn haproxy(
+    ns: &str,
+    dir: &std::path::Path,
+    port: u16,
+    instances: usize,
+    backups: bool,
+) -> Result<HaProxy> {
     let mut cfg = format!(
-        "global\n  maxconn 30000\n\
+        "global\n  maxconn {MAXCONN}\n\
          defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 300s\n  timeout server 300s\n  retries 3\n  option redispatch\n\
-         frontend devices\n  bind {SERVER_V4}:{FRONT_PORT}\n  default_backend devgate\n\
+         frontend devices\n  bind {SERVER_V4}:{port}\n  default_backend devgate\n\
          backend devgate\n  balance roundrobin\n  option allbackups\n  option httpchk\n  http-check send meth GET uri /usg/check-status ver HTTP/1.1 hdr Host localhost\n  http-check expect status 200\n"
     );
     for i in 0..instances {
@@ -89,7 +101,7 @@ fn haproxy(ns: &str, dir: &std::path::Path, instances: usize, backups: bool) -> 
             if backups && i > 0 { " backup" } else { "" }
         ));
     }
-    let path = dir.join("haproxy.cfg");
+    let path = dir.join(format!("haproxy-{port}.cfg"));
     std::fs::write(&path, cfg)?;
     let check = Command::new("haproxy")
         .arg("-c")
@@ -154,15 +166,19 @@ struct Setup {
     /// The URL the CLI uses for the same database.
     url: String,
     roots: Vec<rustls_pki_types::CertificateDer<'static>>,
-    /// Data dir path of the first instance (for the CLI).
+    /// Path of `_pki` (for the CLI).
     keys_dir: String,
-    _lb: HaProxy,
+    /// The PKI every instance has a copy of.
+    _pki: DataDir,
+    /// The balancers, on FRONT_PORT, FRONT_PORT + 1, …
+    fronts: Vec<SocketAddr>,
+    _lbs: Vec<HaProxy>,
     _lb_dir: tempfile::TempDir,
     _pg: Postgres,
 }
 
 /// `Ok(None)` when a tool is missing (and the test is skipped).
-fn setup(backups: bool, workers: usize) -> Result<Option<Setup>> {
+fn setup(backups: bool, workers: usize, balancers: u16) -> Result<Option<Setup>> {
     if !netns::is_root() {
         skip("needs root for network namespaces")?;
         return Ok(None);
@@ -207,9 +223,18 @@ fn setup(backups: bool, workers: usize) -> Result<Option<Setup>> {
         instance_ns.push(ns);
     }
     let lb_dir = tempfile::tempdir()?;
-    let lb = haproxy(&net.server, lb_dir.path(), INSTANCES, backups)?;
-    // `first` only lends its PKI; the instances have copies.
-    drop(first);
+    let mut lbs = Vec::new();
+    let mut fronts = Vec::new();
+    for port in FRONT_PORT..FRONT_PORT + balancers {
+        lbs.push(haproxy(
+            &net.server,
+            lb_dir.path(),
+            port,
+            INSTANCES,
+            backups,
+        )?);
+        fronts.push(SocketAddr::from((SERVER_V4, port)));
+    }
     Ok(Some(Setup {
         net,
         instance_ns,
@@ -218,7 +243,9 @@ fn setup(backups: bool, workers: usize) -> Result<Option<Setup>> {
         url,
         roots,
         keys_dir,
-        _lb: lb,
+        _pki: first,
+        fronts,
+        _lbs: lbs,
         _lb_dir: lb_dir,
         _pg: pg,
     }))
@@ -284,7 +311,7 @@ where
 {
     let (tx, rx) = mpsc::channel();
     let client_ns = s.net.client.clone();
-    let front = SocketAddr::from((SERVER_V4, FRONT_PORT));
+    let fronts = s.fronts.clone();
     let handle = std::thread::spawn(move || {
         netns::block_on_in(&client_ns, || async move {
             let started = Instant::now();
@@ -298,6 +325,7 @@ where
                     }
                 };
                 let stop = stop.clone();
+                let front = fronts[i % fronts.len()];
                 handles.push(tokio::spawn(device_loop(
                     format!("fleet-{i}"),
                     tls,
@@ -337,7 +365,7 @@ fn wait_ready(
 
 #[test]
 fn three_instances_behind_haproxy_share_one_postgres() -> Result<()> {
-    let Some(mut s) = setup(false, 1)? else {
+    let Some(mut s) = setup(false, 1, 1)? else {
         return Ok(());
     };
     // One-time keys, one per device, made with the CLI against the shared store.
@@ -527,7 +555,9 @@ fn three_instances_behind_haproxy_share_one_postgres() -> Result<()> {
 #[ignore = "a measurement: run it by name"]
 fn ten_thousand_devices_move_off_a_killed_instance() -> Result<()> {
     const N: usize = 10_000;
-    let Some(mut s) = setup(true, 2)? else {
+    // Two balancers: one HAProxy cannot hold 10,000 connections under this machine's
+    // descriptor limit.
+    let Some(mut s) = setup(true, 2, 2)? else {
         return Ok(());
     };
     let issuer = s.gws[0].as_ref().context("instance 0")?;
