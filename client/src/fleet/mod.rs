@@ -117,7 +117,13 @@ pub struct Routed {
     pub answer: Answer,
 }
 
-type Pending = oneshot::Sender<Result<Answer, ClientError>>;
+/// A request waiting for its answer; `snapshot` marks a `list_devices` whose devices go into
+/// the view as the reply is read, before any later presence of the same connection (the
+/// task that asked may run only after the read loop has moved on).
+struct Pending {
+    tx: oneshot::Sender<Result<Answer, ClientError>>,
+    snapshot: bool,
+}
 
 #[derive(Default)]
 struct Slot {
@@ -184,7 +190,12 @@ impl Shared {
     }
 
     /// Sends the frame `build(id)` to instance `at` and waits for its answer.
-    async fn request_at<'f>(&self, at: InstanceIndex, build: impl Fn(u32) -> Frame<'f>) -> Attempt {
+    async fn request_at<'f>(
+        &self,
+        at: InstanceIndex,
+        snapshot: bool,
+        build: impl Fn(u32) -> Frame<'f>,
+    ) -> Attempt {
         let id = self.next_id();
         let (tx, rx) = oneshot::channel();
         let mux = {
@@ -200,7 +211,7 @@ impl Shared {
                     self.labels[at]
                 )));
             };
-            slot.pending.insert(id, tx);
+            slot.pending.insert(id, Pending { tx, snapshot });
             mux
         };
         if let Err(e) = mux.sender().send(&build(id)).await {
@@ -230,14 +241,24 @@ impl Shared {
     }
 
     fn complete(&self, at: InstanceIndex, id: u32, answer: Answer) {
-        let tx = self
-            .lock()
-            .slots
-            .get_mut(at)
-            .and_then(|s| s.pending.remove(&id));
-        if let Some(tx) = tx {
-            let _ = tx.send(Ok(answer));
+        let mut st = self.lock();
+        let Some(pending) = st.slots.get_mut(at).and_then(|s| s.pending.remove(&id)) else {
+            return;
+        };
+        if pending.snapshot
+            && let Answer::Reply(bytes) = &answer
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes)
+        {
+            let page = v["devices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|u| u.as_str());
+            st.merge.snapshot(Instant::now(), at, page);
+            self.drain(&mut st);
         }
+        drop(st);
+        let _ = pending.tx.send(Ok(answer));
     }
 
     /// Instances to try for `unit`: the one holding it first, then the other connected
@@ -263,8 +284,8 @@ impl Shared {
         let mut st = self.lock();
         let slot = &mut st.slots[at];
         slot.mux = None;
-        for (_, tx) in slot.pending.drain() {
-            let _ = tx.send(Err(ClientError::InstanceLost {
+        for (_, pending) in slot.pending.drain() {
+            let _ = pending.tx.send(Err(ClientError::InstanceLost {
                 instance: self.labels[at].clone(),
                 reason: error.to_string(),
             }));
@@ -323,14 +344,17 @@ impl Shared {
         }
     }
 
-    /// Loads instance `at`'s devices into the view with `list_devices`, page by page.
+    /// Loads instance `at`'s devices into the view with `list_devices`, page by page (the
+    /// devices of each page are taken in by [`Shared::complete`]). Pages are by offset, so
+    /// a device may be missed when devices leave during a listing of several pages (more
+    /// than 10,000 devices on the instance); its next presence puts it right.
     async fn snapshot(&self, at: InstanceIndex) -> Result<(), ClientError> {
         let mut offset = 0u64;
         loop {
             let request =
                 format!(r#"{{"op":"list_devices","offset":{offset},"limit":{LIST_PAGE}}}"#);
             let reply = match self
-                .request_at(at, |id| Frame::control(id, request.as_bytes()))
+                .request_at(at, true, |id| Frame::control(id, request.as_bytes()))
                 .await
             {
                 Attempt::Answered(Answer::Reply(bytes)) => bytes,
@@ -346,16 +370,7 @@ impl Shared {
             let v: serde_json::Value = serde_json::from_slice(&reply).map_err(|e| {
                 ClientError::Protocol(format!("list_devices reply is not JSON: {e}"))
             })?;
-            let page: Vec<&str> = v["devices"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|u| u.as_str()).collect())
-                .unwrap_or_default();
-            let n = page.len() as u64;
-            {
-                let mut st = self.lock();
-                st.merge.snapshot(Instant::now(), at, page);
-                self.drain(&mut st);
-            }
+            let n = v["devices"].as_array().map_or(0, Vec::len) as u64;
             offset += n;
             if n == 0 || offset >= v["total"].as_u64().unwrap_or(0) {
                 return Ok(());
@@ -546,7 +561,7 @@ impl Fleet {
         for at in self.shared.route(unit) {
             match self
                 .shared
-                .request_at(at, |id| Frame::command(unit, id, payload))
+                .request_at(at, false, |id| Frame::command(unit, id, payload))
                 .await
             {
                 Attempt::Answered(answer) => {
@@ -577,7 +592,7 @@ impl Fleet {
     pub async fn control(&self, at: InstanceIndex, request: &str) -> Result<Answer, ClientError> {
         match self
             .shared
-            .request_at(at, |id| Frame::control(id, request.as_bytes()))
+            .request_at(at, false, |id| Frame::control(id, request.as_bytes()))
             .await
         {
             Attempt::Answered(a) => Ok(a),
