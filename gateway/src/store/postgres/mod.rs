@@ -17,16 +17,19 @@
 //! polling every second does not stall on connects, and the first call after the
 //! database is back reconnects.
 //!
-//! TLS to the database is not built in: connect over a unix socket (`host=/run/postgresql`)
-//! or a protected network; a URL that demands TLS (`sslmode=require`) is refused at start
-//! with that explanation.
+//! TLS to the database is optional: `sslmode=require` in the URL makes every connection
+//! TLS (rustls), verifying the server's certificate and name against the CA certificates
+//! in `sslrootcert=FILE` (PEM; required with `sslmode=require`, since a TLS connection
+//! to a server nobody checked protects nothing). Without it (`disable`, or the default
+//! `prefer`), connections are plain, as over a unix socket.
 
 mod devices;
 mod fleet;
 mod keys;
 mod managers;
 
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use postgres::{Client, GenericClient, NoTls};
@@ -141,7 +144,21 @@ impl From<postgres::Error> for StoreError {
         // `Display` of a server error is only "db error"; the source has the message.
         match e.as_db_error() {
             Some(db) => Self(format!("PostgreSQL: {}", db.message())),
-            None => Self(format!("PostgreSQL: {e}")),
+            None => {
+                // Connection errors keep their cause (e.g. why a TLS handshake failed) in
+                // the source chain.
+                let mut text = format!("PostgreSQL: {e}");
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    let more = cause.to_string();
+                    if !text.contains(&more) {
+                        text.push_str(": ");
+                        text.push_str(&more);
+                    }
+                    source = cause.source();
+                }
+                Self(text)
+            }
         }
     }
 }
@@ -149,6 +166,7 @@ impl From<postgres::Error> for StoreError {
 /// The PostgreSQL implementation of [`Store`].
 pub struct PgStore {
     config: postgres::Config,
+    transport: Transport,
     /// Where it points, without the password (status and logs).
     location: String,
     conn: Mutex<Conn>,
@@ -188,16 +206,108 @@ fn describe(config: &postgres::Config) -> String {
     )
 }
 
+/// Takes `sslrootcert=FILE` out of a URL (`?a=b&sslrootcert=F`) or a keyword string
+/// (`host=h sslrootcert=F`): the client parses neither, devgate uses it for TLS.
+fn take_root_cert(url: &str) -> (String, Option<PathBuf>) {
+    const KEY: &str = "sslrootcert=";
+    let mut root = None;
+    if let Some((base, query)) = url.split_once('?')
+        && (url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    {
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|kv| match kv.strip_prefix(KEY) {
+                Some(path) => {
+                    root = Some(PathBuf::from(path));
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        let url = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return (url, root);
+    }
+    let kept: Vec<&str> = url
+        .split_whitespace()
+        .filter(|kv| match kv.strip_prefix(KEY) {
+            Some(path) => {
+                root = Some(PathBuf::from(path));
+                false
+            }
+            None => true,
+        })
+        .collect();
+    (kept.join(" "), root)
+}
+
+/// How connections are made: plain, or TLS verified against the URL's `sslrootcert`.
+#[derive(Clone)]
+pub enum Transport {
+    /// No TLS (`sslmode=disable` or `prefer`).
+    Plain,
+    /// TLS (`sslmode=require`).
+    Tls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Plain => "Plain",
+            Self::Tls(_) => "Tls",
+        })
+    }
+}
+
+fn tls_transport(root: &Path) -> Result<Transport, String> {
+    let certs = devgate_pki::load_certs(root).map_err(|e| {
+        format!("sslrootcert={}: {e} (give the PEM file of the CA that issued the database server's certificate)", root.display())
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots
+            .add(c)
+            .map_err(|e| format!("sslrootcert={}: {e}", root.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS to PostgreSQL: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Transport::Tls(
+        tokio_postgres_rustls::MakeRustlsConnect::new(config),
+    ))
+}
+
 /// Parses and checks a store URL (also `config check`'s test of `[store] url`).
 pub fn parse_url(url: &str) -> Result<postgres::Config, String> {
+    parse_url_tls(url).map(|(config, _)| config)
+}
+
+/// [`parse_url`] and the transport its `sslmode` and `sslrootcert` ask for.
+pub fn parse_url_tls(url: &str) -> Result<(postgres::Config, Transport), String> {
+    let (url, root) = take_root_cert(url);
     let mut config: postgres::Config = url.parse().map_err(|e| {
         format!("not a PostgreSQL URL ({e}); expected postgres://USER:PASSWORD@HOST:PORT/DBNAME")
     })?;
-    if config.get_ssl_mode() == postgres::config::SslMode::Require {
-        return Err(
-            "sslmode=require: this devgate has no TLS client for PostgreSQL; connect over a unix socket (host=/run/postgresql) or a protected network, with sslmode=disable or prefer".into(),
-        );
-    }
+    let transport = match (config.get_ssl_mode(), root) {
+        (postgres::config::SslMode::Require, Some(root)) => tls_transport(&root)?,
+        (postgres::config::SslMode::Require, None) => {
+            return Err(
+                "sslmode=require needs sslrootcert=FILE too: the PEM file of the CA that issued the database server's certificate, which devgate verifies (with the host name)".into(),
+            );
+        }
+        (_, Some(_)) => {
+            return Err(
+                "sslrootcert is given but sslmode is not require: add sslmode=require to use TLS, or drop sslrootcert".into(),
+            );
+        }
+        _ => Transport::Plain,
+    };
     if config.get_hosts().is_empty() {
         return Err("the URL names no host (postgres://USER@HOST/DBNAME)".into());
     }
@@ -210,17 +320,18 @@ pub fn parse_url(url: &str) -> Result<postgres::Config, String> {
     if config.get_application_name().is_none() {
         config.application_name("devgate");
     }
-    Ok(config)
+    Ok((config, transport))
 }
 
 impl PgStore {
     /// Connects and brings the schema up to date; fails if the database cannot be
     /// reached now (an instance does not start without its credential store).
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        let config = parse_url(url).map_err(StoreError)?;
+        let (config, transport) = parse_url_tls(url).map_err(StoreError)?;
         let location = describe(&config);
         let store = Self {
             config,
+            transport,
             location,
             conn: Mutex::new(Conn::default()),
         };
@@ -269,7 +380,11 @@ impl PgStore {
                     self.location
                 )));
             }
-            match self.config.connect(NoTls) {
+            let connected = match &self.transport {
+                Transport::Plain => self.config.connect(NoTls),
+                Transport::Tls(tls) => self.config.connect(tls.clone()),
+            };
+            match connected {
                 Ok(client) => {
                     if conn.failed.take().is_some() {
                         tracing::info!(store = %self.location, "PostgreSQL reachable again");
@@ -600,5 +715,50 @@ impl Store for PgStore {
                 ))
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn sslrootcert_is_taken_out_of_urls_and_keyword_strings() {
+        assert_eq!(
+            take_root_cert("postgres://u@h/db?sslmode=require&sslrootcert=/ca.pem"),
+            (
+                "postgres://u@h/db?sslmode=require".to_owned(),
+                Some(PathBuf::from("/ca.pem"))
+            )
+        );
+        assert_eq!(
+            take_root_cert("postgres://u@h/db?sslrootcert=/ca.pem"),
+            (
+                "postgres://u@h/db".to_owned(),
+                Some(PathBuf::from("/ca.pem"))
+            )
+        );
+        assert_eq!(
+            take_root_cert("host=h sslrootcert=/ca.pem sslmode=require"),
+            (
+                "host=h sslmode=require".to_owned(),
+                Some(PathBuf::from("/ca.pem"))
+            )
+        );
+        assert_eq!(
+            take_root_cert("postgres://u@h/db"),
+            ("postgres://u@h/db".to_owned(), None)
+        );
+    }
+
+    #[test]
+    fn require_without_a_root_and_a_root_without_require_are_refused() {
+        let e = parse_url("postgres://u@h/db?sslmode=require").expect_err("no root");
+        assert!(e.contains("sslrootcert"), "{e}");
+        let e = parse_url("postgres://u@h/db?sslrootcert=/x.pem").expect_err("no require");
+        assert!(e.contains("sslmode=require"), "{e}");
+        let e = parse_url("postgres://u@h/db?sslmode=require&sslrootcert=/nonexistent.pem")
+            .expect_err("no file");
+        assert!(e.contains("/nonexistent.pem"), "{e}");
     }
 }
