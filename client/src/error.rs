@@ -101,6 +101,23 @@ pub enum ClientError {
         /// The StreamClose reason.
         reason: String,
     },
+    /// A fleet ([`Fleet`](crate::Fleet)) could not do what was asked: no instance is
+    /// connected, an instance name does not resolve, an instance is shutting down. The
+    /// string says which instance and why.
+    #[error("fleet: {0}")]
+    Fleet(String),
+    /// The connection to the fleet instance a request was sent to ended before its answer:
+    /// the device may or may not have received it, so it was not sent again elsewhere.
+    #[error(
+        "the connection to instance {instance} ended with the request in flight ({reason}); \
+         the device may or may not have acted on it"
+    )]
+    InstanceLost {
+        /// The instance.
+        instance: String,
+        /// What ended the connection.
+        reason: String,
+    },
     /// The gateway refused the enrollment (HTTP 401). It deliberately does
     /// not say whether the unit ID or the enrollment key was wrong, or the
     /// key is no longer valid.

@@ -40,6 +40,10 @@
 //!   agents, operator tools and the load generator build on. [`Mux::next_frame`] and
 //!   [`Mux::accept_stream`] take `&self`, so one task can wait on both and tasks can share
 //!   an `Arc<Mux>`.
+//! * `fleet` is a manager's connection to every instance of a fleet ([`Fleet`]): one
+//!   connection per instance (a list, or every address of a name: [`resolve_all`]),
+//!   presence merged into one view ([`PresenceMerge`], sans-IO) and commands and streams
+//!   routed to the instance that holds the device.
 //! * `backoff` is the reconnect policy for agents ([`Backoff`]).
 //! * `trust` reads the trust bundle the gateway sends during a root exchange and
 //!   builds its acknowledgement ([`TrustBundle`]).
@@ -72,6 +76,7 @@ mod discover;
 mod enroll;
 mod error;
 mod first_contact;
+mod fleet;
 mod mux;
 mod proxy;
 mod tls;
@@ -87,6 +92,10 @@ pub use discover::{DEFAULT_GATEWAY_PORT, Discovered, ResolverConfigChoice, disco
 pub use enroll::{ENROLL_PATH, Enrolled, RENEW_PATH, enroll, enroll_via, renew, renew_via};
 pub use error::ClientError;
 pub use first_contact::{FirstContact, fetch_gateway_root, fetch_gateway_root_via};
+pub use fleet::{
+    Answer, Fleet, FleetEvent, FleetOptions, InstanceIndex, OfflineCause, PresenceChange,
+    PresenceMerge, Routed, resolve_all,
+};
 pub use mux::{
     CONNECTION_WINDOW, DevgateStream, Frames, IncomingStream, IncomingStreams, MAX_CHUNK,
     MIN_WINDOW, Mux, STREAM_WINDOW,

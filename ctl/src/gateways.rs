@@ -1,6 +1,7 @@
-//! The manager's connections: the credential, one [`Mux`] per `--gateway`, and finding the
-//! gateway a device is connected to (each is asked in turn; `device_not_connected` means
-//! "try the next").
+//! The manager's connections: the credential, one [`Mux`] per instance (each `--gateway`,
+//! with every address its name resolves to), and finding the gateway a device is connected
+//! to (each is asked in turn; `device_not_connected` means "try the next"). `devices` uses
+//! a [`Fleet`] instead, which merges the instances' presence into one view.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use devgate_client::{
-    Body, ClientError, ConnectOptions, DevgateStream, ErrorCode, Frame, Mux, Role,
+    Body, ClientError, ConnectOptions, DevgateStream, ErrorCode, Fleet, FleetOptions, Frame, Mux,
+    Role,
 };
 use serde_json::Value;
 
@@ -18,7 +20,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ConnArgs {
-    /// A gateway, HOST:PORT; repeat for several (the device is looked for on each).
+    /// A gateway, HOST:PORT; repeat for several instances of a fleet, or give one name
+    /// that resolves to all of them (every address is connected; the device is looked for
+    /// where it is, then on each in turn).
     #[arg(
         long = "gateway",
         required = true,
@@ -131,24 +135,62 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
-/// Connects to every gateway at once; one that cannot be reached is reported and left out,
-/// none at all is an error.
+/// Every instance the `--gateway` arguments name: each HOST:PORT with every address HOST
+/// resolves to (a fleet behind one DNS name), in order, without duplicates.
+pub(crate) async fn instances(args: &ConnArgs) -> Result<Vec<ConnectOptions>> {
+    let mut out: Vec<ConnectOptions> = Vec::new();
+    for g in &args.gateways {
+        let (host, port) = split_host_port(g)?;
+        for addr in devgate_client::resolve_all(&host, port).await? {
+            if !out.iter().any(|o| o.addr == addr) {
+                let mut opts = ConnectOptions::new(addr, host.clone(), Role::Manager);
+                opts.proxy = devgate_client::Proxy::select(args.proxy.as_deref(), &host, addr)
+                    .context("choosing the HTTP proxy")?;
+                out.push(opts);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The name ctl prints for an instance: its address, and the name it was given by when
+/// that is not the address.
+fn label(opts: &ConnectOptions) -> String {
+    if opts.server_name == opts.addr.ip().to_string() {
+        opts.addr.to_string()
+    } else {
+        format!("{} ({})", opts.server_name, opts.addr)
+    }
+}
+
+/// Connects to every instance as one fleet (merged presence, commands routed to the
+/// instance holding the device); instances that cannot be reached yet are retried.
+pub(crate) async fn connect_fleet(args: &ConnArgs, opts: FleetOptions) -> Result<Fleet> {
+    let tls = tls(args)?;
+    let instances = instances(args).await?;
+    Ok(Fleet::connect(instances, tls, opts).await?)
+}
+
+/// Connects to every instance at once; one that cannot be reached is reported and left
+/// out, none at all is an error.
 pub(crate) async fn connect_all(args: &ConnArgs) -> Result<Vec<Gateway>> {
     let tls = tls(args)?;
-    let attempts = args.gateways.iter().map(|g| {
+    let attempts = instances(args).await?.into_iter().map(|opts| {
         let tls = tls.clone();
-        let g = g.clone();
-        let proxy = args.proxy.clone();
         async move {
-            let r = connect_one(&g, tls, proxy.as_deref()).await;
-            (g, r)
+            let r = devgate_client::connect(&opts, tls).await;
+            (label(&opts), r)
         }
     });
     let mut out = Vec::new();
     let mut failures = Vec::new();
     for (label, r) in futures_join(attempts).await {
         match r {
-            Ok(gw) => out.push(gw),
+            Ok(conn) => out.push(Gateway {
+                label,
+                mux: Mux::new(conn),
+                next_id: 0,
+            }),
             Err(e) => {
                 eprintln!("devgate-ctl: gateway {label}: {e:#}");
                 failures.push(label);

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use devgate_client::{Body, PresenceReason};
+use devgate_client::{FleetEvent, FleetOptions, OfflineCause, PresenceChange, PresenceReason};
 use serde_json::{Value, json};
 
 mod forward;
@@ -156,9 +156,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
+    // `devices` merges presence over the whole fleet; the others ask instance by instance.
+    let command = match cli.command {
+        Cmd::Devices { watch } => return devices(&cli.conn, watch).await,
+        other => other,
+    };
     let mut gateways = gateways::connect_all(&cli.conn).await?;
-    match cli.command {
-        Cmd::Devices { watch } => devices(&mut gateways, watch).await,
+    match command {
+        Cmd::Devices { watch } => devices(&cli.conn, watch).await,
         Cmd::Run { unit, name, args } => run_command(&mut gateways, &unit, &name, &args).await,
         Cmd::Shell { unit } => shell::run(&mut gateways, &unit).await,
         Cmd::Forward {
@@ -264,63 +269,55 @@ async fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-async fn devices(gateways: &mut [gateways::Gateway], watch: bool) -> Result<u8> {
-    for gw in gateways.iter_mut() {
-        let mut offset = 0u64;
-        loop {
-            let reply = gw
-                .control(&json!({"op": "list_devices", "offset": offset, "limit": 10000}))
-                .await?;
-            let page = reply["devices"].as_array().cloned().unwrap_or_default();
-            for unit in &page {
-                println!(
-                    "{}\tonline\t{}",
-                    unit.as_str().unwrap_or_default(),
-                    gw.label
-                );
-            }
-            offset += page.len() as u64;
-            if page.is_empty() || offset >= reply["total"].as_u64().unwrap_or(0) {
-                break;
-            }
+async fn devices(conn: &ConnArgs, watch: bool) -> Result<u8> {
+    let fleet = gateways::connect_fleet(
+        conn,
+        FleetOptions {
+            events: watch,
+            ..FleetOptions::default()
+        },
+    )
+    .await?;
+    for at in 0..fleet.len() {
+        if !fleet.is_up(at) {
+            eprintln!(
+                "devgate-ctl: gateway {} not reached; its devices are missing",
+                fleet.label(at)
+            );
         }
+    }
+    for (unit, at) in fleet.devices_then_events().await {
+        println!("{unit}\tonline\t{}", fleet.label(at));
     }
     if !watch {
         return Ok(0);
     }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    for gw in gateways.iter_mut() {
-        let mut frames = gw.mux.frames();
-        let label = gw.label.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            loop {
-                let r = match frames.next().await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = tx.send(format!("#gateway {label} lost: {e}"));
-                        return;
-                    }
-                };
-                let f = r.frame();
-                if let Body::Presence { online, reason } = f.body {
-                    let _ = tx.send(format!(
-                        "{}\t{}\t{}\t{}",
-                        f.unit,
-                        if online { "online" } else { "offline" },
-                        reason_name(reason),
-                        label
-                    ));
-                }
+    // One view of the fleet: a device that moves between instances is one `moved` line.
+    while let Some(ev) = fleet.next_event().await {
+        match ev {
+            FleetEvent::Presence(PresenceChange::Online { unit, at }) => {
+                println!("{unit}\tonline\tconnected\t{}", fleet.label(at));
             }
-        });
-    }
-    drop(tx);
-    while let Some(line) = rx.recv().await {
-        if let Some(err) = line.strip_prefix('#') {
-            eprintln!("devgate-ctl: {err}");
-        } else {
-            println!("{line}");
+            FleetEvent::Presence(PresenceChange::Moved { unit, to, .. }) => {
+                println!("{unit}\tonline\tmoved\t{}", fleet.label(to));
+            }
+            FleetEvent::Presence(PresenceChange::Offline { unit, last, cause }) => {
+                let why = match cause {
+                    OfflineCause::Reported(r) => reason_name(r),
+                    OfflineCause::InstanceLost => "gateway_lost",
+                };
+                println!("{unit}\toffline\t{why}\t{}", fleet.label(last));
+            }
+            FleetEvent::InstanceDown { at, error } => {
+                eprintln!(
+                    "devgate-ctl: gateway {} lost: {error}; reconnecting",
+                    fleet.label(at)
+                );
+            }
+            FleetEvent::InstanceUp(at) => {
+                eprintln!("devgate-ctl: gateway {} connected", fleet.label(at));
+            }
+            _ => {}
         }
     }
     bail!("lost every gateway")

@@ -761,6 +761,13 @@ mod tests {
             c.validate()
                 .expect_err("invalid")
                 .to_string()
+                .contains("sslrootcert")
+        );
+        c.store.url = Some("postgres://dg@db/devgate?sslrootcert=/nonexistent.pem".into());
+        assert!(
+            c.validate()
+                .expect_err("invalid")
+                .to_string()
                 .contains("sslmode")
         );
         c.store.url = None;

@@ -157,6 +157,74 @@ impl Drop for NetPair {
     }
 }
 
+/// One more namespace joined to an existing one (`peer`) by a veth pair: e.g. a gateway
+/// instance of its own behind a balancer that runs in `peer`. Dropping it deletes the
+/// namespace and, with it, both ends of the veth.
+#[derive(Debug)]
+pub struct LinkedNs {
+    /// The new namespace.
+    pub name: String,
+}
+
+impl LinkedNs {
+    /// Creates `dg-<tag>-<pid>-<n>` with `addr/prefix` on its side of the veth (named
+    /// [`SERVER_IF`]) and `peer_addrs` (each `/prefix`) on `peer`'s side, named `peer_if`.
+    pub fn create(
+        tag: &str,
+        peer: &str,
+        peer_if: &str,
+        peer_addrs: &[Ipv4Addr],
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let ns = Self {
+            name: format!(
+                "dg-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
+        // From here on, Drop cleans up whatever was created.
+        ip(&["netns", "add", &ns.name])?;
+        ip(&[
+            "-n", &ns.name, "link", "add", SERVER_IF, "type", "veth", "peer", "name", peer_if,
+            "netns", peer,
+        ])?;
+        ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{addr}/{prefix}"),
+            "dev",
+            SERVER_IF,
+        ])?;
+        for a in peer_addrs {
+            ip(&[
+                "-n",
+                peer,
+                "addr",
+                "add",
+                &format!("{a}/{prefix}"),
+                "dev",
+                peer_if,
+            ])?;
+        }
+        for (n, dev) in [(ns.name.as_str(), SERVER_IF), (peer, peer_if)] {
+            ip(&["-n", n, "link", "set", "lo", "up"])?;
+            ip(&["-n", n, "link", "set", dev, "up"])?;
+        }
+        Ok(ns)
+    }
+}
+
+impl Drop for LinkedNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
 /// Runs `f` on a thread that has joined network namespace `ns`.
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     let path = format!("/run/netns/{ns}");

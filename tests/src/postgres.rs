@@ -212,6 +212,78 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// Turns TLS on with this certificate chain and key (PEM), by reloading the server;
+    /// plain connections keep working (`pg_hba` trusts both).
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) -> Result<()> {
+        let data = self.data_dir();
+        std::fs::write(data.join("server.crt"), cert_pem)?;
+        std::fs::write(data.join("server.key"), key_pem)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )?;
+        if is_root() {
+            let status = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(data.join("server.crt"))
+                .arg(data.join("server.key"))
+                .status()?;
+            if !status.success() {
+                bail!("chown of the server certificate to postgres failed");
+            }
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?;
+        std::io::Write::write_all(&mut conf, b"\nssl = on\n")?;
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("reload")
+            .output()?;
+        if !out.status.success() {
+            bail!("pg_ctl reload: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // The reload is asynchronous: wait until the server says TLS is on.
+        let url = self.url("postgres");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let on = off_runtime(|| -> Result<bool> {
+                let mut c = postgres::Client::connect(&url, postgres::NoTls)?;
+                let row = c.query_one("SHOW ssl", &[])?;
+                Ok(row.get::<_, String>(0) == "on")
+            })?;
+            if on {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "PostgreSQL did not turn TLS on; its log:\n{}",
+                    std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether every connection of `application_name` uses TLS, and how many there are.
+    pub fn tls_connections(&self, application_name: &str) -> Result<(i64, i64)> {
+        let url = self.url("postgres");
+        off_runtime(|| -> Result<(i64, i64)> {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls)?;
+            let row = c.query_one(
+                "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
+                 JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = $1",
+                &[&application_name],
+            )?;
+            Ok((row.get(0), row.get(1)))
+        })
+    }
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
         if self.running {

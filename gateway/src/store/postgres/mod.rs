@@ -17,19 +17,25 @@
 //! polling every second does not stall on connects, and the first call after the
 //! database is back reconnects.
 //!
-//! TLS to the database is not built in: connect over a unix socket (`host=/run/postgresql`)
-//! or a protected network; a URL that demands TLS (`sslmode=require`) is refused at start
-//! with that explanation.
+//! TLS to the database is optional: `sslmode=require` in the URL makes every connection
+//! TLS (rustls), verifying the server's certificate and name against the CA certificates
+//! in `sslrootcert=FILE` (PEM; required with `sslmode=require`, since a TLS connection
+//! to a server nobody checked protects nothing). Without it (`disable`, or the default
+//! `prefer`), connections are plain, as over a unix socket.
 
 mod devices;
 mod fleet;
 mod keys;
 mod managers;
+mod url;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use postgres::{Client, GenericClient, NoTls};
+
+use url::describe;
+pub use url::{Transport, parse_url, parse_url_tls};
 
 use super::{
     CredChange, DeviceCreds, DeviceRecord, FleetView, KeyCheck, KeyInfo, ManagerCert, NewKey,
@@ -141,7 +147,21 @@ impl From<postgres::Error> for StoreError {
         // `Display` of a server error is only "db error"; the source has the message.
         match e.as_db_error() {
             Some(db) => Self(format!("PostgreSQL: {}", db.message())),
-            None => Self(format!("PostgreSQL: {e}")),
+            None => {
+                // Connection errors keep their cause (e.g. why a TLS handshake failed) in
+                // the source chain.
+                let mut text = format!("PostgreSQL: {e}");
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    let more = cause.to_string();
+                    if !text.contains(&more) {
+                        text.push_str(": ");
+                        text.push_str(&more);
+                    }
+                    source = cause.source();
+                }
+                Self(text)
+            }
         }
     }
 }
@@ -149,6 +169,7 @@ impl From<postgres::Error> for StoreError {
 /// The PostgreSQL implementation of [`Store`].
 pub struct PgStore {
     config: postgres::Config,
+    transport: Transport,
     /// Where it points, without the password (status and logs).
     location: String,
     conn: Mutex<Conn>,
@@ -169,58 +190,15 @@ struct Conn {
     failed: Option<(Instant, String)>,
 }
 
-/// A URL's location without secrets: `user@host:port/dbname`.
-fn describe(config: &postgres::Config) -> String {
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
-        .map(|(h, p)| match h {
-            postgres::config::Host::Tcp(h) => format!("{h}:{p}"),
-            postgres::config::Host::Unix(path) => format!("{}:{p}", path.display()),
-        })
-        .collect();
-    format!(
-        "{}@{}/{}",
-        config.get_user().unwrap_or("?"),
-        hosts.join(","),
-        config.get_dbname().unwrap_or("?")
-    )
-}
-
-/// Parses and checks a store URL (also `config check`'s test of `[store] url`).
-pub fn parse_url(url: &str) -> Result<postgres::Config, String> {
-    let mut config: postgres::Config = url.parse().map_err(|e| {
-        format!("not a PostgreSQL URL ({e}); expected postgres://USER:PASSWORD@HOST:PORT/DBNAME")
-    })?;
-    if config.get_ssl_mode() == postgres::config::SslMode::Require {
-        return Err(
-            "sslmode=require: this devgate has no TLS client for PostgreSQL; connect over a unix socket (host=/run/postgresql) or a protected network, with sslmode=disable or prefer".into(),
-        );
-    }
-    if config.get_hosts().is_empty() {
-        return Err("the URL names no host (postgres://USER@HOST/DBNAME)".into());
-    }
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(CONNECT_TIMEOUT);
-    }
-    config.tcp_user_timeout(TCP_USER_TIMEOUT);
-    config.keepalives(true);
-    config.keepalives_idle(Duration::from_secs(10));
-    if config.get_application_name().is_none() {
-        config.application_name("devgate");
-    }
-    Ok(config)
-}
-
 impl PgStore {
     /// Connects and brings the schema up to date; fails if the database cannot be
     /// reached now (an instance does not start without its credential store).
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        let config = parse_url(url).map_err(StoreError)?;
+        let (config, transport) = parse_url_tls(url).map_err(StoreError)?;
         let location = describe(&config);
         let store = Self {
             config,
+            transport,
             location,
             conn: Mutex::new(Conn::default()),
         };
@@ -269,7 +247,11 @@ impl PgStore {
                     self.location
                 )));
             }
-            match self.config.connect(NoTls) {
+            let connected = match &self.transport {
+                Transport::Plain => self.config.connect(NoTls),
+                Transport::Tls(tls) => self.config.connect(tls.clone()),
+            };
+            match connected {
                 Ok(client) => {
                     if conn.failed.take().is_some() {
                         tracing::info!(store = %self.location, "PostgreSQL reachable again");
