@@ -14,8 +14,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use devgate_proto::ws;
 
+use crate::handle::ConnHandle;
 use crate::msg::Priority;
-use crate::shared::ConnHandle;
 
 /// A connection owned by a worker.
 pub struct Conn {
@@ -328,4 +328,14 @@ impl OutQueue {
             self.frames = VecDeque::new();
         }
     }
+}
+
+/// A connection on its way from a handshake worker to a routing worker (see
+/// `Worker::detach`, `Worker::adopt`).
+#[derive(Debug)]
+pub struct Detached {
+    /// The connection as the handshake worker left it.
+    pub conn: Box<Conn>,
+    /// Whether it still counts as unauthenticated (`shared.unauthenticated`).
+    pub unauthenticated: bool,
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-use crate::shared::ConnHandle;
+use crate::handle::ConnHandle;
 
 /// A device's accepted certificates as the store records them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -26,6 +26,7 @@
 
 pub mod conn;
 pub mod guard;
+pub mod handle;
 pub mod identity;
 pub mod kernel_tls;
 pub mod msg;

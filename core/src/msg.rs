@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use devgate_proto::frame::ErrorCode;
 
-use crate::shared::ConnHandle;
+use crate::handle::ConnHandle;
 
 /// A message for the connection `to`.
 #[derive(Debug)]

@@ -1,6 +1,6 @@
 //! The configuration sections the routing core reads (`[limits]`, `[keepalive]`,
 //! `[managers]`, `[credentials]`), with their defaults. The daemon's configuration file
-//! embeds them; [`Settings`] is the part of it a [`crate::shared::Shared`] holds.
+//! embeds them; [`Settings`] is the part of it the shared state holds.
 
 use serde::{Deserialize, Serialize};
 

@@ -20,17 +20,7 @@ use crate::settings::Settings;
 use crate::stats::{WorkerLatencies, WorkerStats};
 use crate::tls_material::TlsMaterial;
 
-/// Names one connection: the worker that owns it, its slot there, and the slot's
-/// generation (so a handle to a closed connection never reaches its slot's next tenant).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnHandle {
-    /// Owning worker.
-    pub worker: u16,
-    /// Slot in the worker's connection table.
-    pub slot: u32,
-    /// Generation of the slot when the connection was accepted.
-    pub generation: u32,
-}
+pub use crate::handle::ConnHandle;
 
 /// Wakes a worker that sleeps in its driver's wait call (an eventfd or mio waker).
 pub trait Wake: Send + Sync {
@@ -261,7 +251,7 @@ pub struct Handover {
     /// The socket (an ordinary descriptor; the receiving driver registers it).
     pub fd: std::os::fd::OwnedFd,
     /// The connection as the handshake worker left it.
-    pub conn: crate::worker::Detached,
+    pub conn: crate::conn::Detached,
 }
 
 impl std::fmt::Debug for Handover {
@@ -296,6 +286,15 @@ impl std::fmt::Debug for Shared {
 const INBOX_CAPACITY: usize = 32 * 1024;
 
 impl Shared {
+    /// Hands a job to the store thread; false if it is overloaded (the caller answers
+    /// 503) or not running.
+    pub fn submit(&self, job: crate::store_jobs::Job) -> bool {
+        match self.jobs.get() {
+            Some(tx) => tx.try_send(job).is_ok(),
+            None => false,
+        }
+    }
+
     /// Creates the shared state for `workers` workers.
     /// `started` and `unix_at_start` are the clocks' readings at start, taken by the daemon
     /// (the core never reads a clock; see [`Self::wall_clock`]).

@@ -1,14 +1,13 @@
 //! Work the workers hand to the store thread (the daemon's, `gateway::control`): what
 //! needs the store (disk, a database) or a CA key, kept off the data path. Answers come
-//! back as [`crate::msg::Msg`]s in the asking worker's inbox.
+//! back as messages in the asking worker's inbox; `Shared::submit` hands a job over.
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::mpsc::TrySendError;
 
 use serde_json::Value;
 
-use crate::shared::{ConnHandle, Shared};
+use crate::handle::ConnHandle;
 
 /// Largest enrollment or pairing request body.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -73,15 +72,4 @@ pub enum Job {
         /// Unit ID or manager name.
         name: Arc<str>,
     },
-}
-
-/// Hands a job to the store thread; false if it is overloaded (the caller answers 503).
-pub fn submit(shared: &Shared, job: Job) -> bool {
-    match shared.jobs.get() {
-        Some(tx) => match tx.try_send(job) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
-        },
-        None => false,
-    }
 }

@@ -38,7 +38,7 @@ const MAX_TRACKED_IPS: usize = 100_000;
 /// at once is written in batches this size, not one transaction each).
 const MAX_PENDING_ACKS: usize = 10_000;
 
-pub use devgate_core::store_jobs::{Job, MAX_BODY, submit};
+pub use devgate_core::store_jobs::{Job, MAX_BODY};
 
 /// Starts the store thread; returns the job sender the workers use.
 pub fn start(shared: Arc<Daemon>, store: Arc<dyn Store>) -> anyhow::Result<SyncSender<Job>> {

@@ -6,7 +6,10 @@
 //!   locks).
 //! - Its source has no `unsafe`, no `libc::` call and reads no clock.
 //! - No source file is over [`MAX_LINES`] lines.
+//! - The modules' imports form no cycle: every `crate::module` a module's code (comments
+//!   left out) names is an edge, a directory module (`worker/`) counts as one module.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
@@ -35,11 +38,20 @@ pub(crate) fn check() -> Result<()> {
         problems.push("depends on libc directly".to_owned());
     }
     let mut files = 0;
-    scan(Path::new("core/src"), &mut problems, &mut files)?;
-    if !problems.is_empty() {
-        bail!("devgate-core is not sans I/O:\n  {}", problems.join("\n  "));
+    let mut graph = BTreeMap::new();
+    scan(Path::new("core/src"), &mut problems, &mut files, &mut graph)?;
+    if let Some(cycle) = find_cycle(&graph) {
+        problems.push(format!("module import cycle: {}", cycle.join(" -> ")));
     }
-    println!("core-check: devgate-core has no I/O dependency, {files} source files clean");
+    if !problems.is_empty() {
+        bail!(
+            "devgate-core fails its checks:\n  {}",
+            problems.join("\n  ")
+        );
+    }
+    println!(
+        "core-check: devgate-core has no I/O dependency and no import cycle; {files} source files clean"
+    );
     Ok(())
 }
 
@@ -58,11 +70,19 @@ fn cargo_tree(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn scan(dir: &Path, problems: &mut Vec<String>, files: &mut usize) -> Result<()> {
+/// Module name → the modules its code names (`crate::x`).
+type Graph = BTreeMap<String, BTreeSet<String>>;
+
+fn scan(
+    dir: &Path,
+    problems: &mut Vec<String>,
+    files: &mut usize,
+    graph: &mut Graph,
+) -> Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
         if path.is_dir() {
-            scan(&path, problems, files)?;
+            scan(&path, problems, files, graph)?;
             continue;
         }
         if path.extension().is_none_or(|e| e != "rs") {
@@ -77,8 +97,19 @@ fn scan(dir: &Path, problems: &mut Vec<String>, files: &mut usize) -> Result<()>
                 path.display()
             ));
         }
+        let module = module_of(&path);
+        let edges = graph.entry(module.clone()).or_default();
         for (n, line) in text.lines().enumerate() {
             let code = line.split("//").next().unwrap_or_default();
+            for (i, _) in code.match_indices("crate::") {
+                let name: String = code[i + "crate::".len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != module {
+                    edges.insert(name);
+                }
+            }
             for word in FORBIDDEN {
                 if code.contains(word) {
                     problems.push(format!("{}:{}: `{word}`", path.display(), n + 1));
@@ -87,4 +118,50 @@ fn scan(dir: &Path, problems: &mut Vec<String>, files: &mut usize) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// The top-level module a source file belongs to: `core/src/x.rs` and `core/src/x/…` → `x`.
+fn module_of(path: &Path) -> String {
+    let rel = path.strip_prefix("core/src").unwrap_or(path);
+    let first = rel.components().next().map_or_else(String::new, |c| {
+        c.as_os_str().to_string_lossy().into_owned()
+    });
+    first.trim_end_matches(".rs").to_owned()
+}
+
+/// A cycle in `graph`, if there is one, as the modules along it.
+fn find_cycle(graph: &Graph) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &Graph,
+        state: &mut BTreeMap<String, bool>,
+        stack: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        match state.get(node) {
+            Some(true) => return None, // done
+            Some(false) => {
+                // On the stack: the cycle is from its first occurrence to here.
+                let from = stack.iter().position(|n| n == node).unwrap_or(0);
+                let mut cycle = stack[from..].to_vec();
+                cycle.push(node.to_owned());
+                return Some(cycle);
+            }
+            None => {}
+        }
+        state.insert(node.to_owned(), false);
+        stack.push(node.to_owned());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(c) = visit(next, graph, state, stack) {
+                return Some(c);
+            }
+        }
+        stack.pop();
+        state.insert(node.to_owned(), true);
+        None
+    }
+    let mut state = BTreeMap::new();
+    let mut stack = Vec::new();
+    graph
+        .keys()
+        .find_map(|n| visit(n, graph, &mut state, &mut stack))
 }

@@ -194,7 +194,7 @@ impl Worker {
             kind,
             name: name.clone(),
         };
-        if !crate::store_jobs::submit(&self.shared, job) {
+        if !self.shared.submit(job) {
             // Not recorded: the store thread is overloaded. Forget that it was seen, so
             // the peer's next acknowledgement (it acknowledges every bundle frame) counts.
             *acked = 0;

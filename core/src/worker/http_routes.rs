@@ -72,7 +72,7 @@ impl Worker {
                     ("/v1/enroll", None) => crate::store_jobs::Job::Enroll { reply_to, ip, body },
                     _ => crate::store_jobs::Job::Pair { reply_to, ip, body },
                 };
-                if !crate::store_jobs::submit(&self.shared, job) {
+                if !self.shared.submit(job) {
                     self.refuse(
                         slot,
                         503,

@@ -275,7 +275,7 @@ impl Worker {
                     request_id,
                     request: req,
                 };
-                if crate::store_jobs::submit(shared, job) {
+                if shared.submit(job) {
                     Ok(None)
                 } else {
                     Err("the control plane is busy; retry later".into())

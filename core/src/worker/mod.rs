@@ -81,15 +81,7 @@ const MAX_STREAMS_PER_MANAGER: usize = 4096;
 /// between, instead of closing thousands in one turn.
 const TIMERS_PER_TICK: usize = 64;
 
-/// A connection on its way from a handshake worker to a routing worker (see
-/// [`Worker::detach`], [`Worker::adopt`]).
-#[derive(Debug)]
-pub struct Detached {
-    /// The connection as the handshake worker left it.
-    pub conn: Box<Conn>,
-    /// Whether it still counts as unauthenticated (`shared.unauthenticated`).
-    pub unauthenticated: bool,
-}
+pub use crate::conn::Detached;
 
 /// What a driver should do with a connection after a write attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

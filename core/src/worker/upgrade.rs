@@ -47,7 +47,7 @@ impl Worker {
                         unit: unit.clone(),
                         fingerprint: *fp,
                     };
-                    if crate::store_jobs::submit(&self.shared, job) {
+                    if self.shared.submit(job) {
                         self.shared.identity.note_used(unit, fp);
                     }
                 }
