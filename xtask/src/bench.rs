@@ -159,7 +159,17 @@ pub(crate) fn report(args: &[String]) -> Result<()> {
             "--quick" => quick = true,
             // CI has just measured them in bench-check: don't spend another minute.
             "--icount-from" => icount_from = Some(it.next().context("--icount-from FILE")?.into()),
-            other => bail!("unknown option {other} (bench-report [--quick] [--icount-from FILE])"),
+            // An earlier build of `devgate` measured in the same run (e.g. before a refactor).
+            "--baseline-bin" => {
+                let path: PathBuf = it.next().context("--baseline-bin PATH")?.into();
+                if !path.is_file() {
+                    bail!("--baseline-bin {}: no such file", path.display());
+                }
+                let _ = BASELINE_BIN.set(path);
+            }
+            other => bail!(
+                "unknown option {other} (bench-report [--quick] [--icount-from FILE] [--baseline-bin PATH])"
+            ),
         }
     }
     let sizes = if quick {
@@ -309,7 +319,12 @@ pub(crate) fn report(args: &[String]) -> Result<()> {
     let mut results: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
     let mut ramps: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut flows: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    for target in ["devgate", "echo", "nginx"] {
+    let targets: &[&'static str] = if BASELINE_BIN.get().is_some() {
+        &["devgate-before", "devgate", "echo", "nginx"]
+    } else {
+        &["devgate", "echo", "nginx"]
+    };
+    for &target in targets {
         if target == "nginx" && !nginx_available() {
             eprintln!(
                 "== nginx: not installed (scripts/setup.sh installs nginx-light as root); skipped"
@@ -463,12 +478,19 @@ fn spawn(cmd: &mut Command) -> Result<Running> {
     ))
 }
 
+/// `--baseline-bin`: the earlier `devgate` build measured as target `devgate-before`.
+static BASELINE_BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 fn start_target(name: &'static str, data: &Path, out: &Path, sizes: Sizes) -> Result<Target> {
     let limit = (sizes.connect.max(sizes.storm) + 1000).to_string();
     match name {
-        "devgate" => {
+        "devgate" | "devgate-before" => {
+            let exe = match (name, BASELINE_BIN.get()) {
+                ("devgate-before", Some(path)) => path.clone(),
+                _ => bin("devgate"),
+            };
             let gw = spawn(
-                Command::new(bin("devgate"))
+                Command::new(exe)
                     .args(["serve", "--data-dir"])
                     .arg(data)
                     .args(["--listen", GW_LISTEN, "--admin", GW_ADMIN])
@@ -838,6 +860,23 @@ fn summarize(report: &Value, sizes: Sizes) -> String {
             ratio(d, e),
             ratio(d, n)
         );
+    }
+    if load["devgate-before"].is_object() {
+        md.push_str("\n## devgate against the `--baseline-bin` build (same run)\n\n| figure | before | now | now / before |\n|---|---:|---:|---:|\n");
+        for (label, s, k) in rows {
+            let (b, d) = (g("devgate-before", s, k), g("devgate", s, k));
+            if b.is_none() && d.is_none() {
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "| {label} | {} | {} | {} |",
+                fmt_num(b),
+                fmt_num(d),
+                ratio(d, b)
+            );
+        }
+        md.push('\n');
     }
     if let Some(bps) = g("devgate", "stream", "bytes_per_sec") {
         let _ = writeln!(
