@@ -38,7 +38,9 @@
 //! - [`config`] — the TOML configuration and its defaults.
 
 pub mod admin;
+pub mod admin_token;
 pub mod certcmd;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod creds;

@@ -5,8 +5,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -281,7 +280,7 @@ pub fn serve(config: Config) -> Result<()> {
     // Before anything is bound or written: the data dir belongs to one instance.
     let _lock = lock_data_dir(&config.data_dir)?;
     ensure_address_free(config.listen)?;
-    let admin_token = crate::admin::load_token(&config)?;
+    let admin_token = crate::admin_token::load_token(&config)?;
     let handshake_workers = config.handshake_worker_count();
     let handshake_priority = config.handshake_priority;
     // The listeners belong to the workers that accept: the handshake workers if there
@@ -467,25 +466,6 @@ fn write_pidfile(data_dir: &std::path::Path) {
             pidfile(data_dir).display()
         );
     }
-}
-
-/// Starts a graceful shutdown: workers stop accepting, close every session with
-/// "going away" (devices reconnect with backoff, possibly to another instance), and exit.
-pub fn begin_shutdown(shared: &Shared) {
-    if shared.shutting_down.swap(true, Ordering::AcqRel) {
-        return;
-    }
-    info!("shutting down: closing sessions");
-    crate::ops::notify::stopping();
-    for inbox in shared.inboxes.iter() {
-        inbox.wake_now();
-    }
-    // A worker stuck behind a peer that never reads must not hold the process forever.
-    std::thread::spawn(|| {
-        std::thread::sleep(Duration::from_secs(10));
-        warn!("shutdown took longer than 10 s; exiting anyway");
-        std::process::exit(0);
-    });
 }
 
 /// Ends the process when a data-path worker panics: its connections and listener would

@@ -9,7 +9,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use devgate_pki::{PeerClassifier, PkiPaths};
@@ -29,12 +28,7 @@ pub fn set_secret_extraction(on: bool) {
 
 pub use devgate_core::tls_material::TlsMaterial;
 
-/// Current time in unix seconds.
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
+pub use crate::clock::unix_now;
 
 /// A server config builder for the `[tls]` settings: the protocol versions from
 /// `min_version` up, and the configured cipher suites (already validated by

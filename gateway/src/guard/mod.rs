@@ -16,7 +16,8 @@
 //!
 //! [`build`] picks one from the `[xdp]` configuration ([`config::GuardConfig`]).
 
-pub mod config;
+/// The `[xdp]` settings, kept with the rest of the configuration.
+pub use crate::config::xdp as config;
 /// Unauthenticated connections per source: in the core, where the workers count them.
 pub use devgate_core::unauth;
 pub mod userspace;

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod memory;
 pub mod notify;
 pub mod ratelimit;
+pub mod shutdown;
 pub mod watchdog;
 
 use std::fmt::Write as _;
@@ -90,7 +91,7 @@ pub fn run(cmd: OpsCommand) -> Result<()> {
         }
         OpsCommand::AdminToken { data_dir, rotate } => {
             let path = data_dir.join(crate::config::ADMIN_TOKEN_FILE);
-            let created = crate::admin::create_token(&path, rotate)?;
+            let created = crate::admin_token::create_token(&path, rotate)?;
             println!(
                 "{} {} (mode 0600); clients send it as `Authorization: Bearer <token>`{}",
                 if created { "wrote" } else { "kept" },

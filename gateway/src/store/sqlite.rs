@@ -199,7 +199,7 @@ pub(crate) fn record_init_manager(conn: &Connection, data_dir: &Path) -> Result<
     }
     let fp = devgate_pki::fingerprint_file(&pem)
         .map_err(|e| StoreError(format!("cannot record {}: {e}", pem.display())))?;
-    let now = crate::tls::unix_now();
+    let now = crate::clock::unix_now();
     insert_manager_cert(conn, devgate_pki::FIRST_MANAGER_NAME, &fp, now, "init")
 }
 

@@ -4,6 +4,9 @@
 //! Durations are given in milliseconds or seconds (the key says which) rather than as
 //! strings: one less parser, and no ambiguity about units in an operator's file.
 
+/// The `[xdp]` section (the guard's settings).
+pub mod xdp;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -61,7 +64,7 @@ pub struct Config {
     /// Which client certificates are accepted (`[credentials]`).
     pub credentials: Credentials,
     /// The connection guard: XDP program, per-source limits (`[xdp]`).
-    pub xdp: crate::guard::config::GuardConfig,
+    pub xdp: xdp::GuardConfig,
     /// TLS record layer (`[tls]`).
     pub tls: TlsSection,
     /// The credential store (`[store]`).
