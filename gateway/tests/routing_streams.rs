@@ -7,6 +7,7 @@ mod common;
 use anyhow::{Result, ensure};
 use common::*;
 use devgate_proto::frame::{Body, ErrorCode, Frame};
+use gateway::harness::Received;
 
 const MIB: u32 = 1024 * 1024;
 const FLOW_CONTROL: u16 = 11;
@@ -263,6 +264,24 @@ fn two_managers_with_the_same_stream_id_on_one_device_are_kept_apart() -> Result
     Ok(())
 }
 
+/// What the side that did not close gets when a close crossed its data: the close, and
+/// `unknown_stream` for stream `id`.
+fn close_and_unknown_stream(got: &[Received], id: u32, unit: &str) -> Result<()> {
+    let f = frames(got)?;
+    let close = Body::StreamClose {
+        code: 0,
+        reason: "",
+    };
+    ensure!(
+        f.len() == 2
+            && f.iter().any(|f| f.body == close)
+            && f.iter()
+                .any(|f| expect_error(f, ErrorCode::UnknownStream, id, unit).is_ok()),
+        "{got:?}"
+    );
+    Ok(())
+}
+
 /// The device closes while the manager's data is already on its way between workers.
 /// PROTOCOL.md section 5: "the side that did not close receives one unknown_stream Error
 /// for each StreamData or StreamWindow it still had in flight when the close crossed it".
@@ -278,20 +297,7 @@ fn manager_data_crossing_a_device_close_between_workers_gets_unknown_stream() ->
     h.feed(mgr);
     h.run();
     nothing(&h.take(dev))?;
-    let got = h.take(mgr);
-    let f = frames(&got)?;
-    ensure!(
-        f.len() == 2
-            && f.iter().any(|f| f.body
-                == Body::StreamClose {
-                    code: 0,
-                    reason: ""
-                })
-            && f.iter()
-                .any(|f| expect_error(f, ErrorCode::UnknownStream, 1, UNIT).is_ok()),
-        "{got:?}"
-    );
-    Ok(())
+    close_and_unknown_stream(&h.take(mgr), 1, UNIT)
 }
 
 /// The same crossing the other way: the manager closes while the device's data is on its
@@ -307,20 +313,7 @@ fn device_data_crossing_a_manager_close_between_workers_gets_unknown_stream() ->
     h.feed(dev);
     h.run();
     nothing(&h.take(mgr))?;
-    let got = h.take(dev);
-    let f = frames(&got)?;
-    ensure!(
-        f.len() == 2
-            && f.iter().any(|f| f.body
-                == Body::StreamClose {
-                    code: 0,
-                    reason: ""
-                })
-            && f.iter()
-                .any(|f| expect_error(f, ErrorCode::UnknownStream, sid, "").is_ok()),
-        "{got:?}"
-    );
-    Ok(())
+    close_and_unknown_stream(&h.take(dev), sid, "")
 }
 
 /// A StreamOpen already on its way to the device's worker when the device leaves: the
