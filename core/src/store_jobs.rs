@@ -1,4 +1,4 @@
-//! Work the workers hand to the store thread (the daemon's, `gateway::control`): what
+//! Work the workers hand to the store thread (the daemon's, `gateway::store_thread`): what
 //! needs the store (disk, a database) or a CA key, kept off the data path. Answers come
 //! back as messages in the asking worker's inbox; `Shared::submit` hands a job over.
 

@@ -275,7 +275,7 @@ fn keys(cmd: KeysCommand) -> Result<()> {
             if let Some(e) = expires {
                 req["expires"] = json!(e);
             }
-            let created = crate::control::create_keys_from_json(&*store, &req, unix_now())
+            let created = crate::store_thread::create_keys_from_json(&*store, &req, unix_now())
                 .map_err(anyhow::Error::msg)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&created)?);

@@ -433,7 +433,7 @@ mod tests {
     }
 }
 
-/// A connection's socket as the core's [`KernelTlsSocket`]: the system calls above, on its fd.
+/// A connection's socket as the core's [`KernelTlsSocket`](devgate_core::kernel_tls::KernelTlsSocket): the system calls above, on its fd.
 #[derive(Debug, Clone, Copy)]
 pub struct FdSocket<'a>(pub BorrowedFd<'a>);
 

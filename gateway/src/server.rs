@@ -329,7 +329,7 @@ pub fn serve(config: Config) -> Result<()> {
     let store = crate::store::open(shared.config.store.url.as_deref(), &shared.config.data_dir)?;
     info!(store = store.kind(), at = %store.location(), "credential store open");
     let _ = shared.store.set(store.clone());
-    let jobs = crate::control::start(shared.clone(), store)?;
+    let jobs = crate::store_thread::start(shared.clone(), store)?;
     let _ = shared.jobs.set(jobs);
     write_pidfile(&shared.config.data_dir);
     crate::reload::load_trust_bundle(&shared)?;

@@ -156,7 +156,7 @@ fn a_revoked_unit_is_refused_with_403_at_the_upgrade() -> Result<()> {
     Ok(())
 }
 
-/// What the store thread does when a connected unit is revoked (`control::poll_revocations`):
+/// What the store thread does when a connected unit is revoked (`store_thread::poll_revocations`):
 /// mark it revoked and tell its worker to close it.
 #[test]
 fn revoking_a_connected_device_closes_it_with_1008_and_offline_closed_by_gateway() -> Result<()> {

@@ -20,12 +20,12 @@
 //! with EIO means a control record: the driver calls `on_control_record(slot, &mut socket, now)` and
 //! reads on.
 //!
-//! Where things are: [`admission`] (accept, per-source admission, PROXY header, hand-over
-//! between workers), [`transport`] (bytes in and out, TLS records, release),
-//! [`kernel_tls`] (the steps that need a syscall on the socket), [`http_routes`] (requests
-//! before the upgrade), [`upgrade`] (credentials, registration, presence), [`websocket`]
-//! (messages of a session), [`device`] and [`manager`] (the router, one side each),
-//! [`messages`] (inbox and local queue), [`timeouts`] (every timer), [`ending`] (how a
+//! Where things are: `admission.rs` (accept, per-source admission, PROXY header, hand-over
+//! between workers), `transport.rs` (bytes in and out, TLS records, release),
+//! `kernel_tls.rs` (the steps that need a syscall on the socket), `http_routes.rs` (requests
+//! before the upgrade), `upgrade.rs` (credentials, registration, presence), `websocket.rs`
+//! (messages of a session), `device.rs` and `manager.rs` (the router, one side each),
+//! `messages.rs` (inbox and local queue), `timeouts.rs` (every timer), `ending.rs` (how a
 //! connection ends and what its session leaves behind).
 //!
 //! Routing: a frame for a connection this worker owns is handled through a local queue

@@ -8,7 +8,7 @@ impl Worker {
     /// no-manager grace period and shutdown. Returns when it wants to be called next.
     ///
     /// Per-connection timers come from queues in deadline order ([`crate::timers`]), so a
-    /// tick touches only the connections that are due, at most [`TIMERS_PER_TICK`] of them
+    /// tick touches only the connections that are due, at most `TIMERS_PER_TICK` of them
     /// (it asks to be called again at once when more are due): thousands of connections
     /// sitting in their handshake cost the loop nothing until their deadline.
     pub fn tick(&mut self, now: Instant) -> Instant {

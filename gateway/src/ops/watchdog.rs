@@ -3,7 +3,7 @@
 //! `READY=1` is sent once the listeners are bound (they are before the admin thread
 //! starts) and every data-path worker has entered its loop. After that the task pings
 //! `WATCHDOG=1` at a quarter of the interval the service manager asked for, but only while
-//! every worker's loop heartbeat ([`Shared::oldest_heartbeat_age`]) is younger than half
+//! every worker's loop heartbeat ([`Shared::oldest_heartbeat_age`](crate::shared::Shared::oldest_heartbeat_age)) is younger than half
 //! that interval. A worker stuck in a loop or blocked in a syscall stops its heartbeat;
 //! the pings stop, and systemd restarts the gateway after `WatchdogSec`. A ping from a
 //! timer alone would prove only that the admin thread runs, which is not the part that
