@@ -285,7 +285,7 @@ fn hostile_peers_log_a_bounded_number_of_lines() -> Result<()> {
     };
     assert!(summary("rustls"), "no summary of rustls lines:\n{logs}");
     assert!(
-        summary("control.rs"),
+        summary("store_thread.rs"),
         "no summary of enrollment refusals:\n{logs}"
     );
     assert!(logs.lines().count() < 100, "log flood:\n{logs}");
